@@ -1,0 +1,108 @@
+"""Evaluation datasets as in-memory pixel tensors in [0, 1], with stable sample and source ids.
+
+Every sample carries an ``id`` (seeds its perturbation noise, so results do not depend on batching) and
+a ``group`` (the source image it was derived from; the bootstrap resamples groups, because views of one
+photo are not independent samples).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from qrobust.errors import invalid
+from qrobust.registry import Registry
+
+
+@dataclass(frozen=True)
+class Batch:
+    images: torch.Tensor  # (n, C, H, W) float32 pixels in [0, 1]
+    labels: torch.Tensor  # (n,) int64
+    ids: torch.Tensor  # (n,) int64
+    groups: torch.Tensor  # (n,) int64
+    boxes: torch.Tensor | None = None  # (n, 4) x0, y0, x1, y1 in pixels (exclusive end)
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """A labelled image set; validated on construction so a gate never runs on garbage."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    ids: torch.Tensor
+    groups: torch.Tensor
+    num_classes: int
+    boxes: torch.Tensor | None = None
+
+    def __post_init__(self):
+        x = self.images
+        if x.dim() != 4:
+            raise invalid("images", tuple(x.shape), f"dataset {self.name!r}: expected (N, C, H, W)")
+        if x.shape[0] == 0:
+            raise invalid("dataset", self.name, "is empty: a gate on no samples proves nothing")
+        if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+            raise invalid("images", self.name, "pixels must be finite and in [0, 1]")
+        n = x.shape[0]
+        for field_name in ("labels", "ids", "groups"):
+            if getattr(self, field_name).shape != (n,):
+                raise invalid(field_name, tuple(getattr(self, field_name).shape), f"expected ({n},)")
+        if len(set(self.ids.tolist())) != n:
+            raise invalid("ids", self.name, "sample ids must be unique")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, max_samples: int | None, seed: int = 0) -> "ImageSet":
+        """A seeded random subset of at most ``max_samples`` (kept in id order)."""
+        if max_samples is None or max_samples >= len(self):
+            return self
+        if max_samples < 1:
+            raise invalid("max_samples", max_samples, "must be >= 1")
+        pick = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:max_samples].sort().values
+        boxes = None if self.boxes is None else self.boxes[pick]
+        return ImageSet(self.name, self.images[pick], self.labels[pick], self.ids[pick], self.groups[pick],
+                        self.num_classes, boxes)
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise invalid("batch_size", batch_size, "must be a positive integer")
+        for start in range(0, len(self), batch_size):
+            s = slice(start, start + batch_size)
+            yield Batch(self.images[s], self.labels[s], self.ids[s], self.groups[s],
+                        None if self.boxes is None else self.boxes[s])
+
+
+DATASETS: Registry = Registry("dataset")
+
+DIGITS_RESOLUTION = 32
+
+
+@lru_cache(maxsize=None)
+def _digits_split() -> tuple[ImageSet, ImageSet]:
+    """scikit-learn's 1,797 real 8x8 digits, upsampled to 32x32, split 75/25 stratified (seed 0)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    pixels = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    pixels = F.interpolate(pixels, size=DIGITS_RESOLUTION, mode="bilinear", align_corners=False).clamp_(0, 1)
+    labels = torch.tensor(digits.target, dtype=torch.int64)
+    train_idx, test_idx = train_test_split(range(len(labels)), test_size=0.25, random_state=0,
+                                           stratify=digits.target)
+    sets = []
+    for name, idx in (("digits-train", sorted(train_idx)), ("digits-test", sorted(test_idx))):
+        idx = torch.tensor(idx)
+        sets.append(ImageSet(name, pixels[idx].contiguous(), labels[idx], idx, idx.clone(), num_classes=10))
+    return sets[0], sets[1]
+
+
+DATASETS.register("digits-train", lambda: _digits_split()[0], tags=("builtin", "digits"))
+DATASETS.register("digits-test", lambda: _digits_split()[1], tags=("builtin", "digits"))
+
+
+def load_dataset(name: str) -> ImageSet:
+    return DATASETS.get(name)()

@@ -1,0 +1,141 @@
+"""Built-in models and weights: LeNet-5 trained on scikit-learn's digits, with its quantized twins.
+
+Training is deterministic (fixed split, seeds, one thread) and cached in the user cache directory
+(``$QROBUST_CACHE``, else ``$XDG_CACHE_HOME/qrobust``, else ``~/.cache/qrobust``) under a hash of the
+code and settings that produce the weights, so the first run trains (a few seconds) and later runs load.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qrobust.data import load_dataset
+from qrobust.pairs import ModelPair, Preprocess, register_pair, sha256_file
+from qrobust.quantize import PRESETS, quantize_model
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 as in seed 003: two conv and three fully connected layers, ReLU and max pooling."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 6, kernel_size=5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, kernel_size=5), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(16 * 5 * 5, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+DIGITS_PREPROCESS = Preprocess(resolution=(32, 32), mean=(0.5,), std=(0.5,))
+LENET_TRAINING = {"epochs": 30, "batch_size": 32, "lr": 1e-3, "seed": 0}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("QROBUST_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qrobust"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _training_key() -> str:
+    """Hash of everything that determines the trained weights."""
+    parts = [inspect.getsource(LeNet5), inspect.getsource(_train_lenet5), json.dumps(LENET_TRAINING, sort_keys=True),
+             json.dumps(DIGITS_PREPROCESS.__dict__, default=list), torch.__version__.split("+")[0]]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _train_lenet5() -> dict:
+    settings = LENET_TRAINING
+    train = load_dataset("digits-train")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bitwise-reproducible reductions
+    try:
+        torch.manual_seed(settings["seed"])
+        model = LeNet5()
+        opt = torch.optim.Adam(model.parameters(), lr=settings["lr"])
+        inputs = DIGITS_PREPROCESS.normalize(train.images)
+        order_gen = torch.Generator().manual_seed(settings["seed"])
+        model.train()
+        for _ in range(settings["epochs"]):
+            for idx in torch.randperm(len(train), generator=order_gen).split(settings["batch_size"]):
+                opt.zero_grad()
+                F.cross_entropy(model(inputs[idx]), train.labels[idx]).backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval().state_dict()
+
+
+def _save_atomic(state: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def lenet5_weights_path() -> Path:
+    """Path of the cached LeNet-5/digits weights, training them first if absent."""
+    path = cache_dir() / f"lenet5-digits-{_training_key()}.pt"
+    if not path.exists():
+        _save_atomic(_train_lenet5(), path)
+    return path
+
+
+@lru_cache(maxsize=None)
+def lenet5_digits() -> LeNet5:
+    """The trained FP32 LeNet-5 (one shared instance, so every twin shares its forwards)."""
+    model = LeNet5()
+    model.load_state_dict(torch.load(lenet5_weights_path(), map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def digits_calibration(batch_size: int = 64, count: int = 256) -> list[torch.Tensor]:
+    """The first ``count`` training images, normalized: PTQ calibration never sees the test split."""
+    train = load_dataset("digits-train")
+    return list(DIGITS_PREPROCESS.normalize(train.images[:count]).split(batch_size))
+
+
+@lru_cache(maxsize=None)
+def _lenet_pair(preset: str) -> ModelPair:
+    config = PRESETS.get(preset)
+    fp32 = lenet5_digits()
+    quantized = quantize_model(fp32, config, digits_calibration())
+    weights = lenet5_weights_path()
+    name = f"lenet5-digits-{preset.removeprefix('fake-')}"
+    return ModelPair(
+        name=name, fp32=fp32, quantized=quantized, kind=config.kind, config=config,
+        preprocess=DIGITS_PREPROCESS, num_classes=10, dataset="digits-test", target_layer="features.3",
+        metadata={"engine": config.engine, "bits": {"weight": config.weight.bits, "activation": config.activation.bits},
+                  "weights": {str(weights): sha256_file(weights)}},
+    )
+
+
+def _register_lenet(preset: str, *tags: str) -> None:
+    name = f"lenet5-digits-{preset.removeprefix('fake-')}"
+    register_pair(name, lambda: _lenet_pair(preset), tags=("builtin", "lenet5", *tags))
+
+
+_register_lenet("int8-x86", "int8", "default")
+for _preset in ("fake-w8a8", "fake-w16a16", "fake-table3.2", "fake-w4a8"):
+    _register_lenet(_preset, "fake")
+for _preset in PRESETS.names("sweep"):
+    _register_lenet(_preset, "fake", "sweep")
