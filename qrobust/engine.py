@@ -1,0 +1,178 @@
+"""The evaluation engine: each (pair, perturbation, level) case is computed once per session.
+
+Pairs that share one FP32 model object, dataset and preprocessing form a *group*: a perturbed batch is
+made once, the FP32 model runs on it once, and every quantized twin in the group runs on the same input
+(bit sweeps and config matrices pay for one FP32 forward). All results of a group for a case are cached
+together. Forward passes are counted per model so duplicated work shows up in the report.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from qrobust.data import ImageSet, load_dataset
+from qrobust.errors import ModelOutputError, invalid
+from qrobust.metrics import Estimate, PairMetrics
+from qrobust.pairs import ModelPair
+from qrobust.perturbations import PERTURBATIONS, check_level, perturb
+
+CLEAN = "clean"  # cache key of the unperturbed input (level 0 of every perturbation)
+
+
+@dataclass
+class CaseResult:
+    """All metrics of one pair on one perturbation level, plus the output-health record."""
+
+    pair: str
+    perturbation: str
+    level: float
+    n: int
+    estimates: dict[str, Estimate]
+    nonfinite: dict[str, int]
+    nonfinite_ids: list[int]
+    state: PairMetrics = field(repr=False)
+
+    @property
+    def label(self) -> str:
+        return f"{self.pair} / {self.perturbation} @ {self.level:g}"
+
+    @property
+    def healthy(self) -> bool:
+        return self.n > 0 and not any(self.nonfinite.values())
+
+    def health_message(self) -> str:
+        """Why the case cannot pass, or '' when the outputs are fine."""
+        if any(self.nonfinite.values()):
+            counts = ", ".join(f"{m}: {c}" for m, c in self.nonfinite.items() if c)
+            return (f"{self.label}: non-finite model outputs ({counts} of {self.n + max(self.nonfinite.values())} "
+                    f"samples; first sample ids {self.nonfinite_ids[:5]})")
+        if self.n == 0:
+            return f"{self.label}: no samples were evaluated"
+        return ""
+
+    def metric(self, name: str) -> Estimate:
+        if name not in self.estimates:
+            raise invalid("metric", name, f"not computed for this case (available: {', '.join(self.estimates)})")
+        return self.estimates[name]
+
+
+class Evaluator:
+    """Evaluates cases lazily and caches them; ``forward_passes`` counts model calls per model."""
+
+    def __init__(self, pairs: Sequence[ModelPair], seed: int = 0, batch_size: int = 64,
+                 max_samples: int | None = None, replicates: int = 1000, f1_average: str = "macro",
+                 keep_samples: bool = False, datasets: dict[str, ImageSet] | None = None):
+        if not pairs:
+            raise invalid("pairs", [], "need at least one model pair")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise invalid("batch_size", batch_size, "must be a positive integer")
+        self.pairs = {p.name: p for p in pairs}
+        self.seed, self.batch_size, self.max_samples = seed, batch_size, max_samples
+        self.replicates, self.f1_average, self.keep_samples = replicates, f1_average, keep_samples
+        self._datasets = dict(datasets or {})
+        self._cache: dict[tuple[str, str, float], CaseResult] = {}
+        self._probed: set[int] = set()
+        self.forward_passes: Counter[str] = Counter()
+        self.perturbed_batches: Counter[str] = Counter()
+
+    # ---- groups and data ---------------------------------------------------------------------------
+    def group_of(self, pair: ModelPair) -> list[ModelPair]:
+        """The pairs evaluated together with ``pair`` (same FP32 object, dataset and preprocessing)."""
+        return [p for p in self.pairs.values()
+                if p.fp32 is pair.fp32 and p.dataset == pair.dataset and p.preprocess == pair.preprocess]
+
+    @staticmethod
+    def fp32_label(group: list[ModelPair]) -> str:
+        return f"fp32[{group[0].name}]"
+
+    def dataset(self, name: str) -> ImageSet:
+        if name not in self._datasets:
+            self._datasets[name] = load_dataset(name)
+        return self._datasets[name].subset(self.max_samples, self.seed)
+
+    def _probe(self, group: list[ModelPair], data: ImageSet) -> None:
+        """One clean batch first: same output shape and class count for both models, finite outputs."""
+        batch = next(data.batches(min(self.batch_size, len(data))))
+        x = group[0].preprocess.normalize(batch.images)
+        with torch.inference_mode():
+            fp = group[0].fp32(x)
+            self.forward_passes["probe"] += 1
+            for pair in group:
+                q = pair.quantized(x)
+                self.forward_passes["probe"] += 1
+                expected = (len(x), pair.num_classes)
+                for model, out in (("fp32", fp), ("quantized", q)):
+                    if tuple(out.shape) != expected:
+                        raise ModelOutputError(f"pair {pair.name!r}: {model} model returned shape {tuple(out.shape)}, "
+                                               f"expected {expected} (batch, num_classes)")
+                    bad = ~torch.isfinite(out).all(dim=1)
+                    if bad.any():
+                        raise ModelOutputError(f"pair {pair.name!r}: {model} model returned NaN/Inf on clean input "
+                                               f"for {int(bad.sum())} of {len(x)} probe samples "
+                                               f"(first ids {batch.ids[bad][:5].tolist()})")
+        self._probed.add(id(group[0].fp32))
+
+    # ---- evaluation ----------------------------------------------------------------------------------
+    def evaluate(self, pair: str, perturbation: str, level: float) -> CaseResult:
+        """The result of one case, computed once (with every pair of its group) and then cached."""
+        if pair not in self.pairs:
+            raise invalid("pair", pair, f"not loaded in this session (loaded: {', '.join(self.pairs)})")
+        spec = PERTURBATIONS.get(perturbation)
+        level = check_level(level)
+        if level == 0:  # every perturbation's level 0 is the clean input: evaluate it once
+            clean = self._cached(pair, CLEAN, 0.0)
+            return dataclasses.replace(clean, perturbation=spec.name)
+        return self._cached(pair, spec.name, level)
+
+    def _cached(self, pair: str, perturbation: str, level: float) -> CaseResult:
+        key = (pair, perturbation, level)
+        if key not in self._cache:
+            self._run(self.group_of(self.pairs[pair]), perturbation, level)
+        return self._cache[key]
+
+    def _run(self, group: list[ModelPair], perturbation: str, level: float) -> None:
+        lead = group[0]
+        data = self.dataset(lead.dataset)
+        if int(data.labels.max()) >= lead.num_classes or int(data.labels.min()) < 0:
+            raise invalid("dataset", lead.dataset, f"has labels {int(data.labels.min())}..{int(data.labels.max())} "
+                                                   f"but pair {lead.name!r} has {lead.num_classes} classes")
+        if id(lead.fp32) not in self._probed:
+            self._probe(group, data)
+        states = {p.name: PairMetrics(p.num_classes, self.seed, self.replicates, self.f1_average, self.keep_samples)
+                  for p in group}
+        normalize = lead.preprocess.normalize
+        fp_label = self.fp32_label(group)
+        for batch in data.batches(self.batch_size):
+            pixels = batch.images if perturbation == CLEAN else perturb(
+                perturbation, batch.images, level, ids=batch.ids, seed=self.seed, boxes=batch.boxes,
+                model=lead.fp32, normalize=normalize)
+            self.perturbed_batches[fp_label] += 1
+            x = normalize(pixels)
+            with torch.inference_mode():
+                fp_logits = lead.fp32(x)
+                self.forward_passes[fp_label] += 1
+                for pair in group:
+                    q_logits = pair.quantized(x)
+                    self.forward_passes[pair.name] += 1
+                    states[pair.name].update(fp_logits, q_logits, batch.labels, batch.ids, batch.groups)
+        for pair in group:
+            st = states[pair.name]
+            estimates = st.results() if st.n else {}
+            self._cache[(pair.name, perturbation, level)] = CaseResult(
+                pair.name, perturbation, level, st.n, estimates, dict(st.nonfinite), list(st.nonfinite_ids), st)
+
+    def forward_report(self) -> dict:
+        """Model calls per model and per perturbed batch (1.0 means no duplicated forward)."""
+        per_batch = {}
+        for pair in self.pairs.values():
+            fp_label = self.fp32_label(self.group_of(pair))
+            batches = self.perturbed_batches[fp_label]
+            if batches:
+                per_batch[fp_label] = self.forward_passes[fp_label] / batches
+                per_batch[pair.name] = self.forward_passes[pair.name] / batches
+        return {"forward_passes": dict(self.forward_passes), "perturbed_batches": dict(self.perturbed_batches),
+                "forwards_per_perturbed_batch": per_batch}

@@ -1,0 +1,154 @@
+"""Paired statistics and the decision rule: every verdict carries the uncertainty of its sample size.
+
+* Accuracy deltas are paired (both models see the same inputs): with b = #(FP32 right, quantized
+  wrong) and c = #(FP32 wrong, quantized right), delta = (b - c) / n, the exact McNemar p-value is a
+  two-sided binomial test of b against b + c, and the 95% interval is Newcombe's (1998, method 10)
+  score interval for a paired difference of proportions (well behaved at b = c = 0).
+* Single proportions (agreement) get Wilson score intervals.
+* Means get a seeded Poisson bootstrap that resamples source images: every sample of one group (views
+  of one photo) gets the same Poisson(1) weight in a replicate, so clusters move together; weights depend
+  only on (seed, group id, replicate), so intervals do not depend on batching, and the state is O(B).
+* Quantiles get a distribution-free order-statistic interval (binomial ranks).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+from scipy import stats as sps
+
+from qrobust.errors import invalid
+
+CONFIDENCE = 0.95
+MODES = ("point", "strict", "lenient")
+
+
+def wilson_interval(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    if n <= 0:
+        raise invalid("n", n, "a proportion needs at least one sample")
+    if not 0 <= k <= n:
+        raise invalid("k", k, f"must be between 0 and n={n}")
+    z = sps.norm.ppf(0.5 + confidence / 2)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class PairedDelta:
+    """Paired difference of two accuracies on the same samples (first minus second)."""
+
+    n: int
+    b: int  # first right, second wrong
+    c: int  # first wrong, second right
+    delta: float
+    interval: tuple[float, float]
+    p_value: float  # exact McNemar
+
+
+def mcnemar_exact_p(b: int, c: int) -> float:
+    if b + c == 0:
+        return 1.0
+    return float(sps.binomtest(min(b, c), b + c, 0.5).pvalue)
+
+
+def paired_delta(first_right: int, second_right: int, b: int, c: int, n: int,
+                 confidence: float = CONFIDENCE) -> PairedDelta:
+    """Newcombe's score interval for p1 - p2 from the 2x2 table of paired outcomes."""
+    n11 = first_right - b  # both right
+    n22 = n - n11 - b - c  # both wrong
+    if n <= 0 or min(n11, n22, b, c) < 0 or second_right != n11 + c:
+        raise invalid("counts", (first_right, second_right, b, c, n), "inconsistent paired 2x2 table")
+    p1, p2 = first_right / n, second_right / n
+    l1, u1 = wilson_interval(first_right, n, confidence)
+    l2, u2 = wilson_interval(second_right, n, confidence)
+    denom = (n11 + b) * (c + n22) * (n11 + c) * (b + n22)
+    phi = (n11 * n22 - b * c) / math.sqrt(denom) if denom > 0 else 0.0
+    delta = p1 - p2
+    low = delta - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    high = delta + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return PairedDelta(n, b, c, delta, (max(-1.0, low), min(1.0, high)), mcnemar_exact_p(b, c))
+
+
+def poisson_weights(seed: int, groups: torch.Tensor, replicates: int) -> torch.Tensor:
+    """(replicates, n) Poisson(1) bootstrap weights; samples of one group share their column."""
+    cache: dict[int, torch.Tensor] = {}
+    columns = []
+    for g in groups.tolist():
+        if g not in cache:
+            key = hashlib.sha256(f"bootstrap|{int(seed)}|{int(g)}".encode()).digest()[:8]
+            gen = torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
+            cache[g] = torch.poisson(torch.ones(replicates, dtype=torch.float64), generator=gen)
+        columns.append(cache[g])
+    if not columns:
+        return torch.zeros(replicates, 0, dtype=torch.float64)
+    return torch.stack(columns, dim=1)
+
+
+def percentile_interval(replicates: torch.Tensor, confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+    """Percentile bootstrap interval from replicate estimates (NaN replicates, empty resamples, dropped)."""
+    finite = replicates[torch.isfinite(replicates)].double()
+    if finite.numel() < 10:
+        return None
+    tail = (1 - confidence) / 2
+    return float(torch.quantile(finite, tail)), float(torch.quantile(finite, 1 - tail))
+
+
+def quantile_rank_interval(n: int, q: float, confidence: float = CONFIDENCE) -> tuple[int, int]:
+    """1-based ranks (l, u) of order statistics bracketing the q-quantile with >= ``confidence``."""
+    tail = (1 - confidence) / 2
+    low = int(sps.binom.ppf(tail, n, q))
+    high = int(sps.binom.ppf(1 - tail, n, q)) + 1
+    return max(1, low), min(n, high)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A verdict with the numbers behind it."""
+
+    verdict: str  # "pass", "fail" or "inconclusive"
+    mode: str
+    estimate: float
+    interval: tuple[float, float] | None
+    tolerance: float
+    higher_is_better: bool
+    margin: float  # headroom to the tolerance: positive passes on the point estimate
+
+    @property
+    def passed(self) -> bool:
+        """Whether a gate passes: strict mode needs proof, lenient mode tolerates an unproven violation."""
+        return self.verdict == "pass" or (self.verdict == "inconclusive" and self.mode == "lenient")
+
+
+def decide(estimate: float, interval: tuple[float, float] | None, tolerance: float, higher_is_better: bool,
+           mode: str = "point") -> Decision:
+    """Point: the estimate against the tolerance. Strict: the whole interval must comply, an interval
+    straddling the tolerance is inconclusive (not a pass). Lenient: fail only when the whole interval
+    violates the tolerance (the violation is significant); a straddling violation is inconclusive."""
+    if mode not in MODES:
+        raise invalid("mode", mode, f"must be one of {', '.join(MODES)}")
+    if not math.isfinite(tolerance):
+        raise invalid("tolerance", tolerance, "must be finite")
+    sign = 1.0 if higher_is_better else -1.0
+    if not math.isfinite(estimate):
+        return Decision("fail", mode, estimate, interval, tolerance, higher_is_better, float("nan"))
+    margin = sign * (estimate - tolerance)
+    low, high = interval if interval is not None else (estimate, estimate)
+    worst, best = (low, high) if higher_is_better else (high, low)
+    worst_ok = sign * (worst - tolerance) >= 0
+    best_ok = sign * (best - tolerance) >= 0
+    point_ok = margin >= 0
+    if mode == "point":
+        verdict = "pass" if point_ok else "fail"
+    elif worst_ok:
+        verdict = "pass"
+    elif not best_ok:
+        verdict = "fail"
+    elif mode == "strict":
+        verdict = "inconclusive" if point_ok else "fail"
+    else:
+        verdict = "pass" if point_ok else "inconclusive"
+    return Decision(verdict, mode, estimate, interval, tolerance, higher_is_better, margin)
