@@ -19,6 +19,7 @@ from qrobust.errors import ModelOutputError, invalid
 from qrobust.metrics import Estimate, PairMetrics
 from qrobust.pairs import ModelPair
 from qrobust.perturbations import PERTURBATIONS, check_level, perturb
+from qrobust.stats import poisson_weights
 
 CLEAN = "clean"  # cache key of the unperturbed input (level 0 of every perturbation)
 
@@ -152,13 +153,14 @@ class Evaluator:
                 model=lead.fp32, normalize=normalize)
             self.perturbed_batches[fp_label] += 1
             x = normalize(pixels)
+            weights = poisson_weights(self.seed, batch.groups, self.replicates)
             with torch.inference_mode():
                 fp_logits = lead.fp32(x)
                 self.forward_passes[fp_label] += 1
                 for pair in group:
                     q_logits = pair.quantized(x)
                     self.forward_passes[pair.name] += 1
-                    states[pair.name].update(fp_logits, q_logits, batch.labels, batch.ids, batch.groups)
+                    states[pair.name].update(fp_logits, q_logits, batch.labels, batch.ids, batch.groups, weights)
         for pair in group:
             st = states[pair.name]
             estimates = st.results() if st.n else {}

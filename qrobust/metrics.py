@@ -112,7 +112,10 @@ class PairMetrics:
         self.samples: list[torch.Tensor] | None = [] if keep_samples else None
 
     def update(self, fp_logits: torch.Tensor, q_logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor,
-               groups: torch.Tensor) -> None:
+               groups: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """Add a batch; ``weights`` are this batch's bootstrap weights when the caller shares them."""
+        if weights is None:
+            weights = poisson_weights(self.seed, groups.cpu(), self.replicates)
         fp_ok = torch.isfinite(fp_logits).all(dim=1)
         q_ok = torch.isfinite(q_logits).all(dim=1)
         self.nonfinite["fp32"] += int((~fp_ok).sum())
@@ -122,6 +125,7 @@ class PairMetrics:
             self.nonfinite_ids.extend(ids[bad].tolist()[: max(0, 10 - len(self.nonfinite_ids))])
             keep = ~bad
             fp_logits, q_logits, labels, ids, groups = fp_logits[keep], q_logits[keep], labels[keep], ids[keep], groups[keep]
+            weights = weights[:, keep.cpu()]
         if len(labels) == 0:
             return
         fp_logits, q_logits = fp_logits.detach().float().cpu(), q_logits.detach().float().cpu()
@@ -135,7 +139,6 @@ class PairMetrics:
             self.counts[f"b{suffix}"] += int((fp_right & ~q_right).sum())
             self.counts[f"c{suffix}"] += int((~fp_right & q_right).sum())
         self.counts["agree"] += int((fp_pred == q_pred).sum())
-        weights = poisson_weights(self.seed, groups, self.replicates)
         for model, pred in (("fp", fp_pred), ("q", q_pred)):
             right = pred == labels
             for name, cls, mask in (("tp", labels, right), ("fp", pred, ~right), ("fn", labels, ~right)):
