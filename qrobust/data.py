@@ -76,6 +76,38 @@ class ImageSet:
                         None if self.boxes is None else self.boxes[s])
 
 
+class StreamingSet:
+    """A dataset produced batch by batch from indices, so evaluation memory does not grow with its size.
+
+    ``load(indices)`` returns a Batch for those dataset positions (pixels, labels, ids, groups); used
+    for large folders and generated benchmark sets.
+    """
+
+    def __init__(self, name: str, length: int, num_classes: int, load, indices: torch.Tensor | None = None):
+        if length < 1:
+            raise invalid("dataset", name, "is empty: a gate on no samples proves nothing")
+        self.name, self.num_classes, self._load = name, num_classes, load
+        self._length = length
+        self.indices = torch.arange(length) if indices is None else indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def subset(self, max_samples: int | None, seed: int = 0) -> "StreamingSet":
+        if max_samples is None or max_samples >= len(self):
+            return self
+        if max_samples < 1:
+            raise invalid("max_samples", max_samples, "must be >= 1")
+        pick = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:max_samples].sort().values
+        return StreamingSet(self.name, self._length, self.num_classes, self._load, self.indices[pick])
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise invalid("batch_size", batch_size, "must be a positive integer")
+        for chunk in self.indices.split(batch_size):
+            yield self._load(chunk)
+
+
 DATASETS: Registry = Registry("dataset")
 
 DIGITS_RESOLUTION = 32

@@ -14,11 +14,11 @@ from typing import Sequence
 
 import torch
 
-from qrobust.data import ImageSet, load_dataset
+from qrobust.data import ImageSet, StreamingSet, load_dataset
 from qrobust.errors import ModelOutputError, invalid
 from qrobust.metrics import Estimate, PairMetrics
 from qrobust.pairs import ModelPair
-from qrobust.perturbations import PERTURBATIONS, check_level, perturb
+from qrobust.perturbations import PERTURBATIONS, perturb
 from qrobust.stats import poisson_weights
 
 CLEAN = "clean"  # cache key of the unperturbed input (level 0 of every perturbation)
@@ -66,7 +66,7 @@ class Evaluator:
 
     def __init__(self, pairs: Sequence[ModelPair], seed: int = 0, batch_size: int = 64,
                  max_samples: int | None = None, replicates: int = 1000, f1_average: str = "macro",
-                 keep_samples: bool = False, datasets: dict[str, ImageSet] | None = None):
+                 keep_samples: bool = False, datasets: dict[str, ImageSet | StreamingSet] | None = None):
         if not pairs:
             raise invalid("pairs", [], "need at least one model pair")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -90,7 +90,7 @@ class Evaluator:
     def fp32_label(group: list[ModelPair]) -> str:
         return f"fp32[{group[0].name}]"
 
-    def dataset(self, name: str) -> ImageSet:
+    def dataset(self, name: str) -> ImageSet | StreamingSet:
         if name not in self._datasets:
             self._datasets[name] = load_dataset(name)
         return self._datasets[name].subset(self.max_samples, self.seed)
@@ -123,7 +123,7 @@ class Evaluator:
         if pair not in self.pairs:
             raise invalid("pair", pair, f"not loaded in this session (loaded: {', '.join(self.pairs)})")
         spec = PERTURBATIONS.get(perturbation)
-        level = check_level(level)
+        level = spec.check_level(level)
         if level == 0:  # every perturbation's level 0 is the clean input: evaluate it once
             clean = self._cached(pair, CLEAN, 0.0)
             return dataclasses.replace(clean, perturbation=spec.name)
@@ -135,12 +135,15 @@ class Evaluator:
             self._run(self.group_of(self.pairs[pair]), perturbation, level)
         return self._cache[key]
 
+    @staticmethod
+    def _check_labels(pair: ModelPair, labels: torch.Tensor) -> None:
+        if len(labels) and (int(labels.max()) >= pair.num_classes or int(labels.min()) < 0):
+            raise invalid("dataset", pair.dataset, f"has labels {int(labels.min())}..{int(labels.max())} "
+                                                   f"but pair {pair.name!r} has {pair.num_classes} classes")
+
     def _run(self, group: list[ModelPair], perturbation: str, level: float) -> None:
         lead = group[0]
         data = self.dataset(lead.dataset)
-        if int(data.labels.max()) >= lead.num_classes or int(data.labels.min()) < 0:
-            raise invalid("dataset", lead.dataset, f"has labels {int(data.labels.min())}..{int(data.labels.max())} "
-                                                   f"but pair {lead.name!r} has {lead.num_classes} classes")
         if id(lead.fp32) not in self._probed:
             self._probe(group, data)
         states = {p.name: PairMetrics(p.num_classes, self.seed, self.replicates, self.f1_average, self.keep_samples)
@@ -152,6 +155,7 @@ class Evaluator:
                 perturbation, batch.images, level, ids=batch.ids, seed=self.seed, boxes=batch.boxes,
                 model=lead.fp32, normalize=normalize)
             self.perturbed_batches[fp_label] += 1
+            self._check_labels(lead, batch.labels)
             x = normalize(pixels)
             weights = poisson_weights(self.seed, batch.groups, self.replicates)
             with torch.inference_mode():

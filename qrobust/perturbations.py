@@ -38,16 +38,29 @@ class Perturbation:
     levels: tuple[float, ...]  # the default sweep, starting at 0
     tags: tuple[str, ...]
     needs_model: bool = False
+    max_level: float | None = None  # levels above are meaningless (e.g. jpeg quality below 1)
+    integer: bool = False  # levels are whole numbers (streak counts)
+
+    def check_level(self, level) -> float:
+        """The level as a float, or InvalidArgument naming what is wrong with it."""
+        level = check_level(level)
+        if self.integer and level != int(level):
+            raise invalid("level", level, f"{self.name} levels are whole numbers ({self.unit})")
+        if self.max_level is not None and level > self.max_level:
+            raise invalid("level", level, f"{self.name} levels run from 0 to {self.max_level:g} ({self.unit})")
+        return level
 
 
 PERTURBATIONS: Registry[Perturbation] = Registry("perturbation")
 
 
-def register(name: str, unit: str, levels, tags, needs_model: bool = False):
+def register(name: str, unit: str, levels, tags, needs_model: bool = False, max_level: float | None = None,
+             integer: bool = False):
     """Decorator registering ``fn(images, level, ctx)`` as perturbation ``name``."""
 
     def deco(fn):
-        PERTURBATIONS.register(name, Perturbation(name, fn, unit, tuple(levels), tuple(tags), needs_model), tags)
+        spec = Perturbation(name, fn, unit, tuple(levels), tuple(tags), needs_model, max_level, integer)
+        PERTURBATIONS.register(name, spec, tags)
         return fn
 
     return deco
@@ -117,8 +130,6 @@ def streak_spans(start: float, length: float, count: int) -> list[tuple[int, int
 
 def _occlude(images, level, ctx, vertical: bool):
     k = int(level)
-    if k != level:
-        raise invalid("level", level, "occlusion levels are whole numbers of streaks")
     out = images.clone()
     n, _, h, w = images.shape
     boxes = ctx.boxes if ctx.boxes is not None else torch.tensor([[0, 0, w, h]] * n)
@@ -133,13 +144,15 @@ def _occlude(images, level, ctx, vertical: bool):
     return out
 
 
-@register("occlusion_vertical", unit="number of streaks", levels=(0, 1, 2, 3, 4, 5, 6), tags=("occlusion",))
+@register("occlusion_vertical", unit="number of streaks", levels=(0, 1, 2, 3, 4, 5, 6), tags=("occlusion",),
+          integer=True)
 def occlusion_vertical(images, level, ctx):
     """Black vertical streaks, 2% of the box width each, evenly spaced across the object box (seed 004)."""
     return _occlude(images, level, ctx, vertical=True)
 
 
-@register("occlusion_horizontal", unit="number of streaks", levels=(0, 1, 2, 3, 4, 5, 6), tags=("occlusion",))
+@register("occlusion_horizontal", unit="number of streaks", levels=(0, 1, 2, 3, 4, 5, 6), tags=("occlusion",),
+          integer=True)
 def occlusion_horizontal(images, level, ctx):
     """Black horizontal streaks, 2% of the box height each, evenly spaced down the object box."""
     return _occlude(images, level, ctx, vertical=False)
@@ -161,7 +174,7 @@ def gaussian_blur(images, level, ctx):
     return x.clamp_(0, 1)
 
 
-@register("jpeg", unit="100 - JPEG quality", levels=(0, 50, 70, 80, 90, 95), tags=("digital",))
+@register("jpeg", unit="100 - JPEG quality", levels=(0, 50, 70, 80, 90, 95), tags=("digital",), max_level=99)
 def jpeg(images, level, ctx):
     """JPEG round trip at quality 100 - level (libjpeg via Pillow); level 0 is no compression."""
     import io
@@ -170,8 +183,6 @@ def jpeg(images, level, ctx):
     from PIL import Image
 
     quality = int(round(100 - level))
-    if not 1 <= quality <= 100:
-        raise invalid("level", level, "jpeg levels run from 0 (quality 100) to 99 (quality 1)")
     pixels = (images.detach().cpu() * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     out = []
     for img in pixels:
@@ -182,11 +193,10 @@ def jpeg(images, level, ctx):
     return torch.stack(out).permute(0, 3, 1, 2).to(device=images.device, dtype=images.dtype) / 255
 
 
-@register("contrast", unit="contrast reduction (0 = none, 1 = flat)", levels=(0, 0.2, 0.4, 0.6, 0.8), tags=("digital",))
+@register("contrast", unit="contrast reduction (0 = none, 1 = flat)", levels=(0, 0.2, 0.4, 0.6, 0.8),
+          tags=("digital",), max_level=1)
 def contrast(images, level, ctx):
     """Blend each image towards its per-channel mean: x' = m + (1 - level)(x - m)."""
-    if level > 1:
-        raise invalid("level", level, "contrast reduction is at most 1 (a flat image)")
     mean = images.mean(dim=(-2, -1), keepdim=True)
     return (mean + (1 - level) * (images - mean)).clamp_(0, 1)
 
@@ -233,7 +243,7 @@ def perturb(name: str, images: torch.Tensor, level: float, ids=None, seed: int =
     """Apply perturbation ``name`` at ``level``; ``ids`` default to 0..N-1 (pass real ids for datasets)."""
     spec = PERTURBATIONS.get(name)
     check_images(images)
-    level = check_level(level)
+    level = spec.check_level(level)
     ids = torch.arange(images.shape[0]) if ids is None else torch.as_tensor(ids)
     if ids.shape != (images.shape[0],):
         raise invalid("ids", tuple(ids.shape), f"expected one id per image ({images.shape[0]})")
