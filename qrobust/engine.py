@@ -62,16 +62,26 @@ class CaseResult:
 
 
 class Evaluator:
-    """Evaluates cases lazily and caches them; ``forward_passes`` counts model calls per model."""
+    """Evaluates cases lazily and caches them; ``forward_passes`` counts model calls per model.
+
+    ``wanted`` (pair, perturbation, level) triples, when given, limit which group mates run along with a
+    requested case, so a pair gated only on clean inputs (a bit sweep) is not run on every perturbation.
+    """
 
     def __init__(self, pairs: Sequence[ModelPair], seed: int = 0, batch_size: int = 64,
                  max_samples: int | None = None, replicates: int = 1000, f1_average: str = "macro",
-                 keep_samples: bool = False, datasets: dict[str, ImageSet | StreamingSet] | None = None):
+                 keep_samples: bool = False, datasets: dict[str, ImageSet | StreamingSet] | None = None,
+                 device: str = "cpu", wanted: set[tuple[str, str, float]] | None = None):
         if not pairs:
             raise invalid("pairs", [], "need at least one model pair")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise invalid("batch_size", batch_size, "must be a positive integer")
+        self.device = torch.device(device)
+        for p in pairs:
+            if p.kind == "int8" and self.device.type != "cpu":
+                raise invalid("device", device, f"pair {p.name!r} runs real int8 CPU kernels; use device='cpu'")
         self.pairs = {p.name: p for p in pairs}
+        self.wanted = wanted
         self.seed, self.batch_size, self.max_samples = seed, batch_size, max_samples
         self.replicates, self.f1_average, self.keep_samples = replicates, f1_average, keep_samples
         self._datasets = dict(datasets or {})
@@ -98,7 +108,7 @@ class Evaluator:
     def _probe(self, group: list[ModelPair], data: ImageSet) -> None:
         """One clean batch first: same output shape and class count for both models, finite outputs."""
         batch = next(data.batches(min(self.batch_size, len(data))))
-        x = group[0].preprocess.normalize(batch.images)
+        x = group[0].preprocess.normalize(batch.images.to(self.device))
         with torch.inference_mode():
             fp = group[0].fp32(x)
             self.forward_passes["probe"] += 1
@@ -132,8 +142,17 @@ class Evaluator:
     def _cached(self, pair: str, perturbation: str, level: float) -> CaseResult:
         key = (pair, perturbation, level)
         if key not in self._cache:
-            self._run(self.group_of(self.pairs[pair]), perturbation, level)
+            group = [p for p in self.group_of(self.pairs[pair]) if p.name == pair or self._wants(p.name, perturbation, level)]
+            self._run(group, perturbation, level)
         return self._cache[key]
+
+    def _wants(self, pair: str, perturbation: str, level: float) -> bool:
+        """Whether a group mate's result for this case will be asked for (all, when ``wanted`` is None)."""
+        if self.wanted is None:
+            return True
+        if perturbation == CLEAN:
+            return any(p == pair and lv == 0 for p, _, lv in self.wanted)
+        return (pair, perturbation, level) in self.wanted
 
     @staticmethod
     def _check_labels(pair: ModelPair, labels: torch.Tensor) -> None:
@@ -151,8 +170,9 @@ class Evaluator:
         normalize = lead.preprocess.normalize
         fp_label = self.fp32_label(group)
         for batch in data.batches(self.batch_size):
-            pixels = batch.images if perturbation == CLEAN else perturb(
-                perturbation, batch.images, level, ids=batch.ids, seed=self.seed, boxes=batch.boxes,
+            images = batch.images.to(self.device)
+            pixels = images if perturbation == CLEAN else perturb(
+                perturbation, images, level, ids=batch.ids, seed=self.seed, boxes=batch.boxes,
                 model=lead.fp32, normalize=normalize)
             self.perturbed_batches[fp_label] += 1
             self._check_labels(lead, batch.labels)

@@ -66,12 +66,25 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-PAIRS: Registry[Callable[[], ModelPair]] = Registry("pair")
+@dataclass(frozen=True)
+class PairEntry:
+    """A registered pair: how to build it, and its preset (known before building, for collection)."""
+
+    builder: Callable[[], ModelPair]
+    preset: str | None = None
 
 
-def register_pair(name: str, builder: Callable[[], ModelPair], tags=()) -> None:
+PAIRS: Registry[PairEntry] = Registry("pair")
+
+
+def register_pair(name: str, builder: Callable[[], ModelPair], tags=(), preset: str | None = None) -> None:
     """Make ``builder`` (returning a ModelPair) available by ``name``, for the plugin and users."""
-    PAIRS.register(name, builder, tags)
+    PAIRS.register(name, PairEntry(builder, preset), tags)
+
+
+def pair_entry(name: str) -> PairEntry:
+    _ensure_builtins()
+    return PAIRS.get(name)
 
 
 def _ensure_builtins() -> None:
@@ -85,8 +98,7 @@ def pair_names(tag: str | None = None) -> list[str]:
 
 def load_pair(name: str) -> ModelPair:
     """Build the pair registered as ``name`` (models are cached by their builders, not here)."""
-    _ensure_builtins()
-    pair = PAIRS.get(name)()
+    pair = pair_entry(name).builder()
     if pair.name != name:
         raise invalid("pair", name, f"builder returned a pair named {pair.name!r}")
     return pair

@@ -30,7 +30,7 @@ def wilson_interval(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[flo
         raise invalid("n", n, "a proportion needs at least one sample")
     if not 0 <= k <= n:
         raise invalid("k", k, f"must be between 0 and n={n}")
-    z = sps.norm.ppf(0.5 + confidence / 2)
+    z = float(sps.norm.ppf(0.5 + confidence / 2))
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)

@@ -131,7 +131,7 @@ def _lenet_pair(preset: str) -> ModelPair:
 
 def _register_lenet(preset: str, *tags: str) -> None:
     name = f"lenet5-digits-{preset.removeprefix('fake-')}"
-    register_pair(name, lambda: _lenet_pair(preset), tags=("builtin", "lenet5", *tags))
+    register_pair(name, lambda: _lenet_pair(preset), tags=("builtin", "lenet5", *tags), preset=preset)
 
 
 _register_lenet("int8-x86", "int8", "default")

@@ -1,0 +1,207 @@
+"""Session report (JSON + self-contained HTML) and baselines, always written atomically.
+
+``report.json`` follows ``REPORT_SCHEMA`` (JSON Schema, draft 2020-12): ``environment``, ``cases`` (one
+object per pair x perturbation x level x metric) and ``forward_passes``. ``report.html`` plots each
+metric against the level (FP32 and quantized accuracy side by side, like seed 004's figures) and lists
+every failing case first.
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+import platform
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from qrobust.errors import ConfigError
+
+VERDICTS = ("pass", "fail", "inconclusive", "xfail")
+
+REPORT_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["environment", "cases", "forward_passes", "summary"],
+    "properties": {
+        "environment": {
+            "type": "object",
+            "required": ["torch", "torchvision", "quantized_engine", "cpu_capability", "threads", "seed",
+                         "thresholds_sha256", "weights_sha256", "decision"],
+        },
+        "cases": {"type": "array", "items": {
+            "type": "object",
+            "required": ["pair", "perturbation", "level", "metric", "value", "interval", "n", "tolerance", "verdict"],
+            "properties": {
+                "pair": {"type": "string"}, "perturbation": {"type": "string"}, "level": {"type": "number"},
+                "metric": {"type": "string"}, "value": {"type": ["number", "null"]},
+                "interval": {"oneOf": [{"type": "null"},
+                                       {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}]},
+                "n": {"type": "integer", "minimum": 0}, "tolerance": {"type": "number"},
+                "verdict": {"enum": list(VERDICTS)},
+            },
+        }},
+        "forward_passes": {"type": "object"},
+        "summary": {"type": "object", "required": ["total", "pass", "fail", "inconclusive", "xfail"]},
+    },
+}
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and a rename: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def environment(seed: int, decision: str, thresholds_sha256: str | None, weights: dict[str, str]) -> dict:
+    import torch
+    import torchvision
+
+    return {
+        "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "quantized_engine": torch.backends.quantized.engine,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+        "machine": platform.machine(), "python": platform.python_version(), "seed": seed, "decision": decision,
+        "thresholds_sha256": thresholds_sha256, "weights_sha256": dict(sorted(weights.items())),
+    }
+
+
+def fingerprint(env: dict) -> dict:
+    """What must match for two runs' numbers to be comparable as a baseline."""
+    return {k: env[k] for k in ("torch", "torchvision", "cpu_capability", "seed", "weights_sha256")}
+
+
+def summarize(cases: list[dict]) -> dict:
+    counts = {v: sum(c["verdict"] == v for c in cases) for v in VERDICTS}
+    return {"total": len(cases), **counts}
+
+
+def build_report(cases: list[dict], env: dict, forward_passes: dict) -> dict:
+    cases = sorted(cases, key=lambda c: (c["pair"], c["perturbation"], c["level"], c["metric"]))
+    return {"environment": env, "summary": summarize(cases), "cases": cases, "forward_passes": forward_passes}
+
+
+# ---- HTML ------------------------------------------------------------------------------------------
+def _svg_chart(title: str, series: dict[str, list[tuple[float, float]]], width=320, height=180) -> str:
+    """A small self-contained line chart (no JavaScript, no external assets)."""
+    points = [p for s in series.values() for p in s if p[1] is not None]
+    if not points:
+        return ""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(xs) or 1.0
+    y0, y1 = min(ys), max(ys)
+    if y1 - y0 < 1e-12:
+        y0, y1 = y0 - 0.5 * (abs(y0) or 1), y1 + 0.5 * (abs(y1) or 1)
+    pad = 34
+    sx = lambda x: pad + (x - x0) / ((x1 - x0) or 1) * (width - pad - 10)  # noqa: E731
+    sy = lambda y: height - pad + (y0 - y) / (y1 - y0) * (height - pad - 20)  # noqa: E731
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">',
+             f'<text x="{width / 2}" y="13" text-anchor="middle" font-size="12">{html.escape(title)}</text>',
+             f'<line x1="{pad}" y1="{height - pad}" x2="{width - 10}" y2="{height - pad}" stroke="#888"/>',
+             f'<line x1="{pad}" y1="20" x2="{pad}" y2="{height - pad}" stroke="#888"/>',
+             f'<text x="{pad - 3}" y="{sy(y1) + 4}" text-anchor="end" font-size="9">{y1:.3g}</text>',
+             f'<text x="{pad - 3}" y="{sy(y0) + 4}" text-anchor="end" font-size="9">{y0:.3g}</text>',
+             f'<text x="{sx(x0)}" y="{height - pad + 12}" text-anchor="middle" font-size="9">{x0:g}</text>',
+             f'<text x="{sx(x1)}" y="{height - pad + 12}" text-anchor="middle" font-size="9">{x1:g}</text>']
+    for i, (name, pts) in enumerate(series.items()):
+        pts = sorted(p for p in pts if p[1] is not None)
+        colour = colours[i % len(colours)]
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{path}"/>')
+        parts.extend(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2" fill="{colour}"/>' for x, y in pts)
+        parts.append(f'<text x="{pad + 6 + 90 * i}" y="{height - 6}" font-size="10" fill="{colour}">'
+                     f'{html.escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _fmt(value) -> str:
+    return "—" if value is None else f"{value:.4g}"
+
+
+def render_html(report: dict) -> str:
+    cases, env, summary = report["cases"], report["environment"], report["summary"]
+    curves: dict[tuple[str, str], dict[str, dict[float, float]]] = defaultdict(lambda: defaultdict(dict))
+    for c in cases:
+        key = (c["pair"], c["perturbation"])
+        curves[key][c["metric"]][c["level"]] = c["value"]
+        for name, value in (c.get("context") or {}).items():
+            curves[key][name][c["level"]] = value
+    rows = []
+    for c in sorted(cases, key=lambda c: (c["verdict"] == "pass", c["verdict"] == "xfail", c["pair"],
+                                          c["perturbation"], c["level"], c["metric"])):
+        interval = "—" if c["interval"] is None else f"[{c['interval'][0]:.4g}, {c['interval'][1]:.4g}]"
+        rows.append(f'<tr class="{c["verdict"]}"><td>{html.escape(c["pair"])}</td><td>{html.escape(c["perturbation"])}'
+                    f'</td><td>{c["level"]:g}</td><td>{c["metric"]}</td><td>{_fmt(c["value"])}</td><td>{interval}</td>'
+                    f'<td>{c["n"]}</td><td>{c["tolerance"]:g}</td><td>{c["verdict"]}</td></tr>')
+    charts = []
+    for (pair, pert), metrics in sorted(curves.items()):
+        svgs = []
+        if "top1_fp32" in metrics:
+            svgs.append(_svg_chart("top-1 accuracy", {"FP32": list(metrics["top1_fp32"].items()),
+                                                      "quantized": list(metrics["top1_quant"].items())}))
+        for name in sorted(m for m in metrics if m not in ("top1_fp32", "top1_quant", "f1_fp32", "f1_quant")):
+            svgs.append(_svg_chart(name, {name: list(metrics[name].items())}))
+        charts.append(f"<h3>{html.escape(pair)} — {html.escape(pert)}</h3><div class='charts'>{''.join(svgs)}</div>")
+    env_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(json.dumps(v))}</td></tr>" for k, v in env.items())
+    verdict = "FAILED" if summary["fail"] or summary["inconclusive"] else "PASSED"
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>qrobust report</title><style>
+body{{font-family:sans-serif;margin:2em;color:#222}} table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}} tr.fail td{{background:#fdd}}
+tr.inconclusive td{{background:#ffd}} tr.xfail td{{background:#eef}} .charts svg{{margin:4px;border:1px solid #eee}}
+</style></head><body><h1>qrobust gate: {verdict}</h1>
+<p>{summary['total']} checks: {summary['pass']} pass, {summary['fail']} fail, {summary['inconclusive']} inconclusive,
+{summary['xfail']} expected failures (known-bad configurations the gate must catch). Decision mode:
+<b>{html.escape(str(env.get('decision')))}</b>. Deltas are FP32 minus quantized (positive = quantized worse);
+intervals are 95%.</p>
+<h2>Checks (failures first)</h2><table><tr><th>pair</th><th>perturbation</th><th>level</th><th>metric</th>
+<th>value</th><th>95% interval</th><th>n</th><th>tolerance</th><th>verdict</th></tr>{''.join(rows)}</table>
+<h2>Metrics against perturbation level</h2>{''.join(charts)}
+<h2>Environment</h2><table>{env_rows}</table>
+<h2>Forward passes</h2><pre>{html.escape(json.dumps(report['forward_passes'], indent=1))}</pre></body></html>"""
+
+
+def write_report(directory: str | Path, report: dict) -> tuple[Path, Path]:
+    directory = Path(directory)
+    json_path, html_path = directory / "report.json", directory / "report.html"
+    write_atomic(json_path, json.dumps(report, indent=1, sort_keys=True))
+    write_atomic(html_path, render_html(report))
+    return json_path, html_path
+
+
+# ---- baselines --------------------------------------------------------------------------------------
+def case_key(case: dict) -> str:
+    return f"{case['pair']}|{case['perturbation']}|{case['level']:g}|{case['metric']}"
+
+
+def save_baseline(path: str | Path, report: dict, overwrite: bool) -> None:
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path}: baseline exists; pass --qrobust-overwrite-baseline to replace it")
+    values = {case_key(c): c["value"] for c in report["cases"] if c["value"] is not None}
+    write_atomic(path, json.dumps({"fingerprint": fingerprint(report["environment"]), "values": values},
+                                  indent=1, sort_keys=True))
+
+
+def load_baseline(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read baseline ({exc.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: baseline is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("values"), dict) or "fingerprint" not in data:
+        raise ConfigError(f"{path}: baseline lacks 'fingerprint' and 'values'")
+    return data

@@ -1,0 +1,287 @@
+"""The gate session behind the pytest plugin: thresholds, pairs loaded once, checks, report, baselines."""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from qrobust.errors import ConfigError, invalid
+from qrobust.report import (
+    build_report, case_key, environment, fingerprint, load_baseline, save_baseline, write_report,
+)
+from qrobust.stats import decide
+from qrobust.thresholds import METRICS, CaseSpec, load_thresholds
+
+CASE_PROPERTY = "qrobust_case"
+
+# How far a value may move against a saved baseline before the case counts as a regression.
+BASELINE_MARGINS = {"top1_delta": 0.005, "top5_delta": 0.005, "f1_delta": 0.005, "agreement": 0.005,
+                    "kl_mean": 0.005, "kl_p95": 0.01, "speedup": 0.25}
+
+
+class QrobustSession:
+    def __init__(self, thresholds_path: str, pairs: str | None = None, device: str = "cpu", seed: int | None = None,
+                 decision: str | None = None, max_samples: int | None = None, save_baseline: str | None = None,
+                 overwrite_baseline: bool = False, baseline: str | None = None, baseline_any_env: bool = False,
+                 worker: bool = False):
+        self.thresholds = load_thresholds(thresholds_path)
+        t = self.thresholds
+        self.seed = t.seed if seed is None else seed
+        self.decision = decision or t.decision
+        self.max_samples = max_samples or t.max_samples
+        self.device = device
+        known = set(t.gated_pairs) | set(t.bitwidth.get("pairs") or []) | set(t.latency.get("pairs") or [])
+        selected = None
+        if pairs:
+            selected = [p.strip() for p in pairs.split(",") if p.strip()]
+            for name in selected:
+                if name not in known:
+                    raise ConfigError(f"--qrobust-pairs: unknown pair {name!r} (in {t.path}: {', '.join(sorted(known))})")
+        keep = (lambda name: selected is None or name in selected)  # noqa: E731
+        self.cases = [c for c in t.cases if keep(c.pair)]
+        self.bitwidth_cases = [c for c in self._bitwidth_cases() if keep(c.pair)]
+        self.latency_pairs = [p for p in t.latency.get("pairs") or [] if keep(p)]
+        self.save_baseline_path, self.overwrite_baseline = save_baseline, overwrite_baseline
+        if save_baseline and Path(save_baseline).exists() and not overwrite_baseline and not worker:
+            raise ConfigError(f"{save_baseline}: baseline exists; pass --qrobust-overwrite-baseline to replace it")
+        self.baseline = load_baseline(baseline) if baseline else None
+        self.baseline_path, self.baseline_any_env = baseline, baseline_any_env
+        self._pairs: dict = {}
+        self.pair_loads: Counter[str] = Counter()
+        self._evaluator = None
+        self.problems: list[str] = []
+        self.summary_lines: list[str] | None = None
+
+    # ---- cases -------------------------------------------------------------------------------------
+    def _bitwidth_cases(self) -> list[CaseSpec]:
+        """Seed 003's sweep: pairs below ``min_bits`` are strict expected failures (the gate must catch them)."""
+        from types import MappingProxyType
+
+        from qrobust.pairs import pair_entry
+        from qrobust.quantize import PRESETS
+
+        bw = self.thresholds.bitwidth
+        cases = []
+        for name in bw.get("pairs") or []:
+            preset = pair_entry(name).preset
+            if preset is None:
+                raise ConfigError(f"{self.thresholds.path}: bitwidth.pairs: pair {name!r} has no preset, so no bit width")
+            bits = PRESETS.get(preset).weight.bits
+            below = bits < bw.get("min_bits", 1)
+            reason = f"{bits} bits is below min_bits={bw.get('min_bits')}: must fail the tolerances" if below else None
+            cases.append(CaseSpec(name, bw.get("perturbation", "awgn"), float(bw.get("level", 0)),
+                                  MappingProxyType(dict(bw.get("tolerances") or {})), reason))
+        return cases
+
+    # ---- models --------------------------------------------------------------------------------------
+    def pair(self, name: str):
+        """A pair, loaded at most once per process (per xdist worker)."""
+        if name not in self._pairs:
+            from qrobust.pairs import load_pair
+
+            pair = load_pair(name)
+            if pair.kind != "int8":
+                pair.fp32.to(self.device)
+                pair.quantized.to(self.device)
+            self._pairs[name] = pair
+            self.pair_loads[name] += 1
+        return self._pairs[name]
+
+    @property
+    def evaluator(self):
+        if self._evaluator is None:
+            from qrobust.engine import Evaluator
+
+            cases = self.cases + self.bitwidth_cases
+            names = list(dict.fromkeys(c.pair for c in cases))
+            if not names:
+                raise invalid("pairs", [], "no pair is gated (empty gate section or --qrobust-pairs filter)")
+            t = self.thresholds
+            self._evaluator = Evaluator([self.pair(n) for n in names], seed=self.seed, batch_size=t.batch_size,
+                                        max_samples=self.max_samples, replicates=t.replicates,
+                                        f1_average=t.f1_average, device=self.device,
+                                        wanted={(c.pair, c.perturbation, c.level) for c in cases})
+        return self._evaluator
+
+    def environment(self, weights: dict[str, str]) -> dict:
+        return environment(self.seed, self.decision, self.thresholds.sha256, weights)
+
+    def _weights(self) -> dict[str, str]:
+        out = {}
+        for pair in self._pairs.values():
+            out.update({Path(p).name: sha for p, sha in pair.metadata.get("weights", {}).items()})
+        return out
+
+    # ---- checks --------------------------------------------------------------------------------------
+    def check(self, case: CaseSpec, metrics: str | list[str], item) -> None:
+        """Evaluate ``case`` (cached), decide each metric against its tolerance, record all, then fail
+        with every violation's numbers (so a multi-metric check reports all of them, not the first)."""
+        metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+        for metric in metrics:
+            if metric not in METRICS:
+                raise invalid("metric", metric, f"unknown metric (known: {', '.join(METRICS)})")
+        tolerances = {m: self._tolerance(case, m, item) for m in metrics}
+        tolerances = {m: t for m, t in tolerances.items() if t is not None}
+        if not tolerances:
+            pytest.skip(f"no tolerance configured for {', '.join(metrics)} on {case.id} in {self.thresholds.path}")
+        result = self.evaluator.evaluate(case.pair, case.perturbation, case.level)
+        if not result.healthy:
+            for metric, tolerance in tolerances.items():
+                self._record(item, case, metric, None, None, result.n, tolerance, "fail",
+                             {"error": result.health_message()})
+            pytest.fail(result.health_message(), pytrace=False)
+        context = {k: result.estimates[k].value for k in ("top1_fp32", "top1_quant")}
+        failures = []
+        for metric, tolerance in tolerances.items():
+            est = result.metric(metric)
+            failures += self.judge(item, case, metric, est.value, est.interval, est.n, tolerance,
+                                   {**est.details, "context": context})
+        if failures:
+            pytest.fail("\n".join(failures), pytrace=False)
+
+    def judge(self, item, case: CaseSpec, metric: str, value: float, interval, n: int, tolerance: float,
+              details: dict) -> list[str]:
+        """Decide one measured value, compare it with the baseline and record it; returns the failures."""
+        higher = METRICS[metric].higher_is_better
+        decision = decide(value, interval, tolerance, higher, self.decision)
+        verdict = decision.verdict
+        messages = []
+        if not decision.passed:
+            ci = "no interval" if interval is None else f"95% CI [{interval[0]:.4g}, {interval[1]:.4g}]"
+            extra = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in details.items() if k != "context")
+            messages.append(f"{case.pair} / {case.perturbation} @ {case.level:g}: {metric} = {value:.4g} ({ci}, "
+                            f"n={n}{', ' + extra if extra else ''}); tolerance {'>=' if higher else '<='} "
+                            f"{tolerance:g}; margin {decision.margin:+.4g}; decision {self.decision}: {verdict}")
+        regression = self._baseline_regression(case, metric, value)
+        if regression:
+            messages.append(regression)
+            verdict = "fail"
+        self._record(item, case, metric, value, interval, n, tolerance, verdict, details)
+        return messages
+
+    # ---- latency -------------------------------------------------------------------------------------
+    @property
+    def latency_rounds(self) -> int:
+        return int(self.thresholds.latency.get("rounds", 20))
+
+    def latency_input(self, pair):
+        """A seeded random batch at the pair's resolution, normalized (latency does not depend on content)."""
+        import torch
+
+        h, w = pair.preprocess.resolution
+        batch = int(self.thresholds.latency.get("batch", 32))
+        pixels = torch.rand(batch, pair.preprocess.channels, h, w, generator=torch.Generator().manual_seed(self.seed))
+        return pair.preprocess.normalize(pixels).to(self.device if pair.kind != "int8" else "cpu")
+
+    def check_speedup(self, pair, x, item) -> None:
+        """Gate the FP32/quantized latency ratio (median of interleaved rounds, order-statistic interval)."""
+        from types import MappingProxyType
+
+        from qrobust.timing import interleaved_speedup
+
+        s = interleaved_speedup(pair.fp32, pair.quantized, x, rounds=self.latency_rounds)
+        case = CaseSpec(pair.name, "latency", float(len(x)),
+                        MappingProxyType({"speedup": float(self.thresholds.latency.get("speedup", 1.0))}))
+        failures = self.judge(item, case, "speedup", s.speedup, s.interval, s.rounds, self._tolerance(case, "speedup", item),
+                              {"fp32_ms": s.fp32_ms, "quantized_ms": s.quantized_ms, "batch": len(x)})
+        if failures:
+            pytest.fail("\n".join(failures), pytrace=False)
+
+    def _tolerance(self, case: CaseSpec, metric: str, item) -> float | None:
+        marker = item.get_closest_marker("qrobust_tolerance")
+        if marker is not None and metric in marker.kwargs:
+            value = marker.kwargs[metric]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise invalid(f"qrobust_tolerance({metric}=...)", value, "must be a finite number >= 0")
+            return float(value)
+        return case.tolerances.get(metric)
+
+    def _baseline_regression(self, case: CaseSpec, metric: str, value: float) -> str | None:
+        if self.baseline is None:
+            return None
+        current = fingerprint(self.environment(self._weights()))
+        if current != self.baseline["fingerprint"] and not self.baseline_any_env:
+            diff = {k: (self.baseline["fingerprint"].get(k), v) for k, v in current.items()
+                    if self.baseline["fingerprint"].get(k) != v}
+            return (f"baseline {self.baseline_path} was recorded in another environment {diff}; "
+                    "pass --qrobust-baseline-any-env to compare anyway")
+        key = case_key({"pair": case.pair, "perturbation": case.perturbation, "level": case.level, "metric": metric})
+        old = self.baseline["values"].get(key)
+        if old is None:
+            return None
+        margin = self.thresholds.baseline_margins.get(metric, BASELINE_MARGINS[metric])
+        worse = (old - value) if METRICS[metric].higher_is_better else (value - old)
+        if worse > margin:
+            return (f"{case.pair} / {case.perturbation} @ {case.level:g}: {metric} regressed from baseline "
+                    f"{old:.4g} to {value:.4g} (by {worse:.4g}, allowed {margin:g})")
+        return None
+
+    def _record(self, item, case, metric, value, interval, n, tolerance, verdict, details) -> None:
+        record = {"pair": case.pair, "perturbation": case.perturbation, "level": case.level, "metric": metric,
+                  "value": value, "interval": list(interval) if interval else None, "n": n, "tolerance": tolerance,
+                  "verdict": verdict, "mode": self.decision, "context": details.pop("context", {}),
+                  "details": details}
+        item.user_properties.append((CASE_PROPERTY, json.dumps(record)))
+
+    # ---- end of session --------------------------------------------------------------------------------
+    def worker_output(self) -> dict:
+        ev = self._evaluator
+        return {"weights": self._weights(), "pair_loads": dict(self.pair_loads),
+                "forward_passes": dict(ev.forward_passes) if ev else {},
+                "perturbed_batches": dict(ev.perturbed_batches) if ev else {},
+                "groups": {name: ev.fp32_label(ev.group_of(p)) for name, p in ev.pairs.items()} if ev else {}}
+
+    def finish(self, records: list[dict], outputs: list[dict], report_dir: str) -> None:
+        weights, forwards, batches, groups, loads = {}, Counter(), Counter(), {}, []
+        for out in outputs:
+            weights.update(out["weights"])
+            forwards.update(out["forward_passes"])
+            batches.update(out["perturbed_batches"])
+            groups.update(out["groups"])
+            if out["pair_loads"]:
+                loads.append(out["pair_loads"])
+        env = self.environment(weights)
+        per_batch = {}
+        for pair, fp_label in groups.items():
+            if batches[fp_label]:
+                per_batch[fp_label] = forwards[fp_label] / batches[fp_label]
+                per_batch[pair] = forwards[pair] / batches[fp_label]
+        forward_info = {"forward_passes": dict(forwards), "perturbed_batches": dict(batches),
+                        "forwards_per_perturbed_batch": per_batch, "pair_loads_per_process": loads}
+        report = build_report(records, env, forward_info)
+        json_path, html_path = write_report(report_dir, report)
+        if self.save_baseline_path:
+            save_baseline(self.save_baseline_path, report, self.overwrite_baseline)
+        s = report["summary"]
+        self.summary_lines = [
+            f"{s['total']} checks: {s['pass']} pass, {s['fail']} fail, {s['inconclusive']} inconclusive, "
+            f"{s['xfail']} expected failures caught (decision: {self.decision}, seed {self.seed})",
+            *self._worst_lines(report["cases"]),
+            f"forward passes per perturbed batch (1.0 = no duplicated work): "
+            f"{', '.join(f'{k} {v:g}' for k, v in per_batch.items())}",
+            f"report: {json_path}  {html_path}",
+        ]
+        if self.save_baseline_path:
+            self.summary_lines.append(f"baseline saved: {self.save_baseline_path}")
+
+    @staticmethod
+    def _worst_lines(cases: list[dict]) -> list[str]:
+        """Per pair and metric, the case closest to (or furthest past) its tolerance."""
+        worst: dict[tuple[str, str], dict] = {}
+        for c in cases:
+            if c["value"] is None or c["verdict"] == "xfail":
+                continue
+            sign = 1 if METRICS[c["metric"]].higher_is_better else -1
+            margin = sign * (c["value"] - c["tolerance"])
+            key = (c["pair"], c["metric"])
+            if key not in worst or margin < worst[key]["margin"]:
+                worst[key] = {**c, "margin": margin}
+        lines = []
+        for (pair, metric), c in sorted(worst.items()):
+            lines.append(f"  {pair:32s} {metric:11s} worst {c['value']:.4g} at {c['perturbation']} {c['level']:g} "
+                         f"(tolerance {c['tolerance']:g}, margin {c['margin']:+.4g}, {c['verdict']})")
+        return lines

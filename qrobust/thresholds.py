@@ -1,0 +1,299 @@
+"""thresholds.yaml: loaded with a safe loader, validated, frozen; every error names file, key path and reason.
+
+Schema (every section optional except where noted)::
+
+    decision: strict            # point | strict | lenient
+    seed: 0
+    batch_size: 64
+    max_samples: null           # a quick profile caps every dataset (seeded subsample)
+    replicates: 1000            # bootstrap replicates
+    defaults: {top1_delta: 0.01, ...}                 # tolerance per metric, everywhere
+    baseline: {top1_delta: 0.005, ...}                # allowed regression against a saved baseline
+    perturbations:                                    # the sweep
+      awgn:
+        levels: [0, 0.1, 0.2]
+        tolerances: {top1_delta: 0.02}                # this perturbation, every level
+        at: {0.2: {top1_delta: 0.03}}                 # one level
+    gate:                                             # the pairs gated, with overrides
+      lenet5-digits-int8-x86: {}
+      my-pair:
+        tolerances: {...}
+        perturbations: {awgn: {tolerances: {...}, at: {...}}}   # only: restrict to these perturbations
+        xfail: "why this configuration is known to fail"        # strict expected failure
+    bitwidth: {pairs: [...], min_bits: 4}            # seed 003's sweep
+    latency: {pairs: [...], batch: 32, rounds: 20}
+    pairs: {...}        # user-declared pairs (see qrobust.pairs)
+    datasets: {...}     # user-declared datasets
+
+Precedence, later wins: defaults, the perturbation's tolerances, its level (``at``), the pair's
+tolerances, the pair's perturbation tolerances, the pair's level.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import yaml
+
+from qrobust.errors import ConfigError, InvalidArgument
+from qrobust.stats import MODES
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    higher_is_better: bool
+    description: str
+
+
+METRICS = {m.name: m for m in (
+    Metric("top1_delta", False, "top-1 accuracy, FP32 minus quantized"),
+    Metric("top5_delta", False, "top-5 accuracy, FP32 minus quantized"),
+    Metric("f1_delta", False, "F1 (macro by default), FP32 minus quantized"),
+    Metric("agreement", True, "fraction of samples with the same top-1 class"),
+    Metric("kl_mean", False, "mean KL(P_fp32 || P_quant), nats"),
+    Metric("kl_p95", False, "95th percentile of per-sample KL, nats"),
+    Metric("speedup", True, "FP32 latency / quantized latency, measured interleaved"),
+)}
+CASE_METRICS = tuple(m for m in METRICS if m != "speedup")
+
+TOP_KEYS = {"decision", "seed", "batch_size", "max_samples", "replicates", "f1_average", "defaults", "baseline",
+            "perturbations", "gate", "bitwidth", "latency", "pairs", "datasets"}
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's SafeLoader (no object construction), refusing duplicate keys instead of keeping the last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def safe_load_unique(text: str) -> Any:
+    """``yaml.safe_load`` semantics plus a duplicate-key check."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """One gated case: a pair on a perturbation level with its resolved tolerances."""
+
+    pair: str
+    perturbation: str
+    level: float
+    tolerances: Mapping[str, float]
+    xfail: str | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.pair}-{self.perturbation}-{self.level:g}"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    path: str
+    sha256: str
+    decision: str = "strict"
+    seed: int = 0
+    batch_size: int = 64
+    max_samples: int | None = None
+    replicates: int = 1000
+    f1_average: str = "macro"
+    cases: tuple[CaseSpec, ...] = ()
+    baseline_margins: Mapping[str, float] = field(default_factory=dict)
+    bitwidth: Mapping[str, Any] = field(default_factory=dict)
+    latency: Mapping[str, Any] = field(default_factory=dict)
+    pairs: Mapping[str, Any] = field(default_factory=dict)
+    datasets: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def gated_pairs(self) -> list[str]:
+        return list(dict.fromkeys(c.pair for c in self.cases))
+
+
+class _Validator:
+    """Walks the parsed YAML; every complaint carries the key path."""
+
+    def __init__(self, path: str, known_pairs: set[str]):
+        self.path, self.known_pairs = path, known_pairs
+
+    def fail(self, key: str, reason: str):
+        raise ConfigError(f"{self.path}: {key}: {reason}")
+
+    def mapping(self, value, key: str) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(key, f"expected a mapping, got {type(value).__name__} {value!r}")
+        return value
+
+    def keys(self, value: dict, key: str, allowed: set[str]) -> None:
+        for k in value:
+            if k not in allowed:
+                import difflib
+                hint = difflib.get_close_matches(str(k), sorted(allowed), n=1)
+                extra = f" (did you mean {hint[0]!r}?)" if hint else f" (allowed: {', '.join(sorted(allowed))})"
+                self.fail(f"{key}.{k}" if key else str(k), f"unknown key{extra}")
+
+    def number(self, value, key: str, minimum: float | None = 0.0, integer: bool = False) -> float:
+        if isinstance(value, str):
+            self.fail(key, f"expected a number, got the string {value!r} (remove the quotes)")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(key, f"expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            self.fail(key, f"must be finite, got {value!r}")
+        if integer and value != int(value):
+            self.fail(key, f"expected a whole number, got {value!r}")
+        if minimum is not None and value < minimum:
+            self.fail(key, f"must be >= {minimum:g}, got {value!r}")
+        return int(value) if integer else float(value)
+
+    def tolerances(self, value, key: str) -> dict[str, float]:
+        value = self.mapping(value, key)
+        self.keys(value, key, set(METRICS))
+        return {m: self.number(v, f"{key}.{m}") for m, v in value.items()}
+
+    def levels(self, value, key: str, perturbation) -> list[float]:
+        if not isinstance(value, list) or not value:
+            self.fail(key, f"expected a non-empty list of levels, got {value!r}")
+        out = []
+        for i, lv in enumerate(value):
+            number = self.number(lv, f"{key}[{i}]")
+            try:
+                out.append(perturbation.check_level(number))
+            except InvalidArgument as exc:
+                self.fail(f"{key}[{i}]", str(exc))
+        if len(set(out)) != len(out):
+            self.fail(key, f"duplicate levels in {value!r}")
+        return out
+
+    def at(self, value, key: str, levels: list[float]) -> dict[float, dict[str, float]]:
+        value = self.mapping(value, key)
+        out = {}
+        for lv, tol in value.items():
+            level = self.number(lv, f"{key}.{lv}")
+            if level not in levels:
+                self.fail(f"{key}.{lv}", f"level {lv!r} is not in the perturbation's levels {levels}")
+            out[level] = self.tolerances(tol, f"{key}.{lv}")
+        return out
+
+    def perturbation_name(self, name, key: str):
+        from qrobust.perturbations import PERTURBATIONS
+        try:
+            return PERTURBATIONS.get(name)
+        except InvalidArgument as exc:
+            self.fail(key, str(exc).split(": ", 1)[1])
+
+    def pair_name(self, name, key: str) -> str:
+        if name not in self.known_pairs:
+            import difflib
+            hint = difflib.get_close_matches(str(name), sorted(self.known_pairs), n=1)
+            self.fail(key, f"unknown pair {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        return name
+
+
+def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Thresholds:
+    """Parse and validate ``path``; raises ConfigError with ``file: key.path: reason``."""
+    path = Path(path)
+    try:
+        raw_bytes = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read thresholds file ({exc.strerror})") from None
+    try:
+        raw = safe_load_unique(raw_bytes.decode("utf-8"))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"{path}: not valid YAML: {reason}") from None
+    if known_pairs is None:
+        from qrobust.pairs import pair_names
+        known_pairs = set(pair_names())
+    v = _Validator(str(path), set(known_pairs) | set((raw or {}).get("pairs") or {} if isinstance(raw, dict) else {}))
+    raw = v.mapping(raw, "(top level)")
+    v.keys(raw, "", TOP_KEYS)
+    decision = raw.get("decision", "strict")
+    if decision not in MODES:
+        v.fail("decision", f"must be one of {', '.join(MODES)}, got {decision!r}")
+    f1_average = raw.get("f1_average", "macro")
+    if f1_average not in ("macro", "micro", "weighted"):
+        v.fail("f1_average", f"must be macro, micro or weighted, got {f1_average!r}")
+    max_samples = raw.get("max_samples")
+    defaults = v.tolerances(raw.get("defaults"), "defaults")
+    sweep = {}
+    for name, spec in v.mapping(raw.get("perturbations"), "perturbations").items():
+        key = f"perturbations.{name}"
+        pert = v.perturbation_name(name, key)
+        spec = v.mapping(spec, key)
+        v.keys(spec, key, {"levels", "tolerances", "at"})
+        levels = v.levels(spec.get("levels", list(pert.levels)), f"{key}.levels", pert)
+        sweep[name] = (levels, v.tolerances(spec.get("tolerances"), f"{key}.tolerances"),
+                       v.at(spec.get("at"), f"{key}.at", levels))
+    cases = []
+    for pair, spec in v.mapping(raw.get("gate"), "gate").items():
+        key = f"gate.{pair}"
+        v.pair_name(pair, key)
+        spec = v.mapping(spec, key)
+        v.keys(spec, key, {"tolerances", "perturbations", "xfail"})
+        xfail = spec.get("xfail")
+        if xfail is not None and (not isinstance(xfail, str) or not xfail.strip()):
+            v.fail(f"{key}.xfail", f"expected the reason as a non-empty string, got {xfail!r}")
+        pair_tol = v.tolerances(spec.get("tolerances"), f"{key}.tolerances")
+        only = v.mapping(spec.get("perturbations"), f"{key}.perturbations")
+        for name in only:
+            if name not in sweep:
+                v.fail(f"{key}.perturbations.{name}", f"not in the top-level perturbations sweep ({', '.join(sweep)})")
+        for name, (levels, pert_tol, pert_at) in sweep.items():
+            if only and name not in only:
+                continue
+            pkey = f"{key}.perturbations.{name}"
+            pspec = v.mapping(only.get(name), pkey)
+            v.keys(pspec, pkey, {"tolerances", "at"})
+            pp_tol = v.tolerances(pspec.get("tolerances"), f"{pkey}.tolerances")
+            pp_at = v.at(pspec.get("at"), f"{pkey}.at", levels)
+            for level in levels:
+                tol = {**defaults, **pert_tol, **pert_at.get(level, {}), **pair_tol, **pp_tol, **pp_at.get(level, {})}
+                tol.pop("speedup", None)
+                cases.append(CaseSpec(pair, name, level, MappingProxyType(tol), xfail))
+    bitwidth = v.mapping(raw.get("bitwidth"), "bitwidth")
+    v.keys(bitwidth, "bitwidth", {"pairs", "min_bits", "perturbation", "level", "tolerances"})
+    for i, pair in enumerate(bitwidth.get("pairs") or []):
+        v.pair_name(pair, f"bitwidth.pairs[{i}]")
+    if "min_bits" in bitwidth:
+        v.number(bitwidth["min_bits"], "bitwidth.min_bits", minimum=1, integer=True)
+    if "tolerances" in bitwidth:
+        v.tolerances(bitwidth["tolerances"], "bitwidth.tolerances")
+    latency = v.mapping(raw.get("latency"), "latency")
+    v.keys(latency, "latency", {"pairs", "batch", "rounds", "speedup"})
+    for i, pair in enumerate(latency.get("pairs") or []):
+        v.pair_name(pair, f"latency.pairs[{i}]")
+    for k in ("batch", "rounds"):
+        if k in latency:
+            v.number(latency[k], f"latency.{k}", minimum=1, integer=True)
+    if "speedup" in latency:
+        v.number(latency["speedup"], "latency.speedup")
+    return Thresholds(
+        path=str(path), sha256=hashlib.sha256(raw_bytes).hexdigest(), decision=decision,
+        seed=v.number(raw.get("seed", 0), "seed", integer=True),
+        batch_size=v.number(raw.get("batch_size", 64), "batch_size", minimum=1, integer=True),
+        max_samples=None if max_samples is None else v.number(max_samples, "max_samples", minimum=1, integer=True),
+        replicates=v.number(raw.get("replicates", 1000), "replicates", minimum=10, integer=True),
+        f1_average=f1_average, cases=tuple(cases),
+        baseline_margins=MappingProxyType(v.tolerances(raw.get("baseline"), "baseline")),
+        bitwidth=MappingProxyType(bitwidth), latency=MappingProxyType(latency),
+        pairs=MappingProxyType(v.mapping(raw.get("pairs"), "pairs")),
+        datasets=MappingProxyType(v.mapping(raw.get("datasets"), "datasets")),
+    )
