@@ -199,6 +199,10 @@ def pytest_sessionfinish(session, exitstatus):
     collector = config.pluginmanager.get_plugin(COLLECTOR)
     if collector.gate_reports == 0 and not collector.records:
         return
+    if exitstatus == pytest.ExitCode.INTERRUPTED:
+        qsession.problems.append("run interrupted: report not written, the previous report is left intact")
+        qsession.summary_lines = []
+        return
     outputs = [qsession.worker_output()] + collector.worker_outputs
     judged = [r for r in collector.records if r["verdict"] != "xfail"]
     try:
