@@ -1,0 +1,31 @@
+"""All benchmarks, as the README's performance section reports them: `make bench`."""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import latency  # noqa: E402
+import memory  # noqa: E402
+
+
+def main() -> None:
+    import torch
+
+    print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, cpu capability {torch.backends.cpu.get_cpu_capability()}")
+    print("\n## memory: peak RSS of one evaluation (awgn 0.2, LeNet int8) over streamed digit views")
+    rows = memory.main([1000, 10000])
+    for r in rows:
+        print(f"{r['samples']:>6} samples: {r['peak_rss_mib']:.1f} MiB, {r['seconds']} s")
+    print(f"growth 1k -> 10k: {100 * (rows[-1]['peak_rss_mib'] / rows[0]['peak_rss_mib'] - 1):+.1f}%")
+    print("\n## latency: FP32 vs quantized, interleaved, median of 30 rounds")
+    for r in latency.main(["lenet5-digits-int8-x86"], batches=(1, 32, 64)):
+        print(f"{r['pair']} batch {r['batch']}: fp32 {r['fp32_ms']:.3f} ms, quantized {r['quantized_ms']:.3f} ms, "
+              f"speedup {r['speedup']:.2f}x [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]")
+
+
+if __name__ == "__main__":
+    main()
