@@ -202,3 +202,78 @@ class PairMetrics:
         if self.samples is None:
             raise invalid("keep_samples", False, "per-sample rows were not kept for this case")
         return torch.cat(self.samples) if self.samples else torch.zeros(0, 6, dtype=torch.float64)
+
+
+# ---- saliency-map comparison (per image, batched over the first dim) -----------------------------------
+KLD_EPS = 2.2204e-16
+
+
+def _flat(maps: torch.Tensor) -> torch.Tensor:
+    if maps.dim() < 2:
+        raise invalid("maps", tuple(maps.shape), "expected (N, H, W) maps")
+    return maps.flatten(1).double()
+
+
+def cam_rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sqrt(mean((a - b)^2)) on [0, 1] maps (seed 002 reports it on the 0-255 scale: x 255)."""
+    return (_flat(a) - _flat(b)).pow(2).mean(dim=1).sqrt()
+
+
+def _normalized(maps: torch.Tensor) -> torch.Tensor:
+    flat = _flat(maps)
+    return flat / flat.sum(dim=1, keepdim=True).clamp_min(1e-300)
+
+
+def cam_sim(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Histogram intersection of the sum-normalized maps: 1 for identical distributions, 0 for disjoint."""
+    return torch.minimum(_normalized(p), _normalized(q)).sum(dim=1)
+
+
+def cam_cc(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation over pixels (NaN when a map is constant: such maps are degenerate)."""
+    a, b = _flat(p), _flat(q)
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+
+
+def cam_kld(reference: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """sum R log(eps + R / (C + eps)) with R, C sum-normalized (Bylinskii et al.'s saliency KLD).
+
+    Seed 001's eq. 7 weights the log by the CAM instead of the reference; we follow the MIT saliency
+    benchmark, with the FP32 map (or a ground-truth saliency map) as the reference.
+    """
+    r, c = _normalized(reference), _normalized(candidate)
+    return (r * torch.log(KLD_EPS + r / (c + KLD_EPS))).sum(dim=1)
+
+
+CAM_METRICS = {"cam_rmse": cam_rmse, "cam_sim": cam_sim, "cam_cc": cam_cc, "cam_kld": cam_kld}
+
+
+def top_fraction(scores: torch.Tensor, ids: torch.Tensor, fraction: float = 0.05) -> list[tuple[int, float]]:
+    """The ``fraction`` of samples with the highest score (seed 002's top-5% RMSE subset), highest first."""
+    if not 0 < fraction <= 1:
+        raise invalid("fraction", fraction, "must be in (0, 1]")
+    k = max(1, round(fraction * len(scores))) if len(scores) else 0
+    order = scores.argsort(descending=True)[:k]
+    return [(int(ids[i]), float(scores[i])) for i in order]
+
+
+# ---- activation statistics (seed 002) -------------------------------------------------------------------
+def activation_stats(fp32: torch.Tensor, quant: torch.Tensor, bins: int = 256) -> dict:
+    """Entropy (bits) of a 256-bin histogram on a range shared by both models, std, sparsity (% zeros),
+    and the Sorensen-Dice overlap of the two normalized histograms."""
+    a, b = fp32.detach().double().flatten(), quant.detach().double().flatten()
+    if a.numel() == 0 or b.numel() == 0:
+        raise invalid("activations", (a.numel(), b.numel()), "need non-empty activations")
+    lo, hi = float(torch.minimum(a.min(), b.min())), float(torch.maximum(a.max(), b.max()))
+    if hi <= lo:
+        hi = lo + 1.0
+    hists = [torch.histc(t, bins=bins, min=lo, max=hi) for t in (a, b)]
+    probs = [h / h.sum() for h in hists]
+    out = {}
+    for name, t, p in (("fp32", a, probs[0]), ("quantized", b, probs[1])):
+        out[name] = {"entropy": float(-(p * torch.log2(p + 1e-10)).sum()), "std": float(t.std()),
+                     "sparsity": float(100.0 * (t == 0).sum() / t.numel())}
+    out["dice"] = float(2 * torch.minimum(probs[0], probs[1]).sum() / (probs[0].sum() + probs[1].sum()))
+    out["histograms"] = {"range": [lo, hi], "fp32": probs[0].tolist(), "quantized": probs[1].tolist()}
+    return out

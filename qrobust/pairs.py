@@ -48,7 +48,8 @@ class ModelPair:
     preprocess: Preprocess
     num_classes: int
     dataset: str
-    target_layer: str | None = None
+    target_layer: str | None = None  # CAM layer of the FP32 model
+    quantized_target_layer: str | None = None  # its name in the twin when it differs (FX fuses conv+ReLU)
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -56,6 +57,8 @@ class ModelPair:
             raise invalid("kind", self.kind, "must be 'fake' or 'int8'")
         self.fp32.eval()
         self.quantized.eval()
+        if self.quantized_target_layer is None:
+            self.quantized_target_layer = self.target_layer
 
 
 def sha256_file(path: str | Path) -> str:

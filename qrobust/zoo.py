@@ -123,7 +123,9 @@ def _lenet_pair(preset: str) -> ModelPair:
     name = f"lenet5-digits-{preset.removeprefix('fake-')}"
     return ModelPair(
         name=name, fp32=fp32, quantized=quantized, kind=config.kind, config=config,
-        preprocess=DIGITS_PREPROCESS, num_classes=10, dataset="digits-test", target_layer="features.3",
+        preprocess=DIGITS_PREPROCESS, num_classes=10, dataset="digits-test",
+        # the second conv block's ReLU output; FX fuses conv+ReLU, so the int8 graph calls it features.3
+        target_layer="features.4", quantized_target_layer="features.3" if config.kind == "int8" else "features.4",
         metadata={"engine": config.engine, "bits": {"weight": config.weight.bits, "activation": config.activation.bits},
                   "weights": {str(weights): sha256_file(weights)}},
     )
