@@ -8,6 +8,7 @@ together. Forward passes are counted per model so duplicated work shows up in th
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -16,7 +17,8 @@ import torch
 
 from qrobust.data import ImageSet, StreamingSet, load_dataset
 from qrobust.errors import ModelOutputError, invalid
-from qrobust.metrics import Estimate, PairMetrics
+from qrobust.cam import compute_cams
+from qrobust.metrics import CamAgreement, Estimate, PairMetrics
 from qrobust.pairs import ModelPair
 from qrobust.perturbations import PERTURBATIONS, perturb
 from qrobust.stats import poisson_weights
@@ -36,6 +38,7 @@ class CaseResult:
     nonfinite: dict[str, int]
     nonfinite_ids: list[int]
     state: PairMetrics = field(repr=False)
+    cam: CamAgreement | None = field(default=None, repr=False)
 
     @property
     def label(self) -> str:
@@ -71,7 +74,8 @@ class Evaluator:
     def __init__(self, pairs: Sequence[ModelPair], seed: int = 0, batch_size: int = 64,
                  max_samples: int | None = None, replicates: int = 1000, f1_average: str = "macro",
                  keep_samples: bool = False, datasets: dict[str, ImageSet | StreamingSet] | None = None,
-                 device: str = "cpu", wanted: set[tuple[str, str, float]] | None = None):
+                 device: str = "cpu", wanted: set[tuple[str, str, float]] | None = None,
+                 cam_cases: set[tuple[str, str, float]] | None = None, cam_methods: dict[str, str] | None = None):
         if not pairs:
             raise invalid("pairs", [], "need at least one model pair")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -82,6 +86,9 @@ class Evaluator:
                 raise invalid("device", device, f"pair {p.name!r} runs real int8 CPU kernels; use device='cpu'")
         self.pairs = {p.name: p for p in pairs}
         self.wanted = wanted
+        self.cam_cases = set(cam_cases or ())
+        self.cam_methods = {p.name: ("eigencam" if p.kind == "int8" else "gradcampp") for p in pairs}
+        self.cam_methods.update(cam_methods or {})
         self.seed, self.batch_size, self.max_samples = seed, batch_size, max_samples
         self.replicates, self.f1_average, self.keep_samples = replicates, f1_average, keep_samples
         self._datasets = dict(datasets or {})
@@ -128,23 +135,36 @@ class Evaluator:
         self._probed.add(id(group[0].fp32))
 
     # ---- evaluation ----------------------------------------------------------------------------------
-    def evaluate(self, pair: str, perturbation: str, level: float) -> CaseResult:
-        """The result of one case, computed once (with every pair of its group) and then cached."""
+    def evaluate(self, pair: str, perturbation: str, level: float, cam: bool = False) -> CaseResult:
+        """The result of one case, computed once (with every pair of its group) and then cached.
+
+        ``cam=True`` asks for the CAM agreement metrics too; cases listed in ``cam_cases`` get them in
+        their one pass, any other case pays a second pass (counted in ``forward_passes``).
+        """
         if pair not in self.pairs:
             raise invalid("pair", pair, f"not loaded in this session (loaded: {', '.join(self.pairs)})")
         spec = PERTURBATIONS.get(perturbation)
         level = spec.check_level(level)
+        if cam:
+            self.cam_cases.add((pair, spec.name, level))
         if level == 0:  # every perturbation's level 0 is the clean input: evaluate it once
-            clean = self._cached(pair, CLEAN, 0.0)
+            clean = self._cached(pair, CLEAN, 0.0, cam)
             return dataclasses.replace(clean, perturbation=spec.name)
-        return self._cached(pair, spec.name, level)
+        return self._cached(pair, spec.name, level, cam)
 
-    def _cached(self, pair: str, perturbation: str, level: float) -> CaseResult:
+    def _cached(self, pair: str, perturbation: str, level: float, cam: bool = False) -> CaseResult:
         key = (pair, perturbation, level)
         if key not in self._cache:
             group = [p for p in self.group_of(self.pairs[pair]) if p.name == pair or self._wants(p.name, perturbation, level)]
             self._run(group, perturbation, level)
+        elif cam and self._cache[key].cam is None:
+            self._run([self.pairs[pair]], perturbation, level)
         return self._cache[key]
+
+    def _wants_cam(self, pair: str, perturbation: str, level: float) -> bool:
+        if perturbation == CLEAN:
+            return any(p == pair and lv == 0 for p, _, lv in self.cam_cases)
+        return (pair, perturbation, level) in self.cam_cases
 
     def _wants(self, pair: str, perturbation: str, level: float) -> bool:
         """Whether a group mate's result for this case will be asked for (all, when ``wanted`` is None)."""
@@ -167,8 +187,14 @@ class Evaluator:
             self._probe(group, data)
         states = {p.name: PairMetrics(p.num_classes, self.seed, self.replicates, self.f1_average, self.keep_samples)
                   for p in group}
+        cam_states = {p.name: CamAgreement(self.cam_methods[p.name], self.seed, self.replicates,
+                                           capacity=math.ceil(0.05 * len(data)))
+                      for p in group if self._wants_cam(p.name, perturbation, level)}
+        fp_methods = sorted({cam.method for cam in cam_states.values()})
+        if fp_methods and lead.target_layer is None:
+            raise invalid("target_layer", None, f"pair {lead.name!r} declares no CAM target layer")
         normalize = lead.preprocess.normalize
-        fp_label = self.fp32_label(group)
+        fp_label = self.fp32_label(self.group_of(lead))
         for batch in data.batches(self.batch_size):
             images = batch.images.to(self.device)
             pixels = images if perturbation == CLEAN else perturb(
@@ -178,18 +204,33 @@ class Evaluator:
             self._check_labels(lead, batch.labels)
             x = normalize(pixels)
             weights = poisson_weights(self.seed, batch.groups, self.replicates)
+            fp_cams = compute_cams(lead.fp32, x, lead.target_layer, fp_methods) if fp_methods else None
             with torch.inference_mode():
-                fp_logits = lead.fp32(x)
-                self.forward_passes[fp_label] += 1
-                for pair in group:
-                    q_logits = pair.quantized(x)
-                    self.forward_passes[pair.name] += 1
-                    states[pair.name].update(fp_logits, q_logits, batch.labels, batch.ids, batch.groups, weights)
+                fp_logits = fp_cams.logits if fp_cams else lead.fp32(x)
+            self.forward_passes[fp_label] += 1
+            for pair in group:
+                cam = cam_states.get(pair.name)
+                if cam is None:
+                    with torch.inference_mode():
+                        q_logits = pair.quantized(x)
+                else:  # the CAM forward's logits serve the classification metrics: no second forward
+                    q_cams = compute_cams(pair.quantized, x, pair.quantized_target_layer, [cam.method],
+                                          targets=fp_cams.targets)
+                    q_logits = q_cams.logits
+                    cam.update(fp_cams.maps[cam.method], q_cams.maps[cam.method], batch.ids, weights, pixels)
+                self.forward_passes[pair.name] += 1
+                states[pair.name].update(fp_logits, q_logits, batch.labels, batch.ids, batch.groups, weights)
         for pair in group:
             st = states[pair.name]
             estimates = st.results() if st.n else {}
+            cam = cam_states.get(pair.name)
+            if cam is not None:
+                estimates.update(cam.results())
             self._cache[(pair.name, perturbation, level)] = CaseResult(
-                pair.name, perturbation, level, st.n, estimates, dict(st.nonfinite), list(st.nonfinite_ids), st)
+                pair.name, perturbation, level, st.n, estimates, dict(st.nonfinite), list(st.nonfinite_ids), st, cam)
+
+    def cached_results(self) -> list[CaseResult]:
+        return list(self._cache.values())
 
     def forward_report(self) -> dict:
         """Model calls per model and per perturbed batch (1.0 means no duplicated forward)."""

@@ -277,3 +277,65 @@ def activation_stats(fp32: torch.Tensor, quant: torch.Tensor, bins: int = 256) -
     out["dice"] = float(2 * torch.minimum(probs[0], probs[1]).sum() / (probs[0].sum() + probs[1].sum()))
     out["histograms"] = {"range": [lo, hi], "fp32": probs[0].tolist(), "quantized": probs[1].tolist()}
     return out
+
+
+class CamAgreement:
+    """Streaming CAM agreement of one pair on one case: per-metric means with cluster-bootstrap intervals.
+
+    Pairs where either map is degenerate (constant after ReLU) are counted as their own outcome and left
+    out of the means; when every map is degenerate the metrics are NaN, which fails a gate.
+    """
+
+    def __init__(self, method: str, seed: int = 0, replicates: int = 1000, fraction: float = 0.05,
+                 capacity: int = 1, overlays: int = 2):
+        self.method, self.seed, self.replicates, self.fraction = method, seed, replicates, fraction
+        self.capacity, self.overlay_count = max(1, capacity), overlays
+        self.sums = dict.fromkeys(CAM_METRICS, 0.0)
+        self.boot = {name: torch.zeros(replicates, dtype=torch.float64) for name in CAM_METRICS}
+        self.boot_weight = torch.zeros(replicates, dtype=torch.float64)
+        self.n = 0
+        self.degenerate = {"fp32": 0, "quantized": 0, "both": 0}
+        self.most_different: list[tuple[float, int]] = []  # (rmse, id), the top ``fraction`` kept
+        self.overlays: list[dict] = []  # pixels and both maps of the few most different images
+
+    def update(self, ref: tuple[torch.Tensor, torch.Tensor], cand: tuple[torch.Tensor, torch.Tensor],
+               ids: torch.Tensor, weights: torch.Tensor, pixels: torch.Tensor) -> None:
+        (ref_maps, ref_deg), (cand_maps, cand_deg) = ref, cand
+        ref_deg, cand_deg = ref_deg.cpu(), cand_deg.cpu()
+        self.degenerate["fp32"] += int((ref_deg & ~cand_deg).sum())
+        self.degenerate["quantized"] += int((cand_deg & ~ref_deg).sum())
+        self.degenerate["both"] += int((ref_deg & cand_deg).sum())
+        valid = ~(ref_deg | cand_deg)
+        if not valid.any():
+            return
+        ref_maps, cand_maps = ref_maps.detach().cpu()[valid], cand_maps.detach().cpu()[valid]
+        ids, w = ids.cpu()[valid], weights[:, valid]
+        self.n += int(valid.sum())
+        self.boot_weight += w.sum(dim=1)
+        values = {name: fn(ref_maps, cand_maps) for name, fn in CAM_METRICS.items()}
+        for name, v in values.items():
+            self.sums[name] += float(v.sum())
+            self.boot[name] += w @ v
+        rmse = values["cam_rmse"]
+        merged = self.most_different + [(float(r), int(i)) for r, i in zip(rmse, ids)]
+        self.most_different = sorted(merged, reverse=True)[: self.capacity]
+        pix = pixels.detach().cpu()[valid]
+        for j in rmse.argsort(descending=True)[: self.overlay_count].tolist():
+            self.overlays.append({"id": int(ids[j]), "rmse": float(rmse[j]), "pixels": pix[j],
+                                  "fp32": ref_maps[j], "quantized": cand_maps[j]})
+        self.overlays = sorted(self.overlays, key=lambda o: -o["rmse"])[: self.overlay_count]
+
+    def results(self) -> dict[str, Estimate]:
+        details = {"method": self.method, "degenerate": dict(self.degenerate)}
+        out = {}
+        for name in CAM_METRICS:
+            info = dict(details)
+            if name == "cam_rmse":  # seed 002's most-different subset, (rmse, sample id), once per case
+                info[f"top_{self.fraction:g}_by_rmse"] = self.most_different
+            if self.n == 0:
+                out[name] = Estimate(float("nan"), None, 0, {**info, "error": "every CAM was degenerate"})
+                continue
+            boot = self.boot[name] / self.boot_weight.clamp_min(1e-300)
+            boot = torch.where(self.boot_weight > 0, boot, torch.full_like(boot, float("nan")))
+            out[name] = Estimate(self.sums[name] / self.n, percentile_interval(boot), self.n, info)
+        return out

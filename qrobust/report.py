@@ -52,6 +52,9 @@ def write_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a report is for everyone who can read the folder
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -172,11 +175,45 @@ intervals are 95%.</p>
 <h2>Forward passes</h2><pre>{html.escape(json.dumps(report['forward_passes'], indent=1))}</pre></body></html>"""
 
 
-def write_report(directory: str | Path, report: dict) -> tuple[Path, Path]:
+def overlay_png(pixels, cam_map, size: int = 128) -> str:
+    """A PNG data URI: the image, with the CAM blended on top in a jet colour map when given."""
+    import base64
+    import io
+
+    import torch
+    from PIL import Image
+
+    img = pixels.detach().float().cpu()
+    img = img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3]
+    if cam_map is not None:
+        m = cam_map.detach().float().cpu().clamp(0, 1)
+        jet = torch.stack([(1.5 - (4 * m - c).abs()).clamp(0, 1) for c in (3, 2, 1)])
+        img = 0.5 * img + 0.5 * jet
+    scale = max(1, size // max(img.shape[-2:]))
+    img = img.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    array = (img.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _overlay_section(overlays: list[dict]) -> str:
+    if not overlays:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(o['pair'])}<br>{html.escape(o['perturbation'])} @ {o['level']:g}<br>sample {o['id']}"
+        f"<br>{o['method']}, RMSE {o['rmse']:.3f}</td><td><img src='{o['image']}'></td><td><img src='{o['fp32']}'>"
+        f"</td><td><img src='{o['quantized']}'></td></tr>" for o in sorted(overlays, key=lambda o: -o["rmse"]))
+    return ("<h2>Where the maps differ most (CAM RMSE)</h2><table><tr><th>case</th><th>input</th><th>FP32 CAM</th>"
+            f"<th>quantized CAM</th></tr>{rows}</table>")
+
+
+def write_report(directory: str | Path, report: dict, overlays: list[dict] = ()) -> tuple[Path, Path]:
     directory = Path(directory)
     json_path, html_path = directory / "report.json", directory / "report.html"
     write_atomic(json_path, json.dumps(report, indent=1, sort_keys=True))
-    write_atomic(html_path, render_html(report))
+    write_atomic(html_path, render_html(report).replace("<h2>Environment</h2>",
+                                                        _overlay_section(list(overlays)) + "<h2>Environment</h2>"))
     return json_path, html_path
 
 

@@ -13,13 +13,14 @@ from qrobust.report import (
     build_report, case_key, environment, fingerprint, load_baseline, save_baseline, write_report,
 )
 from qrobust.stats import decide
-from qrobust.thresholds import METRICS, CaseSpec, load_thresholds
+from qrobust.thresholds import CAM_METRIC_NAMES, METRICS, CaseSpec, load_thresholds
 
 CASE_PROPERTY = "qrobust_case"
 
 # How far a value may move against a saved baseline before the case counts as a regression.
 BASELINE_MARGINS = {"top1_delta": 0.005, "top5_delta": 0.005, "f1_delta": 0.005, "agreement": 0.005,
-                    "kl_mean": 0.005, "kl_p95": 0.01, "speedup": 0.25}
+                    "kl_mean": 0.005, "kl_p95": 0.01, "cam_rmse": 0.01, "cam_sim": 0.01, "cam_cc": 0.02,
+                    "cam_kld": 0.02, "speedup": 0.25}
 
 
 class QrobustSession:
@@ -100,10 +101,14 @@ class QrobustSession:
             if not names:
                 raise invalid("pairs", [], "no pair is gated (empty gate section or --qrobust-pairs filter)")
             t = self.thresholds
-            self._evaluator = Evaluator([self.pair(n) for n in names], seed=self.seed, batch_size=t.batch_size,
+            pairs = [self.pair(n) for n in names]
+            cam_cases = {(c.pair, c.perturbation, c.level) for c in cases if set(c.tolerances) & set(CAM_METRIC_NAMES)}
+            methods = {} if t.cam_method == "auto" else {p.name: t.cam_method for p in pairs}
+            self._evaluator = Evaluator(pairs, seed=self.seed, batch_size=t.batch_size,
                                         max_samples=self.max_samples, replicates=t.replicates,
                                         f1_average=t.f1_average, device=self.device,
-                                        wanted={(c.pair, c.perturbation, c.level) for c in cases})
+                                        wanted={(c.pair, c.perturbation, c.level) for c in cases},
+                                        cam_cases=cam_cases, cam_methods=methods)
         return self._evaluator
 
     def environment(self, weights: dict[str, str]) -> dict:
@@ -152,7 +157,7 @@ class QrobustSession:
         if not decision.passed:
             ci = "no interval" if interval is None else f"95% CI [{interval[0]:.4g}, {interval[1]:.4g}]"
             extra = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                              for k, v in details.items() if k != "context")
+                              for k, v in details.items() if k != "context" and len(str(v)) < 80)
             messages.append(f"{case.pair} / {case.perturbation} @ {case.level:g}: {metric} = {value:.4g} ({ci}, "
                             f"n={n}{', ' + extra if extra else ''}); tolerance {'>=' if higher else '<='} "
                             f"{tolerance:g}; margin {decision.margin:+.4g}; decision {self.decision}: {verdict}")
@@ -201,7 +206,7 @@ class QrobustSession:
         return case.tolerances.get(metric)
 
     def _baseline_regression(self, case: CaseSpec, metric: str, value: float) -> str | None:
-        if self.baseline is None:
+        if self.baseline is None or not math.isfinite(value):
             return None
         current = fingerprint(self.environment(self._weights()))
         if current != self.baseline["fingerprint"] and not self.baseline_any_env:
@@ -221,6 +226,9 @@ class QrobustSession:
         return None
 
     def _record(self, item, case, metric, value, interval, n, tolerance, verdict, details) -> None:
+        if value is not None and not math.isfinite(value):
+            details = {**details, "value": repr(value)}
+            value = None
         record = {"pair": case.pair, "perturbation": case.perturbation, "level": case.level, "metric": metric,
                   "value": value, "interval": list(interval) if interval else None, "n": n, "tolerance": tolerance,
                   "verdict": verdict, "mode": self.decision, "context": details.pop("context", {}),
@@ -230,14 +238,32 @@ class QrobustSession:
     # ---- end of session --------------------------------------------------------------------------------
     def worker_output(self) -> dict:
         ev = self._evaluator
-        return {"weights": self._weights(), "pair_loads": dict(self.pair_loads),
+        return {"weights": self._weights(), "pair_loads": dict(self.pair_loads), "overlays": self._overlays(),
                 "forward_passes": dict(ev.forward_passes) if ev else {},
                 "perturbed_batches": dict(ev.perturbed_batches) if ev else {},
                 "groups": {name: ev.fp32_label(ev.group_of(p)) for name, p in ev.pairs.items()} if ev else {}}
 
+    def _overlays(self, per_pair: int = 6) -> list[dict]:
+        """CAM overlays of the most different images (by RMSE) of this process's CAM cases, as PNG data."""
+        from qrobust.report import overlay_png
+
+        ev, found = self._evaluator, []
+        for result in (ev.cached_results() if ev else []):
+            for o in result.cam.overlays if result.cam else []:
+                found.append((result, o))
+        out = []
+        for pair in {r.pair for r, _ in found}:
+            best = sorted((f for f in found if f[0].pair == pair), key=lambda f: -f[1]["rmse"])[:per_pair]
+            out += [{"pair": r.pair, "perturbation": r.perturbation, "level": r.level, "id": o["id"],
+                     "rmse": o["rmse"], "method": r.cam.method, "image": overlay_png(o["pixels"], None),
+                     "fp32": overlay_png(o["pixels"], o["fp32"]), "quantized": overlay_png(o["pixels"], o["quantized"])}
+                    for r, o in best]
+        return out
+
     def finish(self, records: list[dict], outputs: list[dict], report_dir: str) -> None:
-        weights, forwards, batches, groups, loads = {}, Counter(), Counter(), {}, []
+        weights, forwards, batches, groups, loads, overlays = {}, Counter(), Counter(), {}, [], []
         for out in outputs:
+            overlays += out["overlays"]
             weights.update(out["weights"])
             forwards.update(out["forward_passes"])
             batches.update(out["perturbed_batches"])
@@ -253,7 +279,7 @@ class QrobustSession:
         forward_info = {"forward_passes": dict(forwards), "perturbed_batches": dict(batches),
                         "forwards_per_perturbed_batch": per_batch, "pair_loads_per_process": loads}
         report = build_report(records, env, forward_info)
-        json_path, html_path = write_report(report_dir, report)
+        json_path, html_path = write_report(report_dir, report, overlays)
         if self.save_baseline_path:
             save_baseline(self.save_baseline_path, report, self.overwrite_baseline)
         s = report["summary"]

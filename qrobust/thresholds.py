@@ -20,6 +20,7 @@ Schema (every section optional except where noted)::
         tolerances: {...}
         perturbations: {awgn: {tolerances: {...}, at: {...}}}   # only: restrict to these perturbations
         xfail: "why this configuration is known to fail"        # strict expected failure
+    cam: {method: auto}          # auto: eigencam for real int8 twins, gradcampp for fake-quant ones
     bitwidth: {pairs: [...], min_bits: 4}            # seed 003's sweep
     latency: {pairs: [...], batch: 32, rounds: 20}
     pairs: {...}        # user-declared pairs (see qrobust.pairs)
@@ -57,12 +58,18 @@ METRICS = {m.name: m for m in (
     Metric("agreement", True, "fraction of samples with the same top-1 class"),
     Metric("kl_mean", False, "mean KL(P_fp32 || P_quant), nats"),
     Metric("kl_p95", False, "95th percentile of per-sample KL, nats"),
+    Metric("cam_rmse", False, "RMSE between FP32 and quantized CAMs on [0, 1]"),
+    Metric("cam_sim", True, "histogram intersection of the sum-normalized CAMs"),
+    Metric("cam_cc", True, "Pearson correlation of the CAMs"),
+    Metric("cam_kld", False, "saliency KLD of the quantized CAM from the FP32 CAM"),
     Metric("speedup", True, "FP32 latency / quantized latency, measured interleaved"),
 )}
+CAM_METRIC_NAMES = ("cam_rmse", "cam_sim", "cam_cc", "cam_kld")
 CASE_METRICS = tuple(m for m in METRICS if m != "speedup")
 
 TOP_KEYS = {"decision", "seed", "batch_size", "max_samples", "replicates", "f1_average", "defaults", "baseline",
-            "perturbations", "gate", "bitwidth", "latency", "pairs", "datasets"}
+            "perturbations", "gate", "bitwidth", "latency", "cam", "pairs", "datasets"}
+CAM_METHODS = ("auto", "gradcam", "gradcampp", "eigencam")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -112,6 +119,7 @@ class Thresholds:
     max_samples: int | None = None
     replicates: int = 1000
     f1_average: str = "macro"
+    cam_method: str = "auto"
     cases: tuple[CaseSpec, ...] = ()
     baseline_margins: Mapping[str, float] = field(default_factory=dict)
     bitwidth: Mapping[str, Any] = field(default_factory=dict)
@@ -268,6 +276,10 @@ def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Th
                 tol = {**defaults, **pert_tol, **pert_at.get(level, {}), **pair_tol, **pp_tol, **pp_at.get(level, {})}
                 tol.pop("speedup", None)
                 cases.append(CaseSpec(pair, name, level, MappingProxyType(tol), xfail))
+    cam = v.mapping(raw.get("cam"), "cam")
+    v.keys(cam, "cam", {"method"})
+    if cam.get("method", "auto") not in CAM_METHODS:
+        v.fail("cam.method", f"must be one of {', '.join(CAM_METHODS)}, got {cam.get('method')!r}")
     bitwidth = v.mapping(raw.get("bitwidth"), "bitwidth")
     v.keys(bitwidth, "bitwidth", {"pairs", "min_bits", "perturbation", "level", "tolerances"})
     for i, pair in enumerate(bitwidth.get("pairs") or []):
@@ -291,7 +303,7 @@ def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Th
         batch_size=v.number(raw.get("batch_size", 64), "batch_size", minimum=1, integer=True),
         max_samples=None if max_samples is None else v.number(max_samples, "max_samples", minimum=1, integer=True),
         replicates=v.number(raw.get("replicates", 1000), "replicates", minimum=10, integer=True),
-        f1_average=f1_average, cases=tuple(cases),
+        f1_average=f1_average, cam_method=cam.get("method", "auto"), cases=tuple(cases),
         baseline_margins=MappingProxyType(v.tolerances(raw.get("baseline"), "baseline")),
         bitwidth=MappingProxyType(bitwidth), latency=MappingProxyType(latency),
         pairs=MappingProxyType(v.mapping(raw.get("pairs"), "pairs")),

@@ -124,7 +124,7 @@ MALFORMED = [
     ("defaults: {top1_delta: -0.1}\n", "defaults.top1_delta: must be >= 0"),
     ("defaults: {top1_delta: true}\n", "defaults.top1_delta: expected a number, got bool"),
     ("defaults: {top1_dleta: 0.1}\n", "defaults.top1_dleta: unknown key (did you mean 'top1_delta'?)"),
-    ("defaults: {accuracy: 0.1}\n", "defaults.accuracy: unknown key (allowed: agreement, f1_delta"),
+    ("defaults: {accuracy: 0.1}\n", "defaults.accuracy: unknown key (allowed: agreement, cam_cc"),
     ("defaults: [1, 2]\n", "defaults: expected a mapping, got list"),
     ("defualts: {}\n", "defualts: unknown key (did you mean 'defaults'?)"),
     ("seed: 1\nseed: 2\n", "duplicate key 'seed' (line 2)"),
@@ -147,6 +147,7 @@ MALFORMED = [
     ("bitwidth: {pairs: [nope]}\n", "bitwidth.pairs[0]: unknown pair 'nope'"),
     ("latency: {pairs: [lenet5-digits-int8-x86], batch: -1}\n", "latency.batch: must be >= 1"),
     ("latency: {speed: 2}\n", "latency.speed: unknown key (did you mean 'speedup'?)"),
+    ("cam: {method: scorecam}\n", "cam.method: must be one of auto, gradcam, gradcampp, eigencam"),
     ("!!python/object/apply:os.system ['touch pwned']\n", "not valid YAML"),
     ("defaults: {top1_delta: 0.01\n", "not valid YAML"),
     ("- just\n- a list\n", "(top level): expected a mapping, got list"),
@@ -269,6 +270,22 @@ def test_interrupted_run_leaves_the_previous_report_intact(gate):
     result = gate.inline_run(no_reraise_ctrlc=True)
     assert result.ret == pytest.ExitCode.INTERRUPTED
     assert (gate.path / "qrobust-report" / "report.json").read_text() == before
+
+
+def test_cam_gate_checks_int8_with_eigencam_and_puts_overlays_in_the_report(gate):
+    gate.makefile(".yaml", thresholds=thresholds(tolerances="{cam_sim: 0.8, cam_cc: 0.45}"))
+    gate.makepyfile(test_camgate="""
+        def test_cam_sim(qrobust_case, qrobust_check):
+            qrobust_check(qrobust_case, "cam_sim")
+
+        def test_cam_cc(qrobust_case, qrobust_check):
+            qrobust_check(qrobust_case, "cam_cc")
+    """)
+    gate.runpytest("test_camgate.py").assert_outcomes(passed=8)
+    report = json.loads((gate.path / "qrobust-report" / "report.json").read_text())
+    assert {c["details"]["method"] for c in report["cases"]} == {"eigencam"}
+    assert all(c["value"] > 0.8 for c in report["cases"])
+    assert (gate.path / "qrobust-report" / "report.html").read_text().count("data:image/png;base64,") >= 3
 
 
 def test_xdist_gives_the_same_verdicts_and_report_as_serial(gate):
