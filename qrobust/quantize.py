@@ -18,7 +18,6 @@ from dataclasses import dataclass, replace
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qrobust.errors import UnsupportedError, invalid
@@ -104,16 +103,34 @@ def _quantizable_layers(model: nn.Module, keep_fp32: tuple[str, ...]) -> list[st
     return layers
 
 
+class _FakeQuantWeight(nn.Module):
+    """Parametrization: the layer sees D(Q(w)) wherever it reads its weight (STE gradient to w)."""
+
+    def __init__(self, qparams: QParams):
+        super().__init__()
+        self.qparams = qparams
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(weight, self.qparams)
+
+
 class FakeQuantLayer(nn.Module):
-    """A Conv/Linear whose weight and input activation are fake-quantized (simulated integer math)."""
+    """A Conv/Linear whose weight and input activation are fake-quantized (simulated integer math).
+
+    The weight is replaced through ``torch.nn.utils.parametrize``, so the layer's own forward runs
+    unchanged (subclasses with custom padding, e.g. TensorFlow-style "same" convolutions, keep it).
+    """
 
     def __init__(self, layer: nn.Module, weight: TensorSpec, activation: TensorSpec):
         super().__init__()
-        self.layer = layer
+        from torch.nn.utils import parametrize
+
         w_obs = make_observer(weight.observer, weight.bits, weight.symmetric, weight.signed,
                               0 if weight.per_channel else None)
         w_obs.observe(layer.weight)
         self.weight_qparams: QParams = w_obs.qparams()
+        parametrize.register_parametrization(layer, "weight", _FakeQuantWeight(self.weight_qparams))
+        self.layer = layer
         self.act_observer = make_observer(activation.observer, activation.bits, activation.symmetric,
                                           activation.signed, None)
         self.act_qparams: QParams | None = None
@@ -126,10 +143,7 @@ class FakeQuantLayer(nn.Module):
             raise UnsupportedError("fake-quant layer used before calibration")
         else:
             x = fake_quantize(x, self.act_qparams)
-        weight = fake_quantize(self.layer.weight, self.weight_qparams)
-        if isinstance(self.layer, nn.Linear):
-            return F.linear(x, weight, self.layer.bias)
-        return self.layer._conv_forward(x, weight, self.layer.bias)
+        return self.layer(x)
 
 
 def fake_quantize_model(model: nn.Module, config: QuantConfig, calibration: Iterable[torch.Tensor]) -> nn.Module:

@@ -151,3 +151,19 @@ def test_presets_cover_the_seed_recipes():
     assert table.activation.observer == "histogram" and table.bits == (8, 8)
     assert get_preset("fake-w16a16").bits == (16, 16)
     assert [PRESETS.get(n).bits for n in PRESETS.names("sweep")] == [(b, b) for b in range(1, 9)]
+
+
+class SamePaddedConv(nn.Conv2d):
+    """A conv subclass with its own forward (TensorFlow-style asymmetric 'same' padding)."""
+
+    def forward(self, x):
+        return super().forward(torch.nn.functional.pad(x, (0, 1, 0, 1)))
+
+
+def test_fake_quant_keeps_a_conv_subclass_forward():
+    torch.manual_seed(0)
+    model = nn.Sequential(SamePaddedConv(3, 4, 2), nn.Flatten(), nn.Linear(4 * 12 * 12, 3)).eval()
+    fq = fake_quantize_model(model, get_preset("fake-w16a16"), calibration())
+    x = calibration(1)[0]
+    assert fq(x).shape == model(x).shape
+    assert (fq(x) - model(x)).abs().max() < 1e-3
