@@ -7,6 +7,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import cam_speed  # noqa: E402
 import latency  # noqa: E402
 import memory  # noqa: E402
 
@@ -25,6 +26,12 @@ def main() -> None:
     for r in latency.main(["lenet5-digits-int8-x86"], batches=(1, 32, 64)):
         print(f"{r['pair']} batch {r['batch']}: fp32 {r['fp32_ms']:.3f} ms, quantized {r['quantized_ms']:.3f} ms, "
               f"speedup {r['speedup']:.2f}x [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]")
+
+
+    print("\n## CAM throughput vs pytorch-grad-cam (ResNet18, batch 16, 224 px)")
+    for r in cam_speed.main():
+        print(f"{r['method']}: qrobust {r['qrobust_s']:.3f} s, pytorch-grad-cam {r['grad_cam_s']:.3f} s "
+              f"({r['speedup']:.2f}x); one inference forward {r['forward_s']:.3f} s")
 
 
 if __name__ == "__main__":

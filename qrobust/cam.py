@@ -93,7 +93,7 @@ class CamMethod:
 def _check_targets(logits: torch.Tensor, targets) -> torch.Tensor:
     if targets is None:
         return logits.argmax(dim=1)
-    targets = torch.as_tensor(targets, device=logits.device).long()
+    targets = torch.as_tensor(targets, device=logits.device).long().clone()  # never an inference tensor
     if targets.shape != (logits.shape[0],):
         raise invalid("targets", tuple(targets.shape), f"expected one class per image ({logits.shape[0]})")
     if len(targets) and (targets.min() < 0 or targets.max() >= logits.shape[1]):

@@ -128,3 +128,11 @@ def test_bad_input():
         compute_cams(model, x, "features.4", ["gradcam"], targets=[-1, 0])
     with pytest.raises(InvalidArgument, match="method='scorecam'"):
         compute_cams(model, x, "features.4", ["scorecam"])
+
+
+def test_targets_computed_under_inference_mode_are_accepted(digits):
+    model = zoo.lenet5_digits()
+    with torch.inference_mode():
+        targets = model(digits).argmax(1)
+    maps, _ = compute_cams(model, digits, "features.4", ["gradcampp"], targets=targets).maps["gradcampp"]
+    assert maps.shape == (24, 32, 32)
