@@ -113,11 +113,12 @@ def _session(config):
 
 def pytest_generate_tests(metafunc):
     for fixture, kind in (("qrobust_case", "gate"), ("qrobust_bitwidth_case", "bitwidth"),
-                          ("qrobust_latency_pair", "latency")):
+                          ("qrobust_latency_pair", "latency"), ("qrobust_explanation_pair", "explanations")):
         if fixture in metafunc.fixturenames:
             session = _session(metafunc.config)
-            if kind == "latency":
-                metafunc.parametrize(fixture, session.latency_pairs, ids=str)
+            if kind in ("latency", "explanations"):
+                pairs = session.latency_pairs if kind == "latency" else session.explanation_pairs
+                metafunc.parametrize(fixture, pairs, ids=str)
                 continue
             cases = session.cases if kind == "gate" else session.bitwidth_cases
             params = [pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=c.xfail)] if c.xfail else [])
@@ -127,7 +128,8 @@ def pytest_generate_tests(metafunc):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if {"qrobust_check", "qrobust_case", "qrobust_bitwidth_case", "qrobust_latency_pair"} & set(
+        if {"qrobust_check", "qrobust_case", "qrobust_bitwidth_case", "qrobust_latency_pair",
+                "qrobust_explanation_pair"} & set(
                 getattr(item, "fixturenames", ())):
             item.add_marker("qrobust")
 

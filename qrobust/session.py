@@ -20,7 +20,8 @@ CASE_PROPERTY = "qrobust_case"
 # How far a value may move against a saved baseline before the case counts as a regression.
 BASELINE_MARGINS = {"top1_delta": 0.005, "top5_delta": 0.005, "f1_delta": 0.005, "agreement": 0.005,
                     "kl_mean": 0.005, "kl_p95": 0.01, "cam_rmse": 0.01, "cam_sim": 0.01, "cam_cc": 0.02,
-                    "cam_kld": 0.02, "speedup": 0.25}
+                    "cam_kld": 0.02, "deletion_auc_delta": 0.01, "insertion_auc_delta": 0.01,
+                    "wsol_iou_delta": 0.05, "activation_dice": 0.02, "speedup": 0.25}
 
 
 class QrobustSession:
@@ -34,7 +35,8 @@ class QrobustSession:
         self.decision = decision or t.decision
         self.max_samples = max_samples or t.max_samples
         self.device = device
-        known = set(t.gated_pairs) | set(t.bitwidth.get("pairs") or []) | set(t.latency.get("pairs") or [])
+        known = (set(t.gated_pairs) | set(t.bitwidth.get("pairs") or []) | set(t.latency.get("pairs") or [])
+                 | set(t.explanations.get("pairs") or []))
         selected = None
         if pairs:
             selected = [p.strip() for p in pairs.split(",") if p.strip()]
@@ -45,6 +47,7 @@ class QrobustSession:
         self.cases = [c for c in t.cases if keep(c.pair)]
         self.bitwidth_cases = [c for c in self._bitwidth_cases() if keep(c.pair)]
         self.latency_pairs = [p for p in t.latency.get("pairs") or [] if keep(p)]
+        self.explanation_pairs = [p for p in t.explanations.get("pairs") or [] if keep(p)]
         self.save_baseline_path, self.overwrite_baseline = save_baseline, overwrite_baseline
         if save_baseline and Path(save_baseline).exists() and not overwrite_baseline and not worker:
             raise ConfigError(f"{save_baseline}: baseline exists; pass --qrobust-overwrite-baseline to replace it")
@@ -97,7 +100,7 @@ class QrobustSession:
             from qrobust.engine import Evaluator
 
             cases = self.cases + self.bitwidth_cases
-            names = list(dict.fromkeys(c.pair for c in cases))
+            names = list(dict.fromkeys([c.pair for c in cases] + self.explanation_pairs))
             if not names:
                 raise invalid("pairs", [], "no pair is gated (empty gate section or --qrobust-pairs filter)")
             t = self.thresholds
@@ -167,6 +170,29 @@ class QrobustSession:
             verdict = "fail"
         self._record(item, case, metric, value, interval, n, tolerance, verdict, details)
         return messages
+
+    # ---- explanations ----------------------------------------------------------------------------------
+    def check_explanations(self, name: str, item) -> None:
+        """Seed 002's deletion / insertion / WSOL / activation comparison on clean images of the pair."""
+        from types import MappingProxyType
+
+        from qrobust.explain import explanation_quality
+
+        cfg, pair = self.thresholds.explanations, self.pair(name)
+        case = CaseSpec(name, "clean", 0.0, MappingProxyType(dict(cfg.get("tolerances") or {})))
+        data = self.evaluator.dataset(pair.dataset).subset(int(cfg.get("samples", 64)), self.seed)
+        method = self.evaluator.cam_methods.get(name) or ("eigencam" if pair.kind == "int8" else "gradcampp")
+        estimates = explanation_quality(pair, data, method, self.seed, self.thresholds.replicates,
+                                        int(cfg.get("steps", 100)))
+        failures = []
+        for metric in case.tolerances:
+            tolerance = self._tolerance(case, metric, item)
+            if metric not in estimates:
+                pytest.skip(f"{metric} needs ground-truth boxes; dataset {pair.dataset!r} has none")
+            est = estimates[metric]
+            failures += self.judge(item, case, metric, est.value, est.interval, est.n, tolerance, dict(est.details))
+        if failures:
+            pytest.fail("\n".join(failures), pytrace=False)
 
     # ---- latency -------------------------------------------------------------------------------------
     @property

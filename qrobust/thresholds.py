@@ -23,6 +23,7 @@ Schema (every section optional except where noted)::
     cam: {method: auto}          # auto: eigencam for real int8 twins, gradcampp for fake-quant ones
     bitwidth: {pairs: [...], min_bits: 4}            # seed 003's sweep
     latency: {pairs: [...], batch: 32, rounds: 20}
+    explanations: {pairs: [...], samples: 64, steps: 100, tolerances: {deletion_auc_delta: 0.01}}
     pairs: {...}        # user-declared pairs (see qrobust.pairs)
     datasets: {...}     # user-declared datasets
 
@@ -62,13 +63,18 @@ METRICS = {m.name: m for m in (
     Metric("cam_sim", True, "histogram intersection of the sum-normalized CAMs"),
     Metric("cam_cc", True, "Pearson correlation of the CAMs"),
     Metric("cam_kld", False, "saliency KLD of the quantized CAM from the FP32 CAM"),
+    Metric("deletion_auc_delta", False, "quantized minus FP32 deletion AUC, each with its own CAM"),
+    Metric("insertion_auc_delta", False, "FP32 minus quantized insertion AUC, each with its own CAM"),
+    Metric("wsol_iou_delta", False, "FP32 minus quantized WSOL box IoU (datasets with boxes)"),
+    Metric("activation_dice", True, "Dice of the target layer's channel-mean activation histograms"),
     Metric("speedup", True, "FP32 latency / quantized latency, measured interleaved"),
 )}
+EXPLANATION_METRICS = ("deletion_auc_delta", "insertion_auc_delta", "wsol_iou_delta", "activation_dice")
 CAM_METRIC_NAMES = ("cam_rmse", "cam_sim", "cam_cc", "cam_kld")
 CASE_METRICS = tuple(m for m in METRICS if m != "speedup")
 
 TOP_KEYS = {"decision", "seed", "batch_size", "max_samples", "replicates", "f1_average", "defaults", "baseline",
-            "perturbations", "gate", "bitwidth", "latency", "cam", "pairs", "datasets"}
+            "perturbations", "gate", "bitwidth", "latency", "cam", "explanations", "pairs", "datasets"}
 CAM_METHODS = ("auto", "gradcam", "gradcampp", "eigencam")
 
 
@@ -123,6 +129,7 @@ class Thresholds:
     cases: tuple[CaseSpec, ...] = ()
     baseline_margins: Mapping[str, float] = field(default_factory=dict)
     bitwidth: Mapping[str, Any] = field(default_factory=dict)
+    explanations: Mapping[str, Any] = field(default_factory=dict)
     latency: Mapping[str, Any] = field(default_factory=dict)
     pairs: Mapping[str, Any] = field(default_factory=dict)
     datasets: Mapping[str, Any] = field(default_factory=dict)
@@ -288,6 +295,15 @@ def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Th
         v.number(bitwidth["min_bits"], "bitwidth.min_bits", minimum=1, integer=True)
     if "tolerances" in bitwidth:
         v.tolerances(bitwidth["tolerances"], "bitwidth.tolerances")
+    explanations = v.mapping(raw.get("explanations"), "explanations")
+    v.keys(explanations, "explanations", {"pairs", "samples", "steps", "tolerances"})
+    for i, pair in enumerate(explanations.get("pairs") or []):
+        v.pair_name(pair, f"explanations.pairs[{i}]")
+    for k in ("samples", "steps"):
+        if k in explanations:
+            v.number(explanations[k], f"explanations.{k}", minimum=1, integer=True)
+    if "tolerances" in explanations:
+        v.tolerances(explanations["tolerances"], "explanations.tolerances")
     latency = v.mapping(raw.get("latency"), "latency")
     v.keys(latency, "latency", {"pairs", "batch", "rounds", "speedup"})
     for i, pair in enumerate(latency.get("pairs") or []):
@@ -306,6 +322,7 @@ def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Th
         f1_average=f1_average, cam_method=cam.get("method", "auto"), cases=tuple(cases),
         baseline_margins=MappingProxyType(v.tolerances(raw.get("baseline"), "baseline")),
         bitwidth=MappingProxyType(bitwidth), latency=MappingProxyType(latency),
+        explanations=MappingProxyType(explanations),
         pairs=MappingProxyType(v.mapping(raw.get("pairs"), "pairs")),
         datasets=MappingProxyType(v.mapping(raw.get("datasets"), "datasets")),
     )

@@ -124,7 +124,7 @@ MALFORMED = [
     ("defaults: {top1_delta: -0.1}\n", "defaults.top1_delta: must be >= 0"),
     ("defaults: {top1_delta: true}\n", "defaults.top1_delta: expected a number, got bool"),
     ("defaults: {top1_dleta: 0.1}\n", "defaults.top1_dleta: unknown key (did you mean 'top1_delta'?)"),
-    ("defaults: {accuracy: 0.1}\n", "defaults.accuracy: unknown key (allowed: agreement, cam_cc"),
+    ("defaults: {accuracy: 0.1}\n", "defaults.accuracy: unknown key (allowed: activation_dice, agreement"),
     ("defaults: [1, 2]\n", "defaults: expected a mapping, got list"),
     ("defualts: {}\n", "defualts: unknown key (did you mean 'defaults'?)"),
     ("seed: 1\nseed: 2\n", "duplicate key 'seed' (line 2)"),
@@ -147,6 +147,7 @@ MALFORMED = [
     ("bitwidth: {pairs: [nope]}\n", "bitwidth.pairs[0]: unknown pair 'nope'"),
     ("latency: {pairs: [lenet5-digits-int8-x86], batch: -1}\n", "latency.batch: must be >= 1"),
     ("latency: {speed: 2}\n", "latency.speed: unknown key (did you mean 'speedup'?)"),
+    ("explanations: {pairs: [lenet5-digits-int8-x86], samples: 0}\n", "explanations.samples: must be >= 1"),
     ("cam: {method: scorecam}\n", "cam.method: must be one of auto, gradcam, gradcampp, eigencam"),
     ("!!python/object/apply:os.system ['touch pwned']\n", "not valid YAML"),
     ("defaults: {top1_delta: 0.01\n", "not valid YAML"),
@@ -286,6 +287,23 @@ def test_cam_gate_checks_int8_with_eigencam_and_puts_overlays_in_the_report(gate
     assert {c["details"]["method"] for c in report["cases"]} == {"eigencam"}
     assert all(c["value"] > 0.8 for c in report["cases"])
     assert (gate.path / "qrobust-report" / "report.html").read_text().count("data:image/png;base64,") >= 3
+
+
+def test_explanations_gate_runs_deletion_and_insertion(gate):
+    extra = ("explanations: {pairs: [lenet5-digits-int8-x86], samples: 8, steps: 10,\n"
+             "               tolerances: {deletion_auc_delta: 0.05, insertion_auc_delta: 0.05, wsol_iou_delta: 0.1}}\n")
+    gate.makefile(".yaml", thresholds=thresholds(extra=extra))
+    gate.makepyfile(test_expl="""
+        def test_explanations(qrobust_explanation_pair, qrobust, request):
+            qrobust.check_explanations(qrobust_explanation_pair, request.node)
+    """)
+    result = gate.runpytest("test_expl.py", "-rs")
+    result.assert_outcomes(skipped=1)  # digits have no boxes: WSOL skips the test, with the reason
+    result.stdout.fnmatch_lines(["*wsol_iou_delta needs ground-truth boxes*"])
+    gate.makefile(".yaml", thresholds=thresholds(extra=extra.replace(", wsol_iou_delta: 0.1", "")))
+    gate.runpytest("test_expl.py").assert_outcomes(passed=1)
+    cases = json.loads((gate.path / "qrobust-report" / "report.json").read_text())["cases"]
+    assert {c["metric"] for c in cases} == {"deletion_auc_delta", "insertion_auc_delta"}
 
 
 def test_xdist_gives_the_same_verdicts_and_report_as_serial(gate):

@@ -102,8 +102,10 @@ def test_per_channel_equals_per_tensor_applied_channel_by_channel(channels, widt
 
 def _near_half(x, qp):
     scale, _ = qp._broadcast(x)
-    frac = (x / scale) - torch.floor(x / scale)
-    return (frac - 0.5).abs() < 1e-3
+    codes = x / scale
+    frac = codes - torch.floor(codes)
+    # x / s and torch's x * (1 / s) differ by float32 rounding, which grows with the code's magnitude
+    return (frac - 0.5).abs() < 1e-3 + 1e-6 * codes.abs()
 
 
 @given(values, st.integers(2, 16), scheme)
