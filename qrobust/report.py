@@ -95,35 +95,39 @@ def build_report(cases: list[dict], env: dict, forward_passes: dict) -> dict:
 
 
 # ---- HTML ------------------------------------------------------------------------------------------
-def _svg_chart(title: str, series: dict[str, list[tuple[float, float]]], width=320, height=180) -> str:
-    """A small self-contained line chart (no JavaScript, no external assets)."""
+def _svg_chart(title: str, series: dict[str, list[tuple[float, float]]], tolerance: float | None = None,
+               width=300, height=170) -> str:
+    """A small self-contained line chart (no JavaScript, no external assets); dashed line = tolerance."""
     points = [p for s in series.values() for p in s if p[1] is not None]
-    if not points:
+    if len({p[0] for p in points}) < 2:
         return ""
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1 = min(xs), max(xs) or 1.0
+    ys = [p[1] for p in points] + ([tolerance] if tolerance is not None else [])
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
     y0, y1 = min(ys), max(ys)
     if y1 - y0 < 1e-12:
         y0, y1 = y0 - 0.5 * (abs(y0) or 1), y1 + 0.5 * (abs(y1) or 1)
-    pad = 34
-    sx = lambda x: pad + (x - x0) / ((x1 - x0) or 1) * (width - pad - 10)  # noqa: E731
-    sy = lambda y: height - pad + (y0 - y) / (y1 - y0) * (height - pad - 20)  # noqa: E731
+    left, bottom = 52, 30
+    sx = lambda x: left + (x - x0) / (x1 - x0) * (width - left - 10)  # noqa: E731
+    sy = lambda y: height - bottom + (y0 - y) / (y1 - y0) * (height - bottom - 20)  # noqa: E731
     colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">',
              f'<text x="{width / 2}" y="13" text-anchor="middle" font-size="12">{html.escape(title)}</text>',
-             f'<line x1="{pad}" y1="{height - pad}" x2="{width - 10}" y2="{height - pad}" stroke="#888"/>',
-             f'<line x1="{pad}" y1="20" x2="{pad}" y2="{height - pad}" stroke="#888"/>',
-             f'<text x="{pad - 3}" y="{sy(y1) + 4}" text-anchor="end" font-size="9">{y1:.3g}</text>',
-             f'<text x="{pad - 3}" y="{sy(y0) + 4}" text-anchor="end" font-size="9">{y0:.3g}</text>',
-             f'<text x="{sx(x0)}" y="{height - pad + 12}" text-anchor="middle" font-size="9">{x0:g}</text>',
-             f'<text x="{sx(x1)}" y="{height - pad + 12}" text-anchor="middle" font-size="9">{x1:g}</text>']
+             f'<line x1="{left}" y1="{height - bottom}" x2="{width - 10}" y2="{height - bottom}" stroke="#888"/>',
+             f'<line x1="{left}" y1="20" x2="{left}" y2="{height - bottom}" stroke="#888"/>',
+             f'<text x="{left - 3}" y="{sy(y1) + 4}" text-anchor="end" font-size="9">{y1:.3g}</text>',
+             f'<text x="{left - 3}" y="{sy(y0) + 4}" text-anchor="end" font-size="9">{y0:.3g}</text>',
+             f'<text x="{sx(x0)}" y="{height - bottom + 11}" text-anchor="middle" font-size="9">{x0:g}</text>',
+             f'<text x="{sx(x1)}" y="{height - bottom + 11}" text-anchor="middle" font-size="9">{x1:g}</text>']
+    if tolerance is not None:
+        parts.append(f'<line x1="{left}" y1="{sy(tolerance):.1f}" x2="{width - 10}" y2="{sy(tolerance):.1f}" '
+                     f'stroke="#999" stroke-dasharray="4 3"/>')
     for i, (name, pts) in enumerate(series.items()):
         pts = sorted(p for p in pts if p[1] is not None)
         colour = colours[i % len(colours)]
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{path}"/>')
         parts.extend(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2" fill="{colour}"/>' for x, y in pts)
-        parts.append(f'<text x="{pad + 6 + 90 * i}" y="{height - 6}" font-size="10" fill="{colour}">'
+        parts.append(f'<text x="{left + 6 + 80 * i}" y="{height - 5}" font-size="10" fill="{colour}">'
                      f'{html.escape(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)
@@ -133,12 +137,35 @@ def _fmt(value) -> str:
     return "—" if value is None else f"{value:.4g}"
 
 
+CHART_METRICS = ("top1_delta", "agreement", "kl_mean", "cam_sim")
+
+
+def _summary_rows(cases: list[dict]) -> str:
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for c in cases:
+        groups[(c["pair"], c["metric"])].append(c)
+    rows = []
+    for (pair, metric), group in sorted(groups.items()):
+        judged = [c for c in group if c.get("margin") is not None and c["verdict"] != "xfail"]
+        worst = min(judged, key=lambda c: c["margin"]) if judged else None
+        bad = sum(c["verdict"] in ("fail", "inconclusive") for c in group)
+        caught = sum(c["verdict"] == "xfail" for c in group)
+        where = "—" if worst is None else f"{worst['perturbation']} @ {worst['level']:g}"
+        css = "fail" if bad else ("xfail" if caught else "pass")
+        rows.append(f'<tr class="{css}"><td>{html.escape(pair)}</td><td>{metric}</td><td>{len(group)}</td><td>{bad}</td>'
+                    f'<td>{caught}</td><td>{_fmt(worst and worst["value"])}</td><td>{where}</td>'
+                    f'<td>{_fmt(worst and worst["tolerance"])}</td></tr>')
+    return "".join(rows)
+
+
 def render_html(report: dict) -> str:
     cases, env, summary = report["cases"], report["environment"], report["summary"]
     curves: dict[tuple[str, str], dict[str, dict[float, float]]] = defaultdict(lambda: defaultdict(dict))
+    tolerances: dict[tuple[str, str, str], float] = {}
     for c in cases:
         key = (c["pair"], c["perturbation"])
         curves[key][c["metric"]][c["level"]] = c["value"]
+        tolerances[(*key, c["metric"])] = c["tolerance"]
         for name, value in (c.get("context") or {}).items():
             curves[key][name][c["level"]] = value
     rows = []
@@ -154,23 +181,29 @@ def render_html(report: dict) -> str:
         if "top1_fp32" in metrics:
             svgs.append(_svg_chart("top-1 accuracy", {"FP32": list(metrics["top1_fp32"].items()),
                                                       "quantized": list(metrics["top1_quant"].items())}))
-        for name in sorted(m for m in metrics if m not in ("top1_fp32", "top1_quant", "f1_fp32", "f1_quant")):
-            svgs.append(_svg_chart(name, {name: list(metrics[name].items())}))
-        charts.append(f"<h3>{html.escape(pair)} — {html.escape(pert)}</h3><div class='charts'>{''.join(svgs)}</div>")
+        svgs += [_svg_chart(m, {m: list(metrics[m].items())}, tolerances.get((pair, pert, m)))
+                 for m in CHART_METRICS if m in metrics]
+        if any(svgs):
+            charts.append(f"<div class='block'><h3>{html.escape(pair)} — {html.escape(pert)}</h3>{''.join(svgs)}</div>")
     env_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(json.dumps(v))}</td></tr>" for k, v in env.items())
-    verdict = "FAILED" if summary["fail"] or summary["inconclusive"] else "PASSED"
+    failed = summary["fail"] or summary["inconclusive"]
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>qrobust report</title><style>
 body{{font-family:sans-serif;margin:2em;color:#222}} table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}} tr.fail td{{background:#fdd}}
-tr.inconclusive td{{background:#ffd}} tr.xfail td{{background:#eef}} .charts svg{{margin:4px;border:1px solid #eee}}
-</style></head><body><h1>qrobust gate: {verdict}</h1>
+tr.inconclusive td{{background:#ffd}} tr.xfail td{{background:#eef}} .block{{display:inline-block;vertical-align:top;
+margin:6px;border:1px solid #eee}} .block h3{{font-size:13px;margin:4px}} img{{image-rendering:pixelated}}
+</style></head><body><h1>qrobust gate: {"FAILED" if failed else "PASSED"}</h1>
 <p>{summary['total']} checks: {summary['pass']} pass, {summary['fail']} fail, {summary['inconclusive']} inconclusive,
 {summary['xfail']} expected failures (known-bad configurations the gate must catch). Decision mode:
 <b>{html.escape(str(env.get('decision')))}</b>. Deltas are FP32 minus quantized (positive = quantized worse);
-intervals are 95%.</p>
-<h2>Checks (failures first)</h2><table><tr><th>pair</th><th>perturbation</th><th>level</th><th>metric</th>
-<th>value</th><th>95% interval</th><th>n</th><th>tolerance</th><th>verdict</th></tr>{''.join(rows)}</table>
+intervals are 95%; dashed lines in the charts are tolerances.</p>
+<h2>Summary: the worst case of every pair and metric</h2><table><tr><th>pair</th><th>metric</th><th>checks</th>
+<th>failed</th><th>expected failures</th><th>worst value</th><th>at</th><th>tolerance</th></tr>
+{_summary_rows(cases)}</table>
 <h2>Metrics against perturbation level</h2>{''.join(charts)}
+<details{" open" if failed else ""}><summary><b>All {len(cases)} checks (failures first)</b></summary>
+<table><tr><th>pair</th><th>perturbation</th><th>level</th><th>metric</th><th>value</th><th>95% interval</th>
+<th>n</th><th>tolerance</th><th>verdict</th></tr>{''.join(rows)}</table></details>
 <h2>Environment</h2><table>{env_rows}</table>
 <h2>Forward passes</h2><pre>{html.escape(json.dumps(report['forward_passes'], indent=1))}</pre></body></html>"""
 

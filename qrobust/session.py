@@ -168,7 +168,7 @@ class QrobustSession:
         if regression:
             messages.append(regression)
             verdict = "fail"
-        self._record(item, case, metric, value, interval, n, tolerance, verdict, details)
+        self._record(item, case, metric, value, interval, n, tolerance, verdict, details, decision.margin)
         return messages
 
     # ---- explanations ----------------------------------------------------------------------------------
@@ -251,13 +251,14 @@ class QrobustSession:
                     f"{old:.4g} to {value:.4g} (by {worse:.4g}, allowed {margin:g})")
         return None
 
-    def _record(self, item, case, metric, value, interval, n, tolerance, verdict, details) -> None:
+    def _record(self, item, case, metric, value, interval, n, tolerance, verdict, details, margin=None) -> None:
         if value is not None and not math.isfinite(value):
             details = {**details, "value": repr(value)}
             value = None
         record = {"pair": case.pair, "perturbation": case.perturbation, "level": case.level, "metric": metric,
                   "value": value, "interval": list(interval) if interval else None, "n": n, "tolerance": tolerance,
                   "verdict": verdict, "mode": self.decision, "context": details.pop("context", {}),
+                  "margin": margin if margin is not None and math.isfinite(margin) else None,
                   "details": details}
         item.user_properties.append((CASE_PROPERTY, json.dumps(record)))
 
