@@ -26,6 +26,21 @@ class Batch:
     boxes: torch.Tensor | None = None  # (n, 4) x0, y0, x1, y1 in pixels (exclusive end)
 
 
+def check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise invalid("batch_size", batch_size, "must be a positive integer")
+    return batch_size
+
+
+def subset_positions(length: int, max_samples: int | None, seed: int) -> torch.Tensor | None:
+    """Sorted positions of a seeded subsample of ``max_samples``, or None when everything is kept."""
+    if max_samples is None or max_samples >= length:
+        return None
+    if max_samples < 1:
+        raise invalid("max_samples", max_samples, "must be >= 1")
+    return torch.randperm(length, generator=torch.Generator().manual_seed(seed))[:max_samples].sort().values
+
+
 @dataclass(frozen=True)
 class ImageSet:
     """A labelled image set; validated on construction so a gate never runs on garbage."""
@@ -58,18 +73,15 @@ class ImageSet:
 
     def subset(self, max_samples: int | None, seed: int = 0) -> "ImageSet":
         """A seeded random subset of at most ``max_samples`` (kept in id order)."""
-        if max_samples is None or max_samples >= len(self):
+        pick = subset_positions(len(self), max_samples, seed)
+        if pick is None:
             return self
-        if max_samples < 1:
-            raise invalid("max_samples", max_samples, "must be >= 1")
-        pick = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:max_samples].sort().values
         boxes = None if self.boxes is None else self.boxes[pick]
         return ImageSet(self.name, self.images[pick], self.labels[pick], self.ids[pick], self.groups[pick],
                         self.num_classes, boxes)
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise invalid("batch_size", batch_size, "must be a positive integer")
+        check_batch_size(batch_size)
         for start in range(0, len(self), batch_size):
             s = slice(start, start + batch_size)
             yield Batch(self.images[s], self.labels[s], self.ids[s], self.groups[s],
@@ -94,16 +106,13 @@ class StreamingSet:
         return len(self.indices)
 
     def subset(self, max_samples: int | None, seed: int = 0) -> "StreamingSet":
-        if max_samples is None or max_samples >= len(self):
+        pick = subset_positions(len(self), max_samples, seed)
+        if pick is None:
             return self
-        if max_samples < 1:
-            raise invalid("max_samples", max_samples, "must be >= 1")
-        pick = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:max_samples].sort().values
         return StreamingSet(self.name, self._length, self.num_classes, self._load, self.indices[pick])
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise invalid("batch_size", batch_size, "must be a positive integer")
+        check_batch_size(batch_size)
         for chunk in self.indices.split(batch_size):
             yield self._load(chunk)
 

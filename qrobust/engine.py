@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from qrobust.data import ImageSet, StreamingSet, load_dataset
+from qrobust.data import ImageSet, StreamingSet, check_batch_size, load_dataset
 from qrobust.errors import ModelOutputError, invalid
 from qrobust.cam import compute_cams
 from qrobust.metrics import CamAgreement, Estimate, PairMetrics
@@ -78,8 +78,7 @@ class Evaluator:
                  cam_cases: set[tuple[str, str, float]] | None = None, cam_methods: dict[str, str] | None = None):
         if not pairs:
             raise invalid("pairs", [], "need at least one model pair")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise invalid("batch_size", batch_size, "must be a positive integer")
+        check_batch_size(batch_size)
         self.device = torch.device(device)
         for p in pairs:
             if p.kind == "int8" and self.device.type != "cpu":

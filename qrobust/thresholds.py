@@ -212,6 +212,22 @@ class _Validator:
         except InvalidArgument as exc:
             self.fail(key, str(exc).split(": ", 1)[1])
 
+    def section(self, raw: dict, name: str, allowed: set[str], whole=(), numbers=()) -> dict:
+        """A side section (bitwidth, explanations, latency): known keys, known pairs, sane numbers."""
+        value = self.mapping(raw.get(name), name)
+        self.keys(value, name, allowed)
+        for i, pair in enumerate(value.get("pairs") or []):
+            self.pair_name(pair, f"{name}.pairs[{i}]")
+        for k in whole:
+            if k in value:
+                self.number(value[k], f"{name}.{k}", minimum=1, integer=True)
+        for k in numbers:
+            if k in value:
+                self.number(value[k], f"{name}.{k}")
+        if "tolerances" in value:
+            self.tolerances(value["tolerances"], f"{name}.tolerances")
+        return value
+
     def pair_name(self, name, key: str) -> str:
         if name not in self.known_pairs:
             import difflib
@@ -287,32 +303,12 @@ def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Th
     v.keys(cam, "cam", {"method"})
     if cam.get("method", "auto") not in CAM_METHODS:
         v.fail("cam.method", f"must be one of {', '.join(CAM_METHODS)}, got {cam.get('method')!r}")
-    bitwidth = v.mapping(raw.get("bitwidth"), "bitwidth")
-    v.keys(bitwidth, "bitwidth", {"pairs", "min_bits", "perturbation", "level", "tolerances"})
-    for i, pair in enumerate(bitwidth.get("pairs") or []):
-        v.pair_name(pair, f"bitwidth.pairs[{i}]")
-    if "min_bits" in bitwidth:
-        v.number(bitwidth["min_bits"], "bitwidth.min_bits", minimum=1, integer=True)
-    if "tolerances" in bitwidth:
-        v.tolerances(bitwidth["tolerances"], "bitwidth.tolerances")
-    explanations = v.mapping(raw.get("explanations"), "explanations")
-    v.keys(explanations, "explanations", {"pairs", "samples", "steps", "tolerances"})
-    for i, pair in enumerate(explanations.get("pairs") or []):
-        v.pair_name(pair, f"explanations.pairs[{i}]")
-    for k in ("samples", "steps"):
-        if k in explanations:
-            v.number(explanations[k], f"explanations.{k}", minimum=1, integer=True)
-    if "tolerances" in explanations:
-        v.tolerances(explanations["tolerances"], "explanations.tolerances")
-    latency = v.mapping(raw.get("latency"), "latency")
-    v.keys(latency, "latency", {"pairs", "batch", "rounds", "speedup"})
-    for i, pair in enumerate(latency.get("pairs") or []):
-        v.pair_name(pair, f"latency.pairs[{i}]")
-    for k in ("batch", "rounds"):
-        if k in latency:
-            v.number(latency[k], f"latency.{k}", minimum=1, integer=True)
-    if "speedup" in latency:
-        v.number(latency["speedup"], "latency.speedup")
+    bitwidth = v.section(raw, "bitwidth", {"pairs", "min_bits", "perturbation", "level", "tolerances"},
+                         whole=("min_bits",))
+    explanations = v.section(raw, "explanations", {"pairs", "samples", "steps", "tolerances"},
+                             whole=("samples", "steps"))
+    latency = v.section(raw, "latency", {"pairs", "batch", "rounds", "speedup"}, whole=("batch", "rounds"),
+                        numbers=("speedup",))
     return Thresholds(
         path=str(path), sha256=hashlib.sha256(raw_bytes).hexdigest(), decision=decision,
         seed=v.number(raw.get("seed", 0), "seed", integer=True),
