@@ -201,6 +201,9 @@ class Evaluator:
                 model=lead.fp32, normalize=normalize)
             self.perturbed_batches[fp_label] += 1
             self._check_labels(lead, batch.labels)
+            if tuple(batch.images.shape[-2:]) != tuple(lead.preprocess.resolution):
+                raise invalid("dataset", lead.dataset, f"images are {tuple(batch.images.shape[-2:])} but pair "
+                                                       f"{lead.name!r} expects {tuple(lead.preprocess.resolution)}")
             x = normalize(pixels)
             weights = poisson_weights(self.seed, batch.groups, self.replicates)
             fp_cams = compute_cams(lead.fp32, x, lead.target_layer, fp_methods) if fp_methods else None

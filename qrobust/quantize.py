@@ -233,10 +233,12 @@ def convert_int8(model: nn.Module, config: QuantConfig, calibration: Iterable[to
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-        from torch.ao.quantization import QConfigMapping
+        from torch.ao.quantization import get_default_qconfig_mapping
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-        mapping = QConfigMapping().set_global(_torch_qconfig(config))
+        # the engine's defaults keep the fixed-range qconfigs of sigmoid/hardsigmoid/tanh/softmax;
+        # the recipe replaces the global one
+        mapping = get_default_qconfig_mapping(engine).set_global(_torch_qconfig(config))
         for name in config.keep_fp32:
             mapping.set_module_name(name, None)
         prepared = prepare_fx(fp32, mapping, example_inputs=(first[:1],))

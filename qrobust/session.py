@@ -56,6 +56,7 @@ class QrobustSession:
         self._pairs: dict = {}
         self.pair_loads: Counter[str] = Counter()
         self._evaluator = None
+        self._datasets = None
         self.problems: list[str] = []
         self.summary_lines: list[str] | None = None
 
@@ -84,15 +85,33 @@ class QrobustSession:
     def pair(self, name: str):
         """A pair, loaded at most once per process (per xdist worker)."""
         if name not in self._pairs:
+            from qrobust.declared import build_pair
             from qrobust.pairs import load_pair
 
-            pair = load_pair(name)
+            declared = self.thresholds.pairs.get(name)
+            pair = (build_pair(name, declared, Path(self.thresholds.path).parent, self.datasets) if declared
+                    else load_pair(name))
             if pair.kind != "int8":
                 pair.fp32.to(self.device)
                 pair.quantized.to(self.device)
             self._pairs[name] = pair
             self.pair_loads[name] += 1
         return self._pairs[name]
+
+    @property
+    def datasets(self) -> dict:
+        """The datasets declared in the thresholds file, built once (folders stream lazily)."""
+        if self._datasets is None:
+            from qrobust.data import load_dataset
+            from qrobust.declared import build_dataset
+
+            base = Path(self.thresholds.path).parent
+            self._datasets = {n: build_dataset(n, spec, base) for n, spec in self.thresholds.datasets.items()}
+            for pair_spec in self.thresholds.pairs.values():  # built-in datasets a declared pair names
+                for ref in (pair_spec["dataset"], (pair_spec.get("calibration") or {}).get("dataset")):
+                    if ref and ref not in self._datasets:
+                        self._datasets[ref] = load_dataset(ref)
+        return self._datasets
 
     @property
     def evaluator(self):
@@ -111,6 +130,7 @@ class QrobustSession:
                                         max_samples=self.max_samples, replicates=t.replicates,
                                         f1_average=t.f1_average, device=self.device,
                                         wanted={(c.pair, c.perturbation, c.level) for c in cases},
+                                        datasets=self.datasets,
                                         cam_cases=cam_cases, cam_methods=methods)
         return self._evaluator
 
@@ -121,6 +141,8 @@ class QrobustSession:
         out = {}
         for pair in self._pairs.values():
             out.update({Path(p).name: sha for p, sha in pair.metadata.get("weights", {}).items()})
+            if pair.metadata.get("random_weights"):
+                out[pair.name] = "RANDOM WEIGHTS: for latency and pipeline checks only, not a robustness verdict"
         return out
 
     # ---- checks --------------------------------------------------------------------------------------
