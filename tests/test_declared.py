@@ -1,0 +1,242 @@
+"""Pairs and datasets declared in YAML, torchvision architectures, and safe loading of checkpoints."""
+import json
+import os
+import pickle
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qrobust.cam import compute_cams
+from qrobust.errors import InvalidArgument
+from qrobust.loading import load_checkpoint
+from qrobust.quantize import get_preset, quantize_model, quantized_module_names
+from qrobust.zoo import TORCHVISION_ARCHS, build_arch
+
+
+class Payload:
+    """A pickle whose loading would run a command creating a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def malicious_files(tmp_path):
+    marker = tmp_path / "pwned"
+    plain = tmp_path / "payload.pt"
+    with open(plain, "wb") as fh:
+        pickle.dump(Payload(marker), fh)
+    nested = tmp_path / "nested.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": Payload(marker)}, nested)
+    module = tmp_path / "module.pt"
+    torch.save(torch.nn.Linear(2, 2), module)
+    script = tmp_path / "script.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), script)
+    return marker, [plain, nested, module, script]
+
+
+def test_malicious_checkpoints_are_refused_without_running_anything(tmp_path):
+    marker, files = malicious_files(tmp_path)
+    for path in files:
+        with pytest.raises(InvalidArgument, match=rf"checkpoint {path} \(\d+ bytes, sha256 [0-9a-f]{{16}}\.\.\.\)"):
+            load_checkpoint(path)
+        with pytest.raises(InvalidArgument):
+            build_arch("resnet18", 10, str(path))
+    assert not marker.exists()
+
+
+def test_trusted_torchscript_and_module_load_with_a_warning(tmp_path):
+    _, files = malicious_files(tmp_path)
+    for path in files[2:]:
+        with pytest.warns(UserWarning, match="trusted"):
+            assert isinstance(load_checkpoint(path, trust=True), torch.nn.Module)
+
+
+@pytest.mark.parametrize("cut", [0, 10, 100, 0.5, 0.9])
+def test_truncated_checkpoints_give_one_line_errors(tmp_path, cut):
+    good = tmp_path / "good.pt"
+    torch.save(torch.nn.Linear(20, 20).state_dict(), good)
+    data = good.read_bytes()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(data[: int(cut * len(data)) if isinstance(cut, float) else cut])
+    with pytest.raises(InvalidArgument) as info:
+        load_checkpoint(bad)
+    assert "\n" not in str(info.value) and f"checkpoint {bad} (" in str(info.value)
+
+
+def test_random_bytes_give_one_line_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        path = tmp_path / f"noise{i}.pt"
+        path.write_bytes(rng.bytes(int(rng.integers(1, 5000))))
+        with pytest.raises(InvalidArgument) as info:
+            load_checkpoint(path)
+        assert "\n" not in str(info.value)
+
+
+def test_state_dict_wrappers_and_missing_files(tmp_path):
+    path = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": {"weight": torch.ones(2)}}, path)
+    assert list(load_checkpoint(path)) == ["weight"]
+    with pytest.raises(InvalidArgument, match="no such file"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("arch", list(TORCHVISION_ARCHS))
+def test_every_seed_architecture_builds_quantizes_and_explains(arch):
+    model = build_arch(arch, num_classes=70, weights="random")
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    fake = quantize_model(model, get_preset("fake-w8a8"), [x])
+    int8 = quantize_model(model, get_preset("int8-x86"), [x])
+    assert model(x).shape == fake(x).shape == int8(x).shape == (2, 70)
+    assert quantized_module_names(int8)
+    layer = TORCHVISION_ARCHS[arch]
+    for m in (model, fake):
+        maps, _ = compute_cams(m, x, layer, ["gradcampp"]).maps["gradcampp"]
+        assert maps.shape == (2, 64, 64)
+
+
+def test_architecture_without_weights_is_an_error_and_hub_never_downloads(monkeypatch, tmp_path):
+    with pytest.raises(InvalidArgument, match="needs weights"):
+        build_arch("resnet18")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(InvalidArgument, match="not in the torch hub cache and qrobust never downloads"):
+        build_arch("resnet18", weights="hub")
+    with pytest.raises(InvalidArgument, match="arch='resnet19'"):
+        build_arch("resnet19", weights="random")
+
+
+def make_folder(root, n_per_class=6, size=40):
+    """Two classes of synthetic photos (bright square vs dark square), boxes around the squares."""
+    rng = np.random.default_rng(0)
+    boxes = {}
+    for label in ("bright", "dark"):
+        (root / "images" / label).mkdir(parents=True)
+        for i in range(n_per_class):
+            img = (rng.random((size, size, 3)) * 60).astype(np.uint8)
+            x0, y0 = int(rng.integers(2, 15)), int(rng.integers(2, 15))
+            img[y0:y0 + 20, x0:x0 + 20] = 230 if label == "bright" else 10
+            name = f"{label}/img{i}.png"
+            Image.fromarray(img).save(root / "images" / name)
+            boxes[name] = [x0, y0, x0 + 20, y0 + 20]
+    (root / "boxes.json").write_text(json.dumps(boxes))
+
+
+BUILDER = '''
+import torch
+from torch import nn
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+'''
+
+DECLARED = """
+decision: point
+replicates: 100
+defaults: {agreement: 0.5, cam_sim: 0.5}
+perturbations:
+  awgn: {levels: [0, 0.1]}
+  occlusion_vertical: {levels: [0, 2]}
+gate:
+  user-int8: {}
+  user-fake: {}
+explanations:
+  pairs: [user-int8]
+  samples: 6
+  steps: 10
+  tolerances: {deletion_auc_delta: 1.0, wsol_iou_delta: 1.0}
+pairs:
+  user-int8:
+    builder: "usermodels:build"
+    weights: weights.pt
+    num_classes: 2
+    preset: int8-x86
+    preprocess: {resolution: [32, 32], mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}
+    dataset: photos
+    calibration: {dataset: photos, samples: 8}
+    target_layer: "3"
+    quantized_target_layer: "2"
+  user-fake:
+    builder: "usermodels:build"
+    weights: weights.pt
+    num_classes: 2
+    preset: fake-w8a8
+    preprocess: {resolution: [32, 32], mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}
+    dataset: photos
+    calibration: {dataset: photos, samples: 8}
+    target_layer: "3"
+datasets:
+  photos: {folder: images, resolution: [32, 32], boxes: boxes.json}
+"""
+
+
+def test_declared_pair_from_builder_and_checkpoint_with_an_image_folder_runs_end_to_end(pytester):
+    make_folder(pytester.path)
+    pytester.makepyfile(usermodels=BUILDER)
+    pytester.syspathinsert()
+    import importlib
+    import sys
+    sys.modules.pop("usermodels", None)
+    torch.save(importlib.import_module("usermodels").build().state_dict(), pytester.path / "weights.pt")
+    pytester.makefile(".yaml", thresholds=DECLARED)
+    pytester.makepyfile(test_user="""
+        def test_agreement(qrobust_case, qrobust_check):
+            qrobust_check(qrobust_case, "agreement")
+
+        def test_cam_sim(qrobust_case, qrobust_check):
+            qrobust_check(qrobust_case, "cam_sim")
+
+        def test_explanations(qrobust_explanation_pair, qrobust, request):
+            qrobust.check_explanations(qrobust_explanation_pair, request.node)
+    """)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=17)  # 2 metrics x 2 pairs x 4 cases, and one explanation check
+    report = json.loads((pytester.path / "qrobust-report" / "report.json").read_text())
+    assert {c["pair"] for c in report["cases"]} == {"user-int8", "user-fake"}
+    assert "wsol_iou_delta" in {c["metric"] for c in report["cases"]}
+    assert report["environment"]["weights_sha256"]["weights.pt"]
+
+
+def test_declared_pair_with_a_malicious_checkpoint_is_refused(pytester):
+    make_folder(pytester.path)
+    pytester.makepyfile(usermodels=BUILDER)
+    pytester.syspathinsert()
+    marker = pytester.path / "pwned"
+    with open(pytester.path / "weights.pt", "wb") as fh:
+        pickle.dump(Payload(marker), fh)
+    pytester.makefile(".yaml", thresholds=DECLARED)
+    pytester.makepyfile(test_user="""
+        def test_agreement(qrobust_case, qrobust_check):
+            qrobust_check(qrobust_case, "agreement")
+    """)
+    result = pytester.runpytest()
+    assert result.ret == 1 and "refused: it is not a plain tensor checkpoint" in result.stdout.str()
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("edit,message", [
+    (("weights: weights.pt", "weights: missing.pt", 1), "pairs.user-int8.weights: "),
+    (("builder: \"usermodels:build\"", "builder: usermodels.build", 1), "pairs.user-int8.builder: expected 'module:function'"),
+    (("preset: int8-x86", "preset: int9", 1), "pairs.user-int8.preset: unknown preset 'int9'"),
+    (("dataset: photos\n    calibration", "dataset: fotos\n    calibration", 1), "pairs.user-int8.dataset: unknown dataset 'fotos'"),
+    (("    calibration: {dataset: photos, samples: 8}\n    target_layer: \"3\"\n    quantized", "    target_layer: \"3\"\n    quantized", 1), "pairs.user-int8.calibration: post-training quantization needs calibration data"),
+    (("folder: images", "folder: nowhere", 1), "datasets.photos.folder: "),
+    (("std: [0.25, 0.25, 0.25]", "std: [0.25, 0, 0.25]", 1), "pairs.user-int8.preprocess.std[1]: must be >="),
+    (("resolution: [32, 32], boxes", "resolution: [32], boxes", 1), "datasets.photos.resolution: expected [height, width]"),
+])
+def test_declared_sections_are_validated(pytester, edit, message):
+    make_folder(pytester.path)
+    (pytester.path / "weights.pt").write_bytes(b"")
+    old, new, count = edit
+    pytester.makefile(".yaml", thresholds=DECLARED.replace(old, new, count))
+    pytester.makepyfile(test_user="def test_nothing(): pass")
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert message in result.stderr.str(), result.stderr.str()
