@@ -24,6 +24,7 @@ class Batch:
     ids: torch.Tensor  # (n,) int64
     groups: torch.Tensor  # (n,) int64
     boxes: torch.Tensor | None = None  # (n, 4) x0, y0, x1, y1 in pixels (exclusive end)
+    saliency: torch.Tensor | None = None  # (n, H, W) ground-truth saliency maps in [0, 1] (seed 001)
 
 
 def check_batch_size(batch_size) -> int:

@@ -32,22 +32,34 @@ def import_object(spec: str, key: str):
         raise invalid(key, spec, f"cannot import ({exc})") from None
 
 
-def _load_image(path: Path, resolution: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+def _load_image(path: Path, resolution: tuple[int, int], mode: str = "RGB") -> tuple[torch.Tensor, tuple[int, int]]:
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            rgb = img.convert("RGB")
+            rgb = img.convert(mode)
     except OSError as exc:
         raise invalid("image", str(path), f"cannot be read ({exc})") from None
-    pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).reshape(rgb.height, rgb.width, 3)
+    channels = len(mode)
+    pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).reshape(rgb.height, rgb.width, channels)
     x = pixels.permute(2, 0, 1).float().div_(255).unsqueeze(0)
     x = F.interpolate(x, size=resolution, mode="bilinear", antialias=True, align_corners=False)
     return x[0].clamp_(0, 1), (rgb.width, rgb.height)
 
 
-def folder_dataset(name: str, root: Path, resolution: tuple[int, int], boxes_file: Path | None = None) -> StreamingSet:
-    """Images under ``root/<class>/``, class = subfolder (sorted), resized to ``resolution``, streamed."""
+def _saliency_path(saliency_root: Path, rel: Path) -> Path:
+    for candidate in (saliency_root / rel, (saliency_root / rel).with_suffix(".png")):
+        if candidate.is_file():
+            return candidate
+    raise invalid("saliency", str(saliency_root), f"has no map for {rel.as_posix()!r} (same path, or .png)")
+
+
+def folder_dataset(name: str, root: Path, resolution: tuple[int, int], boxes_file: Path | None = None,
+                   saliency_root: Path | None = None) -> StreamingSet:
+    """Images under ``root/<class>/``, class = subfolder (sorted), resized to ``resolution``, streamed.
+
+    ``saliency_root`` holds a ground-truth saliency map (greyscale) per image at the same relative path.
+    """
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     files = [(f, label) for label, c in enumerate(classes) for f in sorted((root / c).rglob("*"))
              if f.suffix.lower() in IMAGE_SUFFIXES]
@@ -60,20 +72,26 @@ def folder_dataset(name: str, root: Path, resolution: tuple[int, int], boxes_fil
             rel = f.relative_to(root).as_posix()
             if rel not in boxes:
                 raise invalid("boxes", str(boxes_file), f"has no box for {rel!r}")
+    if saliency_root is not None:
+        for f, _ in files:
+            _saliency_path(saliency_root, f.relative_to(root))
 
     def load(indices: torch.Tensor) -> Batch:
-        images, labels, out_boxes = [], [], []
+        images, labels, out_boxes, maps = [], [], [], []
         for i in indices.tolist():
             path, label = files[i]
             x, (w, h) = _load_image(path, resolution)
             images.append(x)
             labels.append(label)
+            if saliency_root is not None:
+                maps.append(_load_image(_saliency_path(saliency_root, path.relative_to(root)), resolution, "L")[0][0])
             if boxes is not None:
                 x0, y0, x1, y1 = boxes[path.relative_to(root).as_posix()]
                 sy, sx = resolution[0] / h, resolution[1] / w
                 out_boxes.append([round(x0 * sx), round(y0 * sy), round(x1 * sx), round(y1 * sy)])
         return Batch(torch.stack(images), torch.tensor(labels), indices.clone(), indices.clone(),
-                     torch.tensor(out_boxes) if boxes is not None else None)
+                     torch.tensor(out_boxes) if boxes is not None else None,
+                     torch.stack(maps) if saliency_root is not None else None)
 
     return StreamingSet(name, len(files), len(classes), load)
 
@@ -92,7 +110,8 @@ def builder_dataset(name: str, spec: str, num_classes: int) -> StreamingSet:
 def build_dataset(name: str, spec: dict, base: Path):
     if "folder" in spec:
         boxes = base / spec["boxes"] if spec.get("boxes") else None
-        return folder_dataset(name, base / spec["folder"], tuple(spec["resolution"]), boxes)
+        saliency = base / spec["saliency"] if spec.get("saliency") else None
+        return folder_dataset(name, base / spec["folder"], tuple(spec["resolution"]), boxes, saliency)
     return builder_dataset(name, spec["builder"], int(spec["num_classes"]))
 
 

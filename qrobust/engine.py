@@ -219,7 +219,8 @@ class Evaluator:
                     q_cams = compute_cams(pair.quantized, x, pair.quantized_target_layer, [cam.method],
                                           targets=fp_cams.targets)
                     q_logits = q_cams.logits
-                    cam.update(fp_cams.maps[cam.method], q_cams.maps[cam.method], batch.ids, weights, pixels)
+                    cam.update(fp_cams.maps[cam.method], q_cams.maps[cam.method], batch.ids, weights, pixels,
+                               batch.saliency)
                 self.forward_passes[pair.name] += 1
                 states[pair.name].update(fp_logits, q_logits, batch.labels, batch.ids, batch.groups, weights)
         for pair in group:

@@ -279,6 +279,10 @@ def activation_stats(fp32: torch.Tensor, quant: torch.Tensor, bins: int = 256) -
     return out
 
 
+# metric -> (function of (ground truth, map), whether lower means worse); KLD takes the GT as reference
+GT_METRICS = {"cam_sim": (cam_sim, True), "cam_cc": (cam_cc, True), "cam_kld": (cam_kld, False)}
+
+
 class CamAgreement:
     """Streaming CAM agreement of one pair on one case: per-metric means with cluster-bootstrap intervals.
 
@@ -295,11 +299,16 @@ class CamAgreement:
         self.boot_weight = torch.zeros(replicates, dtype=torch.float64)
         self.n = 0
         self.degenerate = {"fp32": 0, "quantized": 0, "both": 0}
+        self.gt = {name: {"fp32": 0.0, "quantized": 0.0, "boot": torch.zeros(replicates, dtype=torch.float64)}
+                   for name in GT_METRICS}
+        self.n_gt = 0
+        self.gt_boot_weight = torch.zeros(replicates, dtype=torch.float64)
         self.most_different: list[tuple[float, int]] = []  # (rmse, id), the top ``fraction`` kept
         self.overlays: list[dict] = []  # pixels and both maps of the few most different images
 
     def update(self, ref: tuple[torch.Tensor, torch.Tensor], cand: tuple[torch.Tensor, torch.Tensor],
-               ids: torch.Tensor, weights: torch.Tensor, pixels: torch.Tensor) -> None:
+               ids: torch.Tensor, weights: torch.Tensor, pixels: torch.Tensor,
+               saliency: torch.Tensor | None = None) -> None:
         (ref_maps, ref_deg), (cand_maps, cand_deg) = ref, cand
         ref_deg, cand_deg = ref_deg.cpu(), cand_deg.cpu()
         self.degenerate["fp32"] += int((ref_deg & ~cand_deg).sum())
@@ -316,6 +325,8 @@ class CamAgreement:
         for name, v in values.items():
             self.sums[name] += float(v.sum())
             self.boot[name] += w @ v
+        if saliency is not None:
+            self._update_ground_truth(saliency.detach().cpu()[valid], ref_maps, cand_maps, w)
         rmse = values["cam_rmse"]
         merged = self.most_different + [(float(r), int(i)) for r, i in zip(rmse, ids)]
         self.most_different = sorted(merged, reverse=True)[: self.capacity]
@@ -324,6 +335,22 @@ class CamAgreement:
             self.overlays.append({"id": int(ids[j]), "rmse": float(rmse[j]), "pixels": pix[j],
                                   "fp32": ref_maps[j], "quantized": cand_maps[j]})
         self.overlays = sorted(self.overlays, key=lambda o: -o["rmse"])[: self.overlay_count]
+
+    def _update_ground_truth(self, gt: torch.Tensor, fp_maps: torch.Tensor, q_maps: torch.Tensor,
+                             w: torch.Tensor) -> None:
+        """Seed 001's "v. GT" rows: each map against the salient-object map, and the per-image change."""
+        keep = gt.flatten(1).sum(dim=1) > 0  # an empty ground-truth map has no distribution to compare
+        if not keep.any():
+            return
+        gt, fp_maps, q_maps, w = gt[keep], fp_maps[keep], q_maps[keep], w[:, keep]
+        self.n_gt += int(keep.sum())
+        self.gt_boot_weight += w.sum(dim=1)
+        for name, (fn, worse_when_lower) in GT_METRICS.items():
+            fp_v, q_v = fn(gt, fp_maps), fn(gt, q_maps)
+            delta = (fp_v - q_v) if worse_when_lower else (q_v - fp_v)
+            self.gt[name]["fp32"] += float(fp_v.sum())
+            self.gt[name]["quantized"] += float(q_v.sum())
+            self.gt[name]["boot"] += w @ delta
 
     def results(self) -> dict[str, Estimate]:
         details = {"method": self.method, "degenerate": dict(self.degenerate)}
@@ -338,4 +365,12 @@ class CamAgreement:
             boot = self.boot[name] / self.boot_weight.clamp_min(1e-300)
             boot = torch.where(self.boot_weight > 0, boot, torch.full_like(boot, float("nan")))
             out[name] = Estimate(self.sums[name] / self.n, percentile_interval(boot), self.n, info)
+        if self.n_gt:
+            weight = self.gt_boot_weight
+            for name, acc in self.gt.items():
+                boot = torch.where(weight > 0, acc["boot"] / weight.clamp_min(1e-300), torch.full_like(weight, float("nan")))
+                fp_mean, q_mean = acc["fp32"] / self.n_gt, acc["quantized"] / self.n_gt
+                delta = (fp_mean - q_mean) if GT_METRICS[name][1] else (q_mean - fp_mean)
+                out[f"{name}_gt_delta"] = Estimate(delta, percentile_interval(boot), self.n_gt,
+                                                   {**details, "fp32_vs_gt": fp_mean, "quantized_vs_gt": q_mean})
         return out

@@ -63,14 +63,19 @@ METRICS = {m.name: m for m in (
     Metric("cam_sim", True, "histogram intersection of the sum-normalized CAMs"),
     Metric("cam_cc", True, "Pearson correlation of the CAMs"),
     Metric("cam_kld", False, "saliency KLD of the quantized CAM from the FP32 CAM"),
+    Metric("cam_sim_gt_delta", False, "SIM with the ground-truth saliency map, FP32 CAM minus quantized CAM"),
+    Metric("cam_cc_gt_delta", False, "CC with the ground-truth saliency map, FP32 CAM minus quantized CAM"),
+    Metric("cam_kld_gt_delta", False, "KLD from the ground-truth saliency map, quantized CAM minus FP32 CAM"),
     Metric("deletion_auc_delta", False, "quantized minus FP32 deletion AUC, each with its own CAM"),
     Metric("insertion_auc_delta", False, "FP32 minus quantized insertion AUC, each with its own CAM"),
     Metric("wsol_iou_delta", False, "FP32 minus quantized WSOL box IoU (datasets with boxes)"),
     Metric("activation_dice", True, "Dice of the target layer's channel-mean activation histograms"),
     Metric("speedup", True, "FP32 latency / quantized latency, measured interleaved"),
+    Metric("cam_speedup", True, "FP32 / quantized time of inference plus EigenCAM, measured interleaved"),
 )}
 EXPLANATION_METRICS = ("deletion_auc_delta", "insertion_auc_delta", "wsol_iou_delta", "activation_dice")
-CAM_METRIC_NAMES = ("cam_rmse", "cam_sim", "cam_cc", "cam_kld")
+CAM_METRIC_NAMES = ("cam_rmse", "cam_sim", "cam_cc", "cam_kld", "cam_sim_gt_delta", "cam_cc_gt_delta",
+                    "cam_kld_gt_delta")
 CASE_METRICS = tuple(m for m in METRICS if m != "speedup")
 
 TOP_KEYS = {"decision", "seed", "batch_size", "max_samples", "replicates", "f1_average", "defaults", "baseline",
@@ -298,6 +303,7 @@ def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Th
             for level in levels:
                 tol = {**defaults, **pert_tol, **pert_at.get(level, {}), **pair_tol, **pp_tol, **pp_at.get(level, {})}
                 tol.pop("speedup", None)
+                tol.pop("cam_speedup", None)
                 cases.append(CaseSpec(pair, name, level, MappingProxyType(tol), xfail))
     cam = v.mapping(raw.get("cam"), "cam")
     v.keys(cam, "cam", {"method"})
@@ -307,8 +313,8 @@ def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Th
                          whole=("min_bits",))
     explanations = v.section(raw, "explanations", {"pairs", "samples", "steps", "tolerances"},
                              whole=("samples", "steps"))
-    latency = v.section(raw, "latency", {"pairs", "batch", "rounds", "speedup"}, whole=("batch", "rounds"),
-                        numbers=("speedup",))
+    latency = v.section(raw, "latency", {"pairs", "batch", "rounds", "speedup", "cam_speedup"},
+                        whole=("batch", "rounds"), numbers=("speedup", "cam_speedup"))
     base = path.parent
     datasets = v.mapping(raw.get("datasets"), "datasets")
     for name, spec in datasets.items():
@@ -332,7 +338,7 @@ def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Th
 
 PAIR_KEYS = {"arch", "builder", "weights", "trust", "num_classes", "preset", "preprocess", "dataset", "calibration",
              "target_layer", "quantized_target_layer"}
-DATASET_KEYS = {"folder", "builder", "resolution", "boxes", "num_classes"}
+DATASET_KEYS = {"folder", "builder", "resolution", "boxes", "saliency", "num_classes"}
 
 
 def _one_of(v: _Validator, spec: dict, key: str, options: tuple[str, str]) -> str:
@@ -372,6 +378,8 @@ def _validate_dataset(v: _Validator, name: str, spec: dict, base: Path) -> None:
         _resolution(v, spec["resolution"], f"{key}.resolution")
         if "boxes" in spec:
             _existing(v, base, spec["boxes"], f"{key}.boxes")
+        if "saliency" in spec:
+            _existing(v, base, spec["saliency"], f"{key}.saliency", directory=True)
     elif "num_classes" not in spec:
         v.fail(f"{key}.num_classes", "a builder dataset needs its class count")
     if "num_classes" in spec:

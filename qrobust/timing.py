@@ -24,8 +24,9 @@ class Speedup:
 
 
 def interleaved_speedup(fp32, quantized, x: torch.Tensor, rounds: int = 20, warmup: int = 3) -> Speedup:
+    """Time ``fp32(x)`` against ``quantized(x)`` (models, or any callables such as a CAM computation)."""
     fp_times, q_times = [], []
-    with torch.inference_mode():
+    with torch.no_grad():
         for _ in range(warmup):
             fp32(x)
             quantized(x)

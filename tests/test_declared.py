@@ -124,6 +124,10 @@ def make_folder(root, n_per_class=6, size=40):
             name = f"{label}/img{i}.png"
             Image.fromarray(img).save(root / "images" / name)
             boxes[name] = [x0, y0, x0 + 20, y0 + 20]
+            (root / "saliency" / label).mkdir(parents=True, exist_ok=True)
+            salient = np.zeros((size, size), dtype=np.uint8)
+            salient[y0:y0 + 20, x0:x0 + 20] = 255
+            Image.fromarray(salient).save(root / "saliency" / name)
     (root / "boxes.json").write_text(json.dumps(boxes))
 
 
@@ -221,6 +225,26 @@ def test_declared_pair_with_a_malicious_checkpoint_is_refused(pytester):
     assert not marker.exists()
 
 
+def test_ground_truth_saliency_maps_are_compared_with_both_cams(pytester):
+    make_folder(pytester.path)
+    pytester.makepyfile(usermodels=BUILDER)
+    pytester.syspathinsert()
+    torch.save(__import__("usermodels").build().state_dict(), pytester.path / "weights.pt")
+    text = DECLARED.replace("defaults: {agreement: 0.5, cam_sim: 0.5}",
+                            "defaults: {cam_sim_gt_delta: 0.5, cam_kld_gt_delta: 5.0}")
+    text = text.replace("boxes: boxes.json}", "boxes: boxes.json, saliency: saliency}")
+    pytester.makefile(".yaml", thresholds=text)
+    pytester.makepyfile(test_gt="""
+        def test_gt(qrobust_case, qrobust_check):
+            qrobust_check(qrobust_case, ["cam_sim_gt_delta", "cam_kld_gt_delta"])
+    """)
+    pytester.runpytest("test_gt.py").assert_outcomes(passed=8)
+    cases = json.loads((pytester.path / "qrobust-report" / "report.json").read_text())["cases"]
+    sim = [c for c in cases if c["metric"] == "cam_sim_gt_delta"]
+    assert len(sim) == 8 and all(0 < c["details"]["fp32_vs_gt"] <= 1 for c in sim)
+    assert all(abs(c["value"] - (c["details"]["fp32_vs_gt"] - c["details"]["quantized_vs_gt"])) < 1e-9 for c in sim)
+
+
 @pytest.mark.parametrize("edit,message", [
     (("weights: weights.pt", "weights: missing.pt", 1), "pairs.user-int8.weights: "),
     (("builder: \"usermodels:build\"", "builder: usermodels.build", 1), "pairs.user-int8.builder: expected 'module:function'"),
@@ -228,6 +252,7 @@ def test_declared_pair_with_a_malicious_checkpoint_is_refused(pytester):
     (("dataset: photos\n    calibration", "dataset: fotos\n    calibration", 1), "pairs.user-int8.dataset: unknown dataset 'fotos'"),
     (("    calibration: {dataset: photos, samples: 8}\n    target_layer: \"3\"\n    quantized", "    target_layer: \"3\"\n    quantized", 1), "pairs.user-int8.calibration: post-training quantization needs calibration data"),
     (("folder: images", "folder: nowhere", 1), "datasets.photos.folder: "),
+    (("boxes: boxes.json}", "boxes: boxes.json, saliency: nowhere}", 1), "datasets.photos.saliency: "),
     (("std: [0.25, 0.25, 0.25]", "std: [0.25, 0, 0.25]", 1), "pairs.user-int8.preprocess.std[1]: must be >="),
     (("resolution: [32, 32], boxes", "resolution: [32], boxes", 1), "datasets.photos.resolution: expected [height, width]"),
 ])

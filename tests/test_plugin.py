@@ -34,15 +34,10 @@ def thresholds(pair="lenet5-digits-int8-x86", extra="", decision="point", tolera
 
 
 @pytest.fixture(scope="module", autouse=True)
-def warm_imports():
-    """Import, in this process, everything the in-process pytest runs will import lazily.
-
-    pytester restores sys.modules after each in-process run; torch modules imported inside a run would be
-    imported again by the next one, and some (operator libraries) refuse a second registration.
-    """
+def warm_pairs():
+    """Build the LeNet pairs once in this process: in-process pytest runs then reuse them."""
     from qrobust.engine import Evaluator
     from qrobust.pairs import load_pair
-    from qrobust.session import QrobustSession  # noqa: F401
 
     pair = load_pair("lenet5-digits-int8-x86")
     Evaluator([pair], max_samples=8, replicates=10).evaluate(pair.name, "awgn", 0.1)
