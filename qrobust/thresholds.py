@@ -258,8 +258,10 @@ def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Th
     if known_pairs is None:
         from qrobust.pairs import pair_names
         known_pairs = set(pair_names())
-    v = _Validator(str(path), set(known_pairs) | set((raw or {}).get("pairs") or {} if isinstance(raw, dict) else {}))
+    v = _Validator(str(path), set(known_pairs))
     raw = v.mapping(raw, "(top level)")
+    declared = raw.get("pairs")
+    v.known_pairs |= set(declared) if isinstance(declared, dict) else set()  # pairs declared in this file
     v.keys(raw, "", TOP_KEYS)
     decision = raw.get("decision", "strict")
     if decision not in MODES:

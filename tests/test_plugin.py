@@ -97,6 +97,20 @@ def test_strict_expected_failure_is_caught_and_turns_red_when_it_passes(gate):
     gate.runpytest("test_bits.py").assert_outcomes(passed=1, failed=1)
 
 
+def test_a_multi_metric_check_records_each_verdict(gate):
+    extra = "bitwidth: {pairs: [lenet5-digits-asym3], min_bits: 1, tolerances: {top1_delta: 0.05, kl_mean: 0.02}}\n"
+    gate.makefile(".yaml", thresholds=thresholds(extra=extra))
+    gate.makepyfile(test_bits="""
+        def test_bitwidth(qrobust_bitwidth_case, qrobust_check):
+            qrobust_check(qrobust_bitwidth_case, list(qrobust_bitwidth_case.tolerances))
+    """)
+    result = gate.runpytest("test_bits.py")
+    result.assert_outcomes(failed=1)
+    verdicts = {c["metric"]: c["verdict"] for c in json.loads(
+        (gate.path / "qrobust-report" / "report.json").read_text())["cases"]}
+    assert verdicts == {"top1_delta": "pass", "kl_mean": "fail"}  # 3 bits: accuracy holds, confidence does not
+
+
 def test_tolerance_marker_overrides_one_test(gate):
     gate.makefile(".yaml", thresholds=thresholds())
     gate.makepyfile(test_override="""
