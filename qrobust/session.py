@@ -12,7 +12,7 @@ from qrobust.errors import ConfigError, invalid
 from qrobust.report import (
     build_report, case_key, environment, fingerprint, load_baseline, save_baseline, write_report,
 )
-from qrobust.stats import decide
+from qrobust.stats import decide, required_sample_size
 from qrobust.thresholds import CAM_METRIC_NAMES, METRICS, CaseSpec, load_thresholds
 
 CASE_PROPERTY = "qrobust_case"
@@ -170,8 +170,11 @@ class QrobustSession:
             if metric.endswith("_gt_delta") and metric not in result.estimates:
                 pytest.skip(f"{metric} needs ground-truth saliency maps; dataset of {case.pair!r} has none")
             est = result.metric(metric)
+            details = dict(est.details)
+            if metric in ("top1_delta", "top5_delta") and tolerance > 0:
+                details["n_required"] = required_sample_size(details["b"] + details["c"], est.n, tolerance)
             failures += self.judge(item, case, metric, est.value, est.interval, est.n, tolerance,
-                                   {**est.details, "context": context})
+                                   {**details, "context": context})
         if failures:
             pytest.fail("\n".join(failures), pytrace=False)
 

@@ -105,6 +105,20 @@ def quantile_rank_interval(n: int, q: float, confidence: float = CONFIDENCE) -> 
     return max(1, low), min(n, high)
 
 
+def required_sample_size(discordant: int, n: int, tolerance: float, power: float = 0.8,
+                         confidence: float = CONFIDENCE) -> int:
+    """Samples needed to tell a paired accuracy delta one ``tolerance`` away from the tolerance with
+    ``power`` at the observed discordance rate (b + c) / n: n = (z_(1-a/2) + z_power)^2 * rate / tol^2.
+
+    The variance of a paired difference of proportions is about (b + c) / n^2; with no discordant pair
+    observed yet the rate is taken as 1 / n (the smallest one could observe)."""
+    if tolerance <= 0:
+        raise invalid("tolerance", tolerance, "must be > 0 to size a sample")
+    rate = max(discordant, 1) / max(n, 1)
+    z = float(sps.norm.ppf(0.5 + confidence / 2) + sps.norm.ppf(power))
+    return math.ceil(z * z * rate / tolerance**2)
+
+
 @dataclass(frozen=True)
 class Decision:
     """A verdict with the numbers behind it."""
@@ -136,6 +150,9 @@ def decide(estimate: float, interval: tuple[float, float] | None, tolerance: flo
     if not math.isfinite(estimate):
         return Decision("fail", mode, estimate, interval, tolerance, higher_is_better, float("nan"))
     margin = sign * (estimate - tolerance)
+    if interval is None and mode == "strict":  # no uncertainty estimate: compliance cannot be proven
+        return Decision("inconclusive" if margin >= 0 else "fail", mode, estimate, None, tolerance,
+                        higher_is_better, margin)
     low, high = interval if interval is not None else (estimate, estimate)
     worst, best = (low, high) if higher_is_better else (high, low)
     worst_ok = sign * (worst - tolerance) >= 0

@@ -81,7 +81,7 @@ def test_failing_gate_exits_1_with_the_full_message(gate):
     out = result.stdout.str()
     assert ("lenet5-digits-asym2 / awgn @ 0.1: top1_delta = " in out and "95% CI [" in out and "n=120" in out
             and "tolerance <= 0.01" in out and "margin -" in out and "decision point: fail" in out)
-    assert "b=" in out and "c=" in out and "mcnemar_p=" in out
+    assert "b=" in out and "c=" in out and "mcnemar_p=" in out and "n_required=" in out
 
 
 def test_strict_expected_failure_is_caught_and_turns_red_when_it_passes(gate):

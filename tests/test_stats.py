@@ -6,7 +6,7 @@ from scipy import stats as sps
 
 from qrobust.errors import InvalidArgument
 from qrobust.stats import (
-    decide, mcnemar_exact_p, paired_delta, percentile_interval, poisson_weights, quantile_rank_interval,
+    decide, mcnemar_exact_p, required_sample_size, paired_delta, percentile_interval, poisson_weights, quantile_rank_interval,
     wilson_interval,
 )
 
@@ -130,6 +130,20 @@ def test_decision_modes_for_a_maximum_tolerance(mode, interval, estimate, expect
     assert d.verdict == expected
     assert d.margin == pytest.approx(0.01 - estimate)
     assert d.passed == (expected == "pass" or (expected == "inconclusive" and mode == "lenient"))
+
+
+def test_strict_without_an_interval_is_inconclusive_never_a_pass():
+    assert decide(0.001, None, 0.01, higher_is_better=False, mode="strict").verdict == "inconclusive"
+    assert decide(0.02, None, 0.01, higher_is_better=False, mode="strict").verdict == "fail"
+    assert decide(0.001, None, 0.01, higher_is_better=False, mode="point").verdict == "pass"
+
+
+def test_required_sample_size_matches_the_simulated_recommendation():
+    # 3% discordance at a 0.01 budget: the README's ~2,500 (simulated in the tests above)
+    assert 2300 <= required_sample_size(discordant=75, n=2500, tolerance=0.01) <= 2400
+    assert required_sample_size(0, 450, 0.01) == required_sample_size(1, 450, 0.01)
+    with pytest.raises(InvalidArgument, match="tolerance=0"):
+        required_sample_size(5, 100, 0)
 
 
 def test_decision_for_a_minimum_tolerance_and_nan():
