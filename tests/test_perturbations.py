@@ -186,9 +186,8 @@ def test_fractional_streak_count_and_fgsm_without_model_are_refused():
         P.perturb("awgn", images(n=3), 0.1, ids=[1, 2])
 
 
-def test_sample_seed_is_stable_across_processes():
-    # a fixed expectation: the seed derivation must never change silently (baselines depend on it)
+def test_sample_seed_derivation_never_changes_silently():
+    # baselines and reports rest on these exact streams: a change here must be deliberate
     g = P.sample_generator(0, 42, "awgn", 0.1)
-    assert torch.randint(0, 2**31, (1,), generator=g).item() == torch.randint(
-        0, 2**31, (1,), generator=P.sample_generator(0, 42, "awgn", 0.1)).item()
+    assert torch.randint(0, 2**31, (3,), generator=g).tolist() == [1275358697, 1250340193, 1876701142]
     assert math.isfinite(P.brownian_field(torch.zeros(1, 8, 8)).sum().item())
