@@ -249,15 +249,6 @@ def cam_kld(reference: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
 CAM_METRICS = {"cam_rmse": cam_rmse, "cam_sim": cam_sim, "cam_cc": cam_cc, "cam_kld": cam_kld}
 
 
-def top_fraction(scores: torch.Tensor, ids: torch.Tensor, fraction: float = 0.05) -> list[tuple[int, float]]:
-    """The ``fraction`` of samples with the highest score (seed 002's top-5% RMSE subset), highest first."""
-    if not 0 < fraction <= 1:
-        raise invalid("fraction", fraction, "must be in (0, 1]")
-    k = max(1, round(fraction * len(scores))) if len(scores) else 0
-    order = scores.argsort(descending=True)[:k]
-    return [(int(ids[i]), float(scores[i])) for i in order]
-
-
 # ---- activation statistics (seed 002) -------------------------------------------------------------------
 def activation_stats(fp32: torch.Tensor, quant: torch.Tensor, bins: int = 256) -> dict:
     """Entropy (bits) of a 256-bin histogram on a range shared by both models, std, sparsity (% zeros),

@@ -308,10 +308,5 @@ def get_preset(name: str, **overrides) -> QuantConfig:
     return replace(config, **overrides) if overrides else config
 
 
-def sweep_presets(bits: Iterable[int] = range(1, 9)) -> list[QuantConfig]:
-    """Seed 003's per-layer asymmetric bit-width sweep."""
-    return [PRESETS.get(f"fake-asym{b}") for b in bits]
-
-
 __all__ = ["TensorSpec", "QuantConfig", "FakeQuantLayer", "Int8Model", "fake_quantize_model", "convert_int8",
-           "quantize_model", "quantized_module_names", "check_engine", "PRESETS", "get_preset", "sweep_presets"]
+           "quantize_model", "quantized_module_names", "check_engine", "PRESETS", "get_preset"]

@@ -11,7 +11,7 @@ from qrobust import zoo
 from qrobust.data import load_dataset
 from qrobust.errors import InvalidArgument
 from qrobust.explain import box_iou, deletion_insertion, wsol_box, wsol_iou
-from qrobust.metrics import KLD_EPS, activation_stats, cam_cc, cam_kld, cam_rmse, cam_sim, top_fraction
+from qrobust.metrics import KLD_EPS, activation_stats, cam_cc, cam_kld, cam_rmse, cam_sim
 
 maps_strategy = st.integers(0, 10_000).map(
     lambda s: torch.rand(3, 7, 9, generator=torch.Generator().manual_seed(s)) + 0.01)
@@ -50,13 +50,6 @@ def test_hand_computed_cases():
     assert cam_cc(p, q).item() == pytest.approx(-1 / 3)
     # R = (1, 0, 0, 0), C = (0.5, 0.5, 0, 0): KLD = log(2)
     assert cam_kld(p, half).item() == pytest.approx(np.log(2), rel=1e-9)
-
-
-def test_top_fraction_picks_the_most_different():
-    scores = torch.tensor([0.1, 0.9, 0.3, 0.8] + [0.0] * 36)
-    assert top_fraction(scores, torch.arange(100, 140)) == [(101, pytest.approx(0.9)), (103, pytest.approx(0.8))]
-    with pytest.raises(InvalidArgument, match="fraction="):
-        top_fraction(scores, torch.arange(40), 0)
 
 
 def test_activation_stats():
