@@ -95,3 +95,24 @@ def test_deletion_rejects_mismatched_maps():
     with pytest.raises(InvalidArgument, match="maps="):
         deletion_insertion(zoo.lenet5_digits(), zoo.DIGITS_PREPROCESS.normalize, torch.zeros(2, 1, 32, 32),
                            torch.zeros(2, 16, 16), torch.zeros(2, dtype=torch.long))
+
+
+def test_cam_agreement_keeps_the_most_different_subset_and_counts_degenerate_maps():
+    from qrobust.metrics import CamAgreement
+    from qrobust.stats import poisson_weights
+
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.rand(40, 8, 8, generator=gen)
+    cand = ref.clone()
+    cand[[3, 17]] = 1 - cand[[3, 17]]  # two images whose quantized map is inverted
+    degenerate = torch.zeros(40, dtype=torch.bool)
+    degenerate[5] = True
+    ids = torch.arange(100, 140)
+    state = CamAgreement("eigencam", replicates=50, capacity=2)
+    for part in torch.arange(40).split(16):  # streamed in batches
+        state.update((ref[part], degenerate[part]), (cand[part], torch.zeros(len(part), dtype=torch.bool)),
+                     ids[part], poisson_weights(0, ids[part], 50), torch.rand(len(part), 1, 8, 8))
+    results = state.results()
+    assert [i for _, i in results["cam_rmse"].details["top_0.05_by_rmse"]] in ([103, 117], [117, 103])
+    assert results["cam_sim"].details["degenerate"] == {"fp32": 1, "quantized": 0, "both": 0}
+    assert results["cam_sim"].n == 39 and {o["id"] for o in state.overlays} == {103, 117}
