@@ -107,12 +107,15 @@ def builder_dataset(name: str, spec: str, num_classes: int) -> StreamingSet:
     return StreamingSet(name, len(dataset), num_classes, load)
 
 
-def build_dataset(name: str, spec: dict, base: Path):
+def build_dataset(name: str, spec: dict, base: Path, seed: int = 0):
+    """The dataset a ``datasets:`` entry describes, subsampled (seeded) to ``max_samples`` when given."""
     if "folder" in spec:
         boxes = base / spec["boxes"] if spec.get("boxes") else None
         saliency = base / spec["saliency"] if spec.get("saliency") else None
-        return folder_dataset(name, base / spec["folder"], tuple(spec["resolution"]), boxes, saliency)
-    return builder_dataset(name, spec["builder"], int(spec["num_classes"]))
+        data = folder_dataset(name, base / spec["folder"], tuple(spec["resolution"]), boxes, saliency)
+    else:
+        data = builder_dataset(name, spec["builder"], int(spec["num_classes"]))
+    return data.subset(spec.get("max_samples"), seed)
 
 
 def build_pair(name: str, spec: dict, base: Path, datasets: dict) -> ModelPair:

@@ -107,7 +107,7 @@ class QrobustSession:
             from qrobust.declared import build_dataset
 
             base = Path(self.thresholds.path).parent
-            self._datasets = {n: build_dataset(n, spec, base) for n, spec in self.thresholds.datasets.items()}
+            self._datasets = {n: build_dataset(n, spec, base, self.seed) for n, spec in self.thresholds.datasets.items()}
             for pair_spec in self.thresholds.pairs.values():  # built-in datasets a declared pair names
                 for ref in (pair_spec["dataset"], (pair_spec.get("calibration") or {}).get("dataset")):
                     if ref and ref not in self._datasets:

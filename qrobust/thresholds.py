@@ -340,7 +340,7 @@ def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Th
 
 PAIR_KEYS = {"arch", "builder", "weights", "trust", "num_classes", "preset", "preprocess", "dataset", "calibration",
              "target_layer", "quantized_target_layer"}
-DATASET_KEYS = {"folder", "builder", "resolution", "boxes", "saliency", "num_classes"}
+DATASET_KEYS = {"folder", "builder", "resolution", "boxes", "saliency", "num_classes", "max_samples"}
 
 
 def _one_of(v: _Validator, spec: dict, key: str, options: tuple[str, str]) -> str:
@@ -384,8 +384,9 @@ def _validate_dataset(v: _Validator, name: str, spec: dict, base: Path) -> None:
             _existing(v, base, spec["saliency"], f"{key}.saliency", directory=True)
     elif "num_classes" not in spec:
         v.fail(f"{key}.num_classes", "a builder dataset needs its class count")
-    if "num_classes" in spec:
-        v.number(spec["num_classes"], f"{key}.num_classes", minimum=1, integer=True)
+    for whole in ("num_classes", "max_samples"):
+        if whole in spec:
+            v.number(spec[whole], f"{key}.{whole}", minimum=1, integer=True)
 
 
 def _validate_pair(v: _Validator, name: str, spec: dict, base: Path, datasets: set[str]) -> None:

@@ -208,6 +208,17 @@ def test_declared_pair_from_builder_and_checkpoint_with_an_image_folder_runs_end
     assert report["environment"]["weights_sha256"]["weights.pt"]
 
 
+def test_dataset_max_samples_is_a_seeded_subsample(tmp_path):
+    from qrobust.declared import build_dataset
+
+    make_folder(tmp_path)
+    spec = {"folder": "images", "resolution": [32, 32], "max_samples": 5}
+    a, b = build_dataset("photos", spec, tmp_path), build_dataset("photos", spec, tmp_path)
+    assert len(a) == 5 and torch.equal(a.indices, b.indices)
+    assert not torch.equal(a.indices, build_dataset("photos", spec, tmp_path, seed=1).indices)
+    assert len(build_dataset("photos", {**spec, "max_samples": None}, tmp_path)) == 12
+
+
 def test_declared_pair_with_a_malicious_checkpoint_is_refused(pytester):
     make_folder(pytester.path)
     pytester.makepyfile(usermodels=BUILDER)
@@ -253,6 +264,7 @@ def test_ground_truth_saliency_maps_are_compared_with_both_cams(pytester):
     (("    calibration: {dataset: photos, samples: 8}\n    target_layer: \"3\"\n    quantized", "    target_layer: \"3\"\n    quantized", 1), "pairs.user-int8.calibration: post-training quantization needs calibration data"),
     (("folder: images", "folder: nowhere", 1), "datasets.photos.folder: "),
     (("boxes: boxes.json}", "boxes: boxes.json, saliency: nowhere}", 1), "datasets.photos.saliency: "),
+    (("boxes: boxes.json}", "boxes: boxes.json, max_samples: 0}", 1), "datasets.photos.max_samples: must be >= 1"),
     (("std: [0.25, 0.25, 0.25]", "std: [0.25, 0, 0.25]", 1), "pairs.user-int8.preprocess.std[1]: must be >="),
     (("resolution: [32, 32], boxes", "resolution: [32], boxes", 1), "datasets.photos.resolution: expected [height, width]"),
 ])
