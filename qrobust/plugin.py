@@ -101,6 +101,11 @@ def pytest_configure(config):
     except (ConfigError, InvalidArgument) as exc:
         raise pytest.UsageError(str(exc)) from None
     config.pluginmanager.register(_Collector(), COLLECTOR)
+    if hasattr(config, "workerinput"):  # share the cores between xdist workers instead of oversubscribing
+        import torch
+
+        workers = int(config.workerinput.get("workercount", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def _session(config):
