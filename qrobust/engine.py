@@ -91,6 +91,7 @@ class Evaluator:
         self.seed, self.batch_size, self.max_samples = seed, batch_size, max_samples
         self.replicates, self.f1_average, self.keep_samples = replicates, f1_average, keep_samples
         self._datasets = dict(datasets or {})
+        self._subsets: dict[str, ImageSet | StreamingSet] = {}
         self._cache: dict[tuple[str, str, float], CaseResult] = {}
         self._probed: set[int] = set()
         self.forward_passes: Counter[str] = Counter()
@@ -107,9 +108,11 @@ class Evaluator:
         return f"fp32[{group[0].name}]"
 
     def dataset(self, name: str) -> ImageSet | StreamingSet:
-        if name not in self._datasets:
-            self._datasets[name] = load_dataset(name)
-        return self._datasets[name].subset(self.max_samples, self.seed)
+        """The dataset as evaluated (subsampled to ``max_samples``), built once per session."""
+        if name not in self._subsets:
+            data = self._datasets[name] if name in self._datasets else load_dataset(name)
+            self._subsets[name] = data.subset(self.max_samples, self.seed)
+        return self._subsets[name]
 
     def _probe(self, group: list[ModelPair], data: ImageSet) -> None:
         """One clean batch first: same output shape and class count for both models, finite outputs."""

@@ -58,6 +58,7 @@ class QrobustSession:
         self.pair_loads: Counter[str] = Counter()
         self._evaluator = None
         self._datasets = None
+        self._fingerprint_cache: tuple[tuple, dict] = ((None,), {})
         self.problems: list[str] = []
         self.summary_lines: list[str] | None = None
 
@@ -271,10 +272,17 @@ class QrobustSession:
             return float(value)
         return case.tolerances.get(metric)
 
+    def _fingerprint(self) -> dict:
+        """This process's environment fingerprint, recomputed only when another pair has been loaded."""
+        loaded = tuple(self._pairs)
+        if self._fingerprint_cache[0] != loaded:
+            self._fingerprint_cache = (loaded, fingerprint(self.environment(self._weights())))
+        return self._fingerprint_cache[1]
+
     def _baseline_regression(self, case: CaseSpec, metric: str, value: float) -> str | None:
         if self.baseline is None or not math.isfinite(value):
             return None
-        current = fingerprint(self.environment(self._weights()))
+        current = self._fingerprint()
         if current != self.baseline["fingerprint"] and not self.baseline_any_env:
             diff = {k: (self.baseline["fingerprint"].get(k), v) for k, v in current.items()
                     if self.baseline["fingerprint"].get(k) != v}
