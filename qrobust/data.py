@@ -148,3 +148,65 @@ DATASETS.register("digits-test", lambda: _digits_split()[1], tags=("builtin", "d
 
 def load_dataset(name: str) -> ImageSet:
     return DATASETS.get(name)()
+
+
+# ---- natural photos that ship with scikit-image and scikit-learn (ImageNet-style evaluation) -----------
+# Evaluation photos, and a disjoint set for PTQ calibration (textures, microscopy, astronomy, documents):
+# calibration never sees an evaluated photo.
+EVAL_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle", "china", "flower")
+CALIBRATION_PHOTOS = ("camera", "coins", "clock", "brick", "grass", "gravel", "moon", "hubble_deep_field",
+                      "immunohistochemistry", "retina", "colorwheel", "page", "text", "cell")
+# (short side as a multiple of the crop, crops): 7 deterministic views per photo
+PHOTO_VIEWS = ((8 / 7, ("center", "flip")), (9 / 7, ("top_left", "top_right", "bottom_left", "bottom_right")),
+               (10 / 7, ("center",)))
+
+
+def _photo_pixels(name: str) -> torch.Tensor:
+    """(3, H, W) float pixels in [0, 1] of a bundled photo (grey ones repeated over RGB)."""
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_images
+
+        array = load_sample_images().images[("china", "flower").index(name)]
+    else:
+        from skimage import data
+
+        array = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
+    pixels = torch.tensor(array, dtype=torch.float32) / 255.0
+    return pixels[..., :3].permute(2, 0, 1) if pixels.dim() == 3 else pixels.expand(3, -1, -1)
+
+
+def photo_views(pixels: torch.Tensor, size: int, views=PHOTO_VIEWS) -> list[torch.Tensor]:
+    """Square crops of ``size`` after resizing the short side (antialiased bilinear), torchvision-style."""
+    out = []
+    for scale, crops in views:
+        height, width = pixels.shape[1:]
+        factor = round(size * scale) / min(height, width)
+        resized = F.interpolate(pixels[None], size=(round(height * factor), round(width * factor)), mode="bilinear",
+                                antialias=True, align_corners=False)[0].clamp_(0, 1)
+        h, w = resized.shape[1:]
+        corners = {"center": ((h - size) // 2, (w - size) // 2), "flip": ((h - size) // 2, (w - size) // 2),
+                   "top_left": (0, 0), "top_right": (0, w - size), "bottom_left": (h - size, 0),
+                   "bottom_right": (h - size, w - size)}
+        for crop in crops:
+            y, x = corners[crop]
+            view = resized[:, y:y + size, x:x + size]
+            out.append(view.flip(-1) if crop == "flip" else view)
+    return out
+
+
+@lru_cache(maxsize=None)
+def photo_views_set(size: int = 224) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pixels, ids, groups) of the evaluation photos' views; id = 100 * photo + view, group = photo."""
+    images, ids, groups = [], [], []
+    for p, name in enumerate(EVAL_PHOTOS):
+        for v, view in enumerate(photo_views(_photo_pixels(name), size)):
+            images.append(view)
+            ids.append(100 * p + v)
+            groups.append(p)
+    return torch.stack(images).contiguous(), torch.tensor(ids), torch.tensor(groups)
+
+
+def calibration_photos(size: int = 224) -> torch.Tensor:
+    """Pixels of three crops (center and two corners) of each calibration photo."""
+    crops = ((8 / 7, ("center", "top_left", "bottom_right")),)
+    return torch.stack([v for name in CALIBRATION_PHOTOS for v in photo_views(_photo_pixels(name), size, crops)])

@@ -75,6 +75,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "qrobust_tolerance(**metrics): override tolerances for this test, e.g. "
                                        "@pytest.mark.qrobust_tolerance(top1_delta=0.02)")
     config.addinivalue_line("markers", "qrobust: a qrobust gate check (added automatically)")
+    config.addinivalue_line("markers", "qrobust_metrics(*names): the metrics this gate test checks; cases whose "
+                                       "pair gates none of them are not generated")
     path = option(config, "thresholds")
     explicit = path is not None
     if not explicit:
@@ -126,6 +128,9 @@ def pytest_generate_tests(metafunc):
                 metafunc.parametrize(fixture, pairs, ids=str)
                 continue
             cases = session.cases if kind == "gate" else session.bitwidth_cases
+            declared = metafunc.definition.get_closest_marker("qrobust_metrics")
+            if declared is not None:  # a pair restricted to other metrics (gate.<pair>.metrics) gets no test here
+                cases = [c for c in cases if set(declared.args) & set(c.tolerances)]
             params = [pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=c.xfail)] if c.xfail else [])
                       for c in cases]
             metafunc.parametrize(fixture, params)

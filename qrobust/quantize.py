@@ -57,6 +57,7 @@ class QuantConfig:
     activation: TensorSpec
     engine: str | None = None
     keep_fp32: tuple[str, ...] = ()
+    fold_relu6: bool = False  # int8: clip Conv(+BN)+ReLU6 through the fused kernel's output range
     source: str = ""
 
     def __post_init__(self):
@@ -69,6 +70,8 @@ class QuantConfig:
                 raise invalid("weight", self.weight, "int8 kernels take 8-bit signed symmetric weights")
             if self.activation.bits > 8 or self.activation.signed:
                 raise invalid("activation", self.activation, "int8 kernels take unsigned activations of <= 8 bits")
+        elif self.fold_relu6:
+            raise invalid("fold_relu6", True, "only applies to int8 conversion")
 
     @property
     def bits(self) -> tuple[int, int]:
@@ -78,7 +81,7 @@ class QuantConfig:
     def summary(self) -> dict:
         return {"name": self.name, "kind": self.kind, "engine": self.engine,
                 "weight": self.weight.describe(), "activation": self.activation.describe(),
-                "keep_fp32": list(self.keep_fp32), "source": self.source}
+                "keep_fp32": list(self.keep_fp32), "fold_relu6": self.fold_relu6, "source": self.source}
 
 
 def _calibration_batches(calibration: Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
@@ -220,6 +223,49 @@ def _torch_qconfig(config: QuantConfig):
                    weight=spec_observer(config.weight, torch.qint8))
 
 
+def _relu6_as_relu(model: nn.Module, keep_fp32: tuple[str, ...]):
+    """FX-traced copy where each ReLU6 right after a quantized Conv (or Conv -> BN) is a ReLU.
+
+    PyTorch fuses Conv+BN+ReLU into one int8 kernel but not ReLU6: unfused, the conv's output is
+    quantized over its whole pre-activation range (often +-100 after BN folding) and ReLU6 then keeps a
+    handful of those levels in [0, 6]. Fused as Conv+ReLU, the kernel's output grid can cover just
+    [0, 6], and clipping at its top is ReLU6. Returns the graph and the names of the folded convs.
+    """
+    import torch.fx as fx
+
+    graph = fx.symbolic_trace(model)
+    modules = dict(graph.named_modules())
+    folded = []
+    for node in list(graph.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.ReLU6):
+            continue
+        source = node.args[0]
+        if (isinstance(source, fx.Node) and source.op == "call_module" and len(source.users) == 1
+                and isinstance(modules[source.target], nn.BatchNorm2d)):
+            source = source.args[0]
+        if not (isinstance(source, fx.Node) and source.op == "call_module" and len(source.users) == 1
+                and isinstance(modules[source.target], nn.Conv2d)) or source.target in keep_fp32:
+            continue
+        name = f"relu6_folded_{len(folded)}"
+        graph.add_submodule(name, nn.ReLU())
+        node.target = name
+        folded.append(source.target)
+    graph.recompile()
+    return graph.eval(), folded
+
+
+def _fused_relu_modules(prepared: nn.Module, folded: list[str]) -> list[nn.Module]:
+    """The prepared Conv+ReLU modules of the folded convs (fusion names them after the conv)."""
+    from torch.ao.nn.intrinsic import ConvReLU2d
+
+    modules = dict(prepared.named_modules())
+    fused = [modules.get(name) for name in folded]
+    unfused = [name for name, module in zip(folded, fused) if not isinstance(module, ConvReLU2d)]
+    if unfused:
+        raise UnsupportedError(f"fold_relu6: {unfused[0]} was not fused with its ReLU6 by this PyTorch")
+    return fused
+
+
 def convert_int8(model: nn.Module, config: QuantConfig, calibration: Iterable[torch.Tensor]) -> Int8Model:
     """Real int8 twin of ``model`` by FX graph-mode post-training quantization on ``config.engine``."""
     if config.kind != "int8":
@@ -236,15 +282,23 @@ def convert_int8(model: nn.Module, config: QuantConfig, calibration: Iterable[to
         from torch.ao.quantization import get_default_qconfig_mapping
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
+        folded = []
+        if config.fold_relu6:
+            fp32, folded = _relu6_as_relu(fp32, config.keep_fp32)
         # the engine's defaults keep the fixed-range qconfigs of sigmoid/hardsigmoid/tanh/softmax;
         # the recipe replaces the global one
         mapping = get_default_qconfig_mapping(engine).set_global(_torch_qconfig(config))
         for name in config.keep_fp32:
             mapping.set_module_name(name, None)
         prepared = prepare_fx(fp32, mapping, example_inputs=(first[:1],))
+        fused = _fused_relu_modules(prepared, folded)
+        for module in fused:  # calibrate with ReLU6 semantics, so the observed output range is [0, <= 6]
+            module[1] = nn.ReLU6()
         prepared(first)
         for batch in batches:
             prepared(batch)
+        for module in fused:
+            module[1] = nn.ReLU()
         converted = convert_fx(prepared)
     return Int8Model(converted, engine)
 
@@ -296,6 +350,14 @@ for _engine_name in ("x86", "fbgemm", "qnnpack"):
                      replace(_A_AFFINE, bits=_act_bits, observer="histogram"), engine=_engine_name,
                      source=f"PyTorch's default {_engine_name} recipe: per-channel symmetric min/max weights, "
                             "histogram activations"))
+# onednn's kernels take full 8-bit activations (no reduce_range), and folding ReLU6 into the fused
+# kernels' output range keeps [0, 6] at 255 levels: the recipe that makes EfficientNet-Lite0 usable.
+_add(QuantConfig("int8-onednn", "int8", _W_SYM_PC, replace(_A_AFFINE, observer="histogram"), engine="onednn",
+                 source="PyTorch's default onednn recipe: per-channel symmetric min/max weights, 8-bit histogram "
+                        "activations"))
+_add(QuantConfig("int8-onednn-relu6", "int8", _W_SYM_PC, replace(_A_AFFINE, observer="histogram"), engine="onednn",
+                 fold_relu6=True,
+                 source="int8-onednn with Conv+BN+ReLU6 fused (ReLU6 clipped through the output range)"))
 _add(QuantConfig("int8-x86-per-tensor-minmax", "int8", replace(_W_SYM_PC, per_channel=False),
                  replace(_A_AFFINE, bits=7), engine="x86",
                  source="naive int8: per-tensor min/max weights and activations (known to hurt depthwise nets)"),

@@ -19,6 +19,7 @@ Schema (every section optional except where noted)::
       my-pair:
         tolerances: {...}
         perturbations: {awgn: {tolerances: {...}, at: {...}}}   # only: restrict to these perturbations
+        metrics: [agreement, kl_mean]                           # only: check just these metrics
         xfail: "why this configuration is known to fail"        # strict expected failure
     cam: {method: auto}          # auto: eigencam for real int8 twins, gradcampp for fake-quant ones
     bitwidth: {pairs: [...], min_bits: 4}            # seed 003's sweep
@@ -285,7 +286,14 @@ def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Th
         key = f"gate.{pair}"
         v.pair_name(pair, key)
         spec = v.mapping(spec, key)
-        v.keys(spec, key, {"tolerances", "perturbations", "xfail"})
+        v.keys(spec, key, {"tolerances", "perturbations", "metrics", "xfail"})
+        metrics = spec.get("metrics")
+        if metrics is not None:
+            if not isinstance(metrics, list) or not metrics:
+                v.fail(f"{key}.metrics", f"expected a non-empty list of metric names, got {metrics!r}")
+            for i, metric in enumerate(metrics):
+                if metric not in CASE_METRICS:
+                    v.fail(f"{key}.metrics[{i}]", f"unknown metric {metric!r} (known: {', '.join(CASE_METRICS)})")
         xfail = spec.get("xfail")
         if xfail is not None and (not isinstance(xfail, str) or not xfail.strip()):
             v.fail(f"{key}.xfail", f"expected the reason as a non-empty string, got {xfail!r}")
@@ -306,6 +314,8 @@ def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Th
                 tol = {**defaults, **pert_tol, **pert_at.get(level, {}), **pair_tol, **pp_tol, **pp_at.get(level, {})}
                 tol.pop("speedup", None)
                 tol.pop("cam_speedup", None)
+                if metrics is not None:
+                    tol = {m: t for m, t in tol.items() if m in metrics}
                 cases.append(CaseSpec(pair, name, level, MappingProxyType(tol), xfail))
     cam = v.mapping(raw.get("cam"), "cam")
     v.keys(cam, "cam", {"method"})

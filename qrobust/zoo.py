@@ -11,6 +11,7 @@ import inspect
 import json
 import os
 import tempfile
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qrobust.data import load_dataset
+from qrobust.data import DATASETS, ImageSet, calibration_photos, load_dataset, photo_views_set
 from qrobust.pairs import ModelPair, Preprocess, register_pair, sha256_file
 from qrobust.quantize import PRESETS, quantize_model
 
@@ -143,6 +144,64 @@ for _preset in PRESETS.names("sweep"):
     _register_lenet(_preset, "fake", "sweep")
 
 
+# ---- EfficientNet-Lite0 with its ImageNet weights, on the bundled photos ------------------------------
+IMAGENET_PREPROCESS = Preprocess(resolution=(224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+LITE0_DATASET = "imagenet-photos"
+
+
+@lru_cache(maxsize=None)
+def lite0_fp32() -> nn.Module:
+    from qrobust.efficientnet_lite import efficientnet_lite0
+
+    return efficientnet_lite0()
+
+
+@lru_cache(maxsize=None)
+def imagenet_photos() -> ImageSet:
+    """49 views of 7 photos, labelled with the FP32 EfficientNet-Lite0's top-1 class.
+
+    There is no ImageNet ground truth offline, so accuracy here means agreement with the FP32 model: the
+    quantized twin's top-1 delta is the share of views whose class it changes.
+    """
+    pixels, ids, groups = photo_views_set(IMAGENET_PREPROCESS.resolution[0])
+    with torch.inference_mode():
+        labels = lite0_fp32()(IMAGENET_PREPROCESS.normalize(pixels)).argmax(1)
+    return ImageSet(LITE0_DATASET, pixels, labels, ids, groups, num_classes=1000)
+
+
+DATASETS.register(LITE0_DATASET, imagenet_photos, tags=("builtin", "imagenet"))
+
+# name suffix -> (preset, layers kept in FP32): PyTorch's default x86 recipe, and the recipe that holds
+# up (8-bit activations on onednn, ReLU6 folded into the fused kernels, the RGB stem block in FP32)
+LITE0_TWINS = {"int8-x86": ("int8-x86", ()), "int8-onednn": ("int8-onednn", ()),
+               "int8-tuned": ("int8-onednn-relu6", ("_conv_stem", "_bn0", "_act0")), "w8a8": ("fake-w8a8", ())}
+
+
+@lru_cache(maxsize=None)
+def _lite0_pair(suffix: str) -> ModelPair:
+    from qrobust.efficientnet_lite import lite0_weights_path
+
+    preset, keep = LITE0_TWINS[suffix]
+    config = replace(PRESETS.get(preset), keep_fp32=keep)
+    fp32 = lite0_fp32()
+    calibration = IMAGENET_PREPROCESS.normalize(calibration_photos(IMAGENET_PREPROCESS.resolution[0])).split(16)
+    quantized = quantize_model(fp32, config, calibration)
+    weights = lite0_weights_path()
+    return ModelPair(
+        name=f"efficientnet-lite0-{suffix}", fp32=fp32, quantized=quantized, kind=config.kind, config=config,
+        preprocess=IMAGENET_PREPROCESS, num_classes=1000, dataset=LITE0_DATASET,
+        # the head's ReLU6; folded into the fused head conv when the recipe folds ReLU6
+        target_layer="_act1", quantized_target_layer="_conv_head" if config.fold_relu6 else "_act1",
+        metadata={"engine": config.engine, "bits": {"weight": config.weight.bits, "activation": config.activation.bits},
+                  "weights": {str(weights): sha256_file(weights)}},
+    )
+
+
+for _suffix, (_preset, _keep) in LITE0_TWINS.items():
+    register_pair(f"efficientnet-lite0-{_suffix}", lambda s=_suffix: _lite0_pair(s),
+                  tags=("builtin", "efficientnet-lite0", PRESETS.get(_preset).kind), preset=_preset)
+
+
 # ---- torchvision architectures named by the seed papers ---------------------------------------------------
 # name -> default CAM target layer (the last convolutional block's output)
 TORCHVISION_ARCHS = {
@@ -150,7 +209,6 @@ TORCHVISION_ARCHS = {
     "mobilenet_v2": "features.18", "mobilenet_v3_large": "features.16", "squeezenet1_0": "features.12",
     "squeezenet1_1": "features.12", "efficientnet_b0": "features.8", "shufflenet_v2_x1_0": "conv5",
 }
-IMAGENET_PREPROCESS = Preprocess(resolution=(224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
 def hub_cache_file(arch: str) -> Path:

@@ -111,6 +111,27 @@ def test_a_multi_metric_check_records_each_verdict(gate):
     assert verdicts == {"top1_delta": "pass", "kl_mean": "fail"}  # 3 bits: accuracy holds, confidence does not
 
 
+def test_metrics_restriction_generates_only_those_checks(gate):
+    extra_pair = "  lenet5-digits-w8a8: {metrics: [kl_mean]}\n"
+    gate.makefile(".yaml", thresholds=thresholds() + extra_pair)
+    gate.makepyfile(test_marked="""
+        import pytest
+
+        @pytest.mark.qrobust_metrics("top1_delta")
+        def test_top1_delta(qrobust_case, qrobust_check):
+            qrobust_check(qrobust_case, "top1_delta")
+
+        @pytest.mark.qrobust_metrics("kl_mean")
+        def test_kl_mean(qrobust_case, qrobust_check):
+            qrobust_check(qrobust_case, "kl_mean")
+    """)
+    result = gate.runpytest("test_marked.py", "test_gate.py")
+    # 4 cases per pair; the marked top1 test leaves w8a8 out, the unmarked suite skips it at run time
+    result.assert_outcomes(passed=(4 + 8) + (4 + 4 + 8), skipped=4 + 4)
+    ids = [line for line in gate.runpytest("--collect-only", "-q", "test_marked.py").stdout.lines if "::" in line]
+    assert not [i for i in ids if "top1_delta[lenet5-digits-w8a8" in i] and len(ids) == 12
+
+
 def test_tolerance_marker_overrides_one_test(gate):
     gate.makefile(".yaml", thresholds=thresholds())
     gate.makepyfile(test_override="""
@@ -147,6 +168,8 @@ MALFORMED = [
     ("perturbations: {awgn: {levls: [0]}}\n", "perturbations.awgn.levls: unknown key (did you mean 'levels'?)"),
     ("gate: {lenet5-digits-int9: {}}\n", "gate.lenet5-digits-int9: unknown pair 'lenet5-digits-int9' (did you mean"),
     ("gate: {lenet5-digits-int8-x86: {xfail: ''}}\n", "gate.lenet5-digits-int8-x86.xfail: expected the reason"),
+    ("gate: {lenet5-digits-int8-x86: {metrics: [kl_men]}}\n", "gate.lenet5-digits-int8-x86.metrics[0]: unknown metric 'kl_men'"),
+    ("gate: {lenet5-digits-int8-x86: {metrics: []}}\n", "gate.lenet5-digits-int8-x86.metrics: expected a non-empty list"),
     ("gate: {lenet5-digits-int8-x86: {tolerances: {kl_mean: '1e-2'}}}\n", "gate.lenet5-digits-int8-x86.tolerances.kl_mean: expected a number, got the string"),
     ("batch_size: 0\n", "batch_size: must be >= 1, got 0"),
     ("batch_size: 2.5\n", "batch_size: expected a whole number, got 2.5"),

@@ -1,0 +1,122 @@
+"""EfficientNet-Lite0: our architecture against the reference package, the ImageNet predictions on the
+bundled photos, the int8 recipes, and ReLU6 folding on a small network."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qrobust.data import CALIBRATION_PHOTOS, EVAL_PHOTOS, load_dataset
+from qrobust.efficientnet_lite import lite0_weights_path, same_padding
+from qrobust.errors import InvalidArgument
+from qrobust.pairs import load_pair
+from qrobust.quantize import convert_int8, get_preset, quantized_module_names
+from qrobust.zoo import IMAGENET_PREPROCESS, lite0_fp32
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return load_dataset("imagenet-photos")
+
+
+@pytest.fixture(scope="module")
+def inputs(photos):
+    return IMAGENET_PREPROCESS.normalize(photos.images)
+
+
+def _kl(p_logits, q_logits):
+    return (F.softmax(p_logits.double(), 1) * (F.log_softmax(p_logits.double(), 1)
+                                               - F.log_softmax(q_logits.double(), 1))).sum(1)
+
+
+def test_matches_the_reference_package_bit_for_bit(inputs):
+    from efficientnet_lite_pytorch import EfficientNet
+
+    reference = EfficientNet.from_name("efficientnet-lite0")
+    reference.load_state_dict(torch.load(lite0_weights_path(), weights_only=True))
+    with torch.inference_mode():
+        assert torch.equal(lite0_fp32()(inputs[:8]), reference.eval()(inputs[:8]))
+
+
+@pytest.mark.parametrize("size, kernel, stride, expected", [
+    (224, 3, 2, (0, 1)), (224, 5, 2, (1, 2)), (225, 3, 2, (1, 1)), (112, 3, 1, (1, 1)), (14, 5, 1, (2, 2)),
+    (7, 1, 1, (0, 0)),
+])
+def test_same_padding_is_tensorflows(size, kernel, stride, expected):
+    assert same_padding(size, kernel, stride) == expected
+    before, after = expected
+    assert (size + before + after - kernel) // stride + 1 == -(-size // stride)  # output = ceil(size / stride)
+
+
+def test_photos_are_grouped_views_labelled_by_fp32(photos, inputs):
+    assert len(photos) == 7 * len(EVAL_PHOTOS) and photos.images.shape[1:] == (3, 224, 224)
+    assert photos.groups.unique().tolist() == list(range(len(EVAL_PHOTOS)))
+    assert not set(EVAL_PHOTOS) & set(CALIBRATION_PHOTOS)
+    with torch.inference_mode():
+        assert torch.equal(lite0_fp32()(inputs).argmax(1), photos.labels)
+    # the first view of each photo is its centre crop; ImageNet classes known for three of them
+    centre = {name: photos.labels[7 * i].item() for i, name in enumerate(EVAL_PHOTOS)}
+    assert (centre["chelsea"], centre["coffee"], centre["rocket"]) == (285, 967, 657)  # Egyptian cat, espresso, missile
+
+
+def test_tuned_int8_recipe_holds_and_default_x86_recipe_collapses(inputs):
+    with torch.inference_mode():
+        reference = lite0_fp32()(inputs)
+        tuned, default = load_pair("efficientnet-lite0-int8-tuned"), load_pair("efficientnet-lite0-int8-x86")
+        assert quantized_module_names(tuned.quantized) and quantized_module_names(default.quantized)
+        good, bad = tuned.quantized(inputs), default.quantized(inputs)
+    assert (good.argmax(1) == reference.argmax(1)).float().mean() >= 0.85
+    assert _kl(reference, good).mean() < 0.02  # seed 004's clean int8 KL range is 0.008-0.018
+    assert _kl(reference, bad).mean() > 0.3   # measured 0.93: the gate's strict expected failure
+
+
+def _sqnr_db(reference, approx):
+    return (10 * torch.log10(reference.pow(2).mean() / (approx - reference).pow(2).mean())).item()
+
+
+class ConvBnRelu6(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, self.act1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6()
+        self.conv2, self.bn2, self.act2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6()
+        with torch.no_grad():  # a wide pre-activation range, as BN folding gives real networks
+            for bn in (self.bn1, self.bn2):
+                bn.weight.uniform_(5, 30)
+                bn.bias.uniform_(-20, 5)
+
+    def forward(self, x):
+        return self.act2(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))))
+
+
+def test_relu6_folding_keeps_zero_to_six_on_the_int8_grid():
+    torch.manual_seed(0)
+    model = ConvBnRelu6().eval()
+    x = torch.randn(32, 3, 16, 16)
+    with torch.no_grad():
+        reference = model(x)
+        folded = convert_int8(model, get_preset("int8-onednn-relu6"), [x])
+        plain = convert_int8(model, get_preset("int8-onednn"), [x])
+        out_folded, out_plain = folded(x), plain(x)
+    assert out_folded.min() >= 0 and out_folded.max() <= 6 + 1e-6
+    assert (out_folded - reference).abs().mean() < 2 * 6 / 255  # within two steps of the [0, 6] grid
+    # measured: 28.9 dB folded, 19.9 dB unfolded (a 16-level-wide pre-activation grid clipped to [0, 6])
+    assert _sqnr_db(reference, out_folded) > _sqnr_db(reference, out_plain) + 6
+    assert "act2" not in dict(folded.graph.named_modules())  # fused into the conv kernel
+
+
+def test_relu6_folding_leaves_fp32_layers_alone():
+    torch.manual_seed(0)
+    model = ConvBnRelu6().eval()
+    x = torch.randn(8, 3, 16, 16)
+    keep = ("conv1", "bn1", "act1")
+    folded = convert_int8(model, get_preset("int8-onednn-relu6", keep_fp32=keep), [x])
+    modules = dict(folded.graph.named_modules())
+    assert isinstance(modules["act1"], nn.ReLU6) and "act2" not in modules
+    with torch.no_grad():
+        assert _sqnr_db(model(x), folded(x)) > 25
+
+
+def test_relu6_folding_is_for_int8_only():
+    with pytest.raises(InvalidArgument, match="fold_relu6"):
+        get_preset("fake-w8a8", fold_relu6=True)
