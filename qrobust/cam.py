@@ -52,6 +52,31 @@ def resolve_layer(model: nn.Module, name: str) -> nn.Module:
     return modules[name]
 
 
+def int8_layer_name(fp32: nn.Module, int8_model: nn.Module, name: str) -> str:
+    """Where the FP32 layer ``name`` lives in an int8 graph, which FX flattens and fuses.
+
+    The graph calls only leaf modules, and a fused Conv+BN+ReLU is named after its conv. So: ``name``
+    itself if the graph calls it, else the last module it calls inside ``name`` (a block's output
+    stage), else the nearest module before ``name`` in the FP32 model that it calls (the conv that
+    absorbed this BN/ReLU).
+    """
+    root = _module_root(int8_model)
+    if not isinstance(getattr(root, "graph", None), torch.fx.Graph):  # eager-mode twin: FP32 names kept
+        return name
+    called = [node.target for node in root.graph.nodes if node.op == "call_module"]
+    if name in called:
+        return name
+    inside = [target for target in called if target.startswith(name + ".")]
+    if inside:
+        return inside[-1]
+    order = [n for n, _ in fp32.named_modules()]
+    if name in order:
+        for earlier in reversed(order[:order.index(name)]):
+            if earlier in called:
+                return earlier
+    raise invalid("target_layer", name, "has no counterpart in the int8 graph; set quantized_target_layer")
+
+
 class _Capture(contextlib.AbstractContextManager):
     """Forward hook keeping the target layer's output; removed on exit whatever happens."""
 

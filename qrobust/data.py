@@ -93,14 +93,19 @@ class StreamingSet:
     """A dataset produced batch by batch from indices, so evaluation memory does not grow with its size.
 
     ``load(indices)`` returns a Batch for those dataset positions (pixels, labels, ids, groups); used
-    for large folders and generated benchmark sets.
+    for large folders and generated benchmark sets. With ``workers`` > 0, that many threads decode the
+    next batches while the models run (image decoding and resizing release the GIL); at most
+    ``2 * workers`` batches are held ahead, and batches come out in order.
     """
 
-    def __init__(self, name: str, length: int, num_classes: int, load, indices: torch.Tensor | None = None):
+    def __init__(self, name: str, length: int, num_classes: int, load, indices: torch.Tensor | None = None,
+                 workers: int = 0):
         if length < 1:
             raise invalid("dataset", name, "is empty: a gate on no samples proves nothing")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise invalid("workers", workers, "must be a whole number >= 0")
         self.name, self.num_classes, self._load = name, num_classes, load
-        self._length = length
+        self._length, self.workers = length, workers
         self.indices = torch.arange(length) if indices is None else indices
 
     def __len__(self) -> int:
@@ -110,12 +115,26 @@ class StreamingSet:
         pick = subset_positions(len(self), max_samples, seed)
         if pick is None:
             return self
-        return StreamingSet(self.name, self._length, self.num_classes, self._load, self.indices[pick])
+        return StreamingSet(self.name, self._length, self.num_classes, self._load, self.indices[pick], self.workers)
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
         check_batch_size(batch_size)
-        for chunk in self.indices.split(batch_size):
-            yield self._load(chunk)
+        chunks = self.indices.split(batch_size)
+        if self.workers == 0:
+            for chunk in chunks:
+                yield self._load(chunk)
+            return
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.workers, thread_name_prefix=f"qrobust-{self.name}") as pool:
+            ahead = deque()
+            for chunk in chunks:
+                ahead.append(pool.submit(self._load, chunk))
+                if len(ahead) > 2 * self.workers:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
 
 
 DATASETS: Registry = Registry("dataset")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from qrobust.data import Batch, StreamingSet
 from qrobust.errors import InvalidArgument, invalid
 from qrobust.pairs import ModelPair, Preprocess
 
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)  # image decoding threads of a folder dataset
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -55,7 +57,7 @@ def _saliency_path(saliency_root: Path, rel: Path) -> Path:
 
 
 def folder_dataset(name: str, root: Path, resolution: tuple[int, int], boxes_file: Path | None = None,
-                   saliency_root: Path | None = None) -> StreamingSet:
+                   saliency_root: Path | None = None, workers: int = DEFAULT_WORKERS) -> StreamingSet:
     """Images under ``root/<class>/``, class = subfolder (sorted), resized to ``resolution``, streamed.
 
     ``saliency_root`` holds a ground-truth saliency map (greyscale) per image at the same relative path.
@@ -93,7 +95,7 @@ def folder_dataset(name: str, root: Path, resolution: tuple[int, int], boxes_fil
                      torch.tensor(out_boxes) if boxes is not None else None,
                      torch.stack(maps) if saliency_root is not None else None)
 
-    return StreamingSet(name, len(files), len(classes), load)
+    return StreamingSet(name, len(files), len(classes), load, workers=workers)
 
 
 def builder_dataset(name: str, spec: str, num_classes: int) -> StreamingSet:
@@ -112,7 +114,8 @@ def build_dataset(name: str, spec: dict, base: Path, seed: int = 0):
     if "folder" in spec:
         boxes = base / spec["boxes"] if spec.get("boxes") else None
         saliency = base / spec["saliency"] if spec.get("saliency") else None
-        data = folder_dataset(name, base / spec["folder"], tuple(spec["resolution"]), boxes, saliency)
+        data = folder_dataset(name, base / spec["folder"], tuple(spec["resolution"]), boxes, saliency,
+                              spec.get("workers", DEFAULT_WORKERS))
     else:
         data = builder_dataset(name, spec["builder"], int(spec["num_classes"]))
     return data.subset(spec.get("max_samples"), seed)

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -96,6 +96,8 @@ class Evaluator:
         self._probed: set[int] = set()
         self.forward_passes: Counter[str] = Counter()
         self.perturbed_batches: Counter[str] = Counter()
+        # progress(label, batches done, batches in all), called after every batch (the plugin draws it)
+        self.progress: Callable[[str, int, int], None] | None = None
 
     # ---- groups and data ---------------------------------------------------------------------------
     def group_of(self, pair: ModelPair) -> list[ModelPair]:
@@ -197,7 +199,9 @@ class Evaluator:
             raise invalid("target_layer", None, f"pair {lead.name!r} declares no CAM target layer")
         normalize = lead.preprocess.normalize
         fp_label = self.fp32_label(self.group_of(lead))
-        for batch in data.batches(self.batch_size):
+        total = math.ceil(len(data) / self.batch_size)
+        label = f"{lead.name} {perturbation} @ {level:g}"
+        for done, batch in enumerate(data.batches(self.batch_size), 1):
             images = batch.images.to(self.device)
             pixels = images if perturbation == CLEAN else perturb(
                 perturbation, images, level, ids=batch.ids, seed=self.seed, boxes=batch.boxes,
@@ -226,6 +230,8 @@ class Evaluator:
                                batch.saliency)
                 self.forward_passes[pair.name] += 1
                 states[pair.name].update(fp_logits, q_logits, batch.labels, batch.ids, batch.groups, weights)
+            if self.progress is not None:
+                self.progress(label, done, total)
         for pair in group:
             st = states[pair.name]
             estimates = st.results() if st.n else {}

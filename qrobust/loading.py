@@ -62,7 +62,9 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> dict | nn.Module:
         warnings.warn(f"loading trusted TorchScript {path}", stacklevel=2)
         return torch.jit.load(str(path), map_location="cpu")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust)
+        with warnings.catch_warnings():  # torch's note on non-default pickle protocols is not the user's concern
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as exc:  # noqa: BLE001 - truncated, corrupt, or refused by the safe unpickler
         message = _first_line(exc)
         if not trust and ("weights_only" in message or "Unsupported global" in message):

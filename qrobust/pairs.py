@@ -57,8 +57,13 @@ class ModelPair:
             raise invalid("kind", self.kind, "must be 'fake' or 'int8'")
         self.fp32.eval()
         self.quantized.eval()
-        if self.quantized_target_layer is None:
-            self.quantized_target_layer = self.target_layer
+        if self.quantized_target_layer is None and self.target_layer is not None:
+            if self.kind == "int8":
+                from qrobust.cam import int8_layer_name
+
+                self.quantized_target_layer = int8_layer_name(self.fp32, self.quantized, self.target_layer)
+            else:
+                self.quantized_target_layer = self.target_layer
 
 
 def sha256_file(path: str | Path) -> str:

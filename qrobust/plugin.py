@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,11 +105,49 @@ def pytest_configure(config):
     except (ConfigError, InvalidArgument) as exc:
         raise pytest.UsageError(str(exc)) from None
     config.pluginmanager.register(_Collector(), COLLECTOR)
+    if not hasattr(config, "workerinput"):
+        config.stash[SESSION_KEY].progress = TerminalProgress(config)
     if hasattr(config, "workerinput"):  # share the cores between xdist workers instead of oversubscribing
         import torch
 
         workers = int(config.workerinput.get("workercount", 1))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+class TerminalProgress:
+    """Batch progress of a long case, drawn after pytest's own line on an interactive terminal.
+
+    Output capture is suspended for each draw (as pytest does for pdb); nothing is drawn when stdout is
+    not a terminal (CI logs), for single-batch cases, or more often than every 0.2 s, and the line is
+    restored when the case ends.
+    """
+
+    def __init__(self, config):
+        self._capman = config.pluginmanager.getplugin("capturemanager")
+        self._drawn = False
+        self._last = 0.0
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        import contextlib
+        import time
+
+        now = time.monotonic()
+        if total < 2 or (done < total and now - self._last < 0.2):
+            return
+        self._last = now
+        uncaptured = self._capman.global_and_fixture_disabled() if self._capman else contextlib.nullcontext()
+        with uncaptured:
+            if not sys.stdout.isatty():
+                return
+            if not self._drawn:
+                sys.stdout.write("\x1b7")  # save the cursor where pytest left it
+                self._drawn = True
+            sys.stdout.write("\x1b8\x1b[K")  # back there, clear the rest of the line
+            if done < total:
+                sys.stdout.write(f" [qrobust {label}: batch {done}/{total}]"[:max(0, shutil.get_terminal_size().columns - 40)])
+            else:
+                self._drawn = False
+            sys.stdout.flush()
 
 
 def _session(config):

@@ -57,6 +57,7 @@ class QrobustSession:
         self._pairs: dict = {}
         self.pair_loads: Counter[str] = Counter()
         self._evaluator = None
+        self.progress = None  # callable(label, done, total) the evaluator reports batches to (the plugin sets it)
         self._datasets = None
         self._fingerprint_cache: tuple[tuple, dict] = ((None,), {})
         self.problems: list[str] = []
@@ -134,6 +135,7 @@ class QrobustSession:
                                         wanted={(c.pair, c.perturbation, c.level) for c in cases},
                                         datasets=self.datasets,
                                         cam_cases=cam_cases, cam_methods=methods)
+            self._evaluator.progress = self.progress
         return self._evaluator
 
     def environment(self, weights: dict[str, str]) -> dict:

@@ -350,7 +350,7 @@ def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Th
 
 PAIR_KEYS = {"arch", "builder", "weights", "trust", "num_classes", "preset", "preprocess", "dataset", "calibration",
              "target_layer", "quantized_target_layer"}
-DATASET_KEYS = {"folder", "builder", "resolution", "boxes", "saliency", "num_classes", "max_samples"}
+DATASET_KEYS = {"folder", "builder", "resolution", "boxes", "saliency", "num_classes", "max_samples", "workers"}
 
 
 def _one_of(v: _Validator, spec: dict, key: str, options: tuple[str, str]) -> str:
@@ -392,6 +392,8 @@ def _validate_dataset(v: _Validator, name: str, spec: dict, base: Path) -> None:
             _existing(v, base, spec["boxes"], f"{key}.boxes")
         if "saliency" in spec:
             _existing(v, base, spec["saliency"], f"{key}.saliency", directory=True)
+        if "workers" in spec:
+            v.number(spec["workers"], f"{key}.workers", minimum=0, integer=True)
     elif "num_classes" not in spec:
         v.fail(f"{key}.num_classes", "a builder dataset needs its class count")
     for whole in ("num_classes", "max_samples"):

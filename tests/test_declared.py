@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import re
 import textwrap
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qrobust.cam import compute_cams
+from qrobust.cam import compute_cams, int8_layer_name
 from qrobust.errors import InvalidArgument
 from qrobust.loading import load_checkpoint
 from qrobust.quantize import get_preset, quantize_model, quantized_module_names
@@ -26,33 +27,68 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
+class ExecPayload:
+    """The same, through ``builtins.exec`` of Python source."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
 def malicious_files(tmp_path):
+    """Ten files that run code (or would construct arbitrary objects) when unpickled or loaded."""
     marker = tmp_path / "pwned"
-    plain = tmp_path / "payload.pt"
-    with open(plain, "wb") as fh:
-        pickle.dump(Payload(marker), fh)
-    nested = tmp_path / "nested.pt"
-    torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": Payload(marker)}, nested)
-    module = tmp_path / "module.pt"
-    torch.save(torch.nn.Linear(2, 2), module)
-    script = tmp_path / "script.pt"
-    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), script)
-    return marker, [plain, nested, module, script]
+    files = {}
+
+    def pickled(name, obj, protocol=pickle.DEFAULT_PROTOCOL):
+        files[name] = tmp_path / name
+        files[name].write_bytes(pickle.dumps(obj, protocol=protocol))
+
+    def saved(name, obj, **kw):
+        files[name] = tmp_path / name
+        torch.save(obj, files[name], **kw)
+
+    pickled("reduce.pt", Payload(marker))                                    # raw pickle, os.system
+    pickled("reduce-protocol0.pkl", Payload(marker), protocol=0)             # text protocol
+    pickled("exec.pth", ExecPayload(marker))                                 # builtins.exec of source
+    saved("zip-payload.pt", Payload(marker))                                 # torch.save zip archive
+    saved("nested.pt", {"state_dict": {"w": torch.zeros(1)}, "extra": Payload(marker)})  # beside real weights
+    saved("value.pt", {"w": Payload(marker)})                                # posing as a tensor
+    saved("legacy.pt", {"w": torch.zeros(1), "x": ExecPayload(marker)}, _use_new_zipfile_serialization=False)
+    saved("module.pt", torch.nn.Linear(2, 2))                                # whole-module pickle
+    files["script.pt"] = tmp_path / "script.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), files["script.pt"])  # TorchScript
+    files["fake.safetensors"] = tmp_path / "fake.safetensors"                # a pickle in disguise
+    files["fake.safetensors"].write_bytes(pickle.dumps(Payload(marker)))
+    return marker, list(files.values())
 
 
 def test_malicious_checkpoints_are_refused_without_running_anything(tmp_path):
+    from qrobust.efficientnet_lite import efficientnet_lite0
+
     marker, files = malicious_files(tmp_path)
+    assert len(files) >= 8
     for path in files:
-        with pytest.raises(InvalidArgument, match=rf"checkpoint {path} \(\d+ bytes, sha256 [0-9a-f]{{16}}\.\.\.\)"):
+        with pytest.raises(InvalidArgument, match=rf"checkpoint.*{path.name}"):
             load_checkpoint(path)
         with pytest.raises(InvalidArgument):
             build_arch("resnet18", 10, str(path))
+        with pytest.raises(InvalidArgument):
+            efficientnet_lite0(path)
+        try:
+            load_checkpoint(path)
+        except InvalidArgument as exc:
+            assert "\n" not in str(exc)
+            if path.suffix != ".safetensors":
+                assert re.search(rf"{path} \(\d+ bytes, sha256 [0-9a-f]{{16}}\.\.\.\)", str(exc)), str(exc)
     assert not marker.exists()
 
 
 def test_trusted_torchscript_and_module_load_with_a_warning(tmp_path):
     _, files = malicious_files(tmp_path)
-    for path in files[2:]:
+    for path in (p for p in files if p.name in ("module.pt", "script.pt")):
         with pytest.warns(UserWarning, match="trusted"):
             assert isinstance(load_checkpoint(path, trust=True), torch.nn.Module)
 
@@ -99,6 +135,14 @@ def test_every_seed_architecture_builds_quantizes_and_explains(arch):
     for m in (model, fake):
         maps, _ = compute_cams(m, x, layer, ["gradcampp"]).maps["gradcampp"]
         assert maps.shape == (2, 64, 64)
+    # the int8 graph is flattened and fused: the default layer resolves to its counterpart there
+    int8_layer = int8_layer_name(model, int8, layer)
+    order = [n for n, _ in model.named_modules()]
+    last_inside = max(i for i, n in enumerate(order) if n == layer or n.startswith(layer + "."))
+    assert int8_layer in order and order.index(int8_layer) <= last_inside
+    fp_maps, _ = compute_cams(model, x, layer, ["eigencam"]).maps["eigencam"]
+    q_maps, _ = compute_cams(int8, x, int8_layer, ["eigencam"]).maps["eigencam"]
+    assert q_maps.shape == fp_maps.shape == (2, 64, 64) and torch.isfinite(q_maps).all()
 
 
 def test_architecture_without_weights_is_an_error_and_hub_never_downloads(monkeypatch, tmp_path):
@@ -219,20 +263,39 @@ def test_dataset_max_samples_is_a_seeded_subsample(tmp_path):
     assert len(build_dataset("photos", {**spec, "max_samples": None}, tmp_path)) == 12
 
 
-def test_declared_pair_with_a_malicious_checkpoint_is_refused(pytester):
+def test_folder_streams_identically_with_decoding_workers(tmp_path):
+    from qrobust.declared import build_dataset
+
+    make_folder(tmp_path)
+    spec = {"folder": "images", "resolution": [32, 32], "boxes": "boxes.json"}
+    serial, threaded = build_dataset("photos", {**spec, "workers": 0}, tmp_path), build_dataset("photos", {**spec, "workers": 3}, tmp_path)
+    assert threaded.workers == 3 and threaded.subset(7, 0).workers == 3
+    pairs = list(zip(serial.batches(5), threaded.batches(5), strict=True))
+    assert len(pairs) == 3
+    for a, b in pairs:
+        assert torch.equal(a.images, b.images) and torch.equal(a.ids, b.ids) and torch.equal(a.boxes, b.boxes)
+    with pytest.raises(InvalidArgument, match="workers=-1"):
+        build_dataset("photos", {**spec, "workers": -1}, tmp_path)
+
+
+MALICIOUS_NAMES = ["reduce.pt", "reduce-protocol0.pkl", "exec.pth", "zip-payload.pt", "nested.pt", "value.pt",
+                   "legacy.pt", "module.pt", "script.pt", "fake.safetensors"]
+
+
+@pytest.mark.parametrize("name", MALICIOUS_NAMES)
+def test_declared_pair_with_a_malicious_checkpoint_is_refused(pytester, name):
     make_folder(pytester.path)
     pytester.makepyfile(usermodels=BUILDER)
     pytester.syspathinsert()
-    marker = pytester.path / "pwned"
-    with open(pytester.path / "weights.pt", "wb") as fh:
-        pickle.dump(Payload(marker), fh)
-    pytester.makefile(".yaml", thresholds=DECLARED)
+    marker, files = malicious_files(pytester.path)
+    assert [f.name for f in files] == MALICIOUS_NAMES
+    pytester.makefile(".yaml", thresholds=DECLARED.replace("weights: weights.pt", f"weights: {name}"))
     pytester.makepyfile(test_user="""
         def test_agreement(qrobust_case, qrobust_check):
             qrobust_check(qrobust_case, "agreement")
     """)
     result = pytester.runpytest()
-    assert result.ret == 1 and "refused: it is not a plain tensor checkpoint" in result.stdout.str()
+    assert result.ret != 0 and f"checkpoint {pytester.path / name}" in result.stdout.str() + result.stderr.str()
     assert not marker.exists()
 
 
@@ -265,6 +328,7 @@ def test_ground_truth_saliency_maps_are_compared_with_both_cams(pytester):
     (("folder: images", "folder: nowhere", 1), "datasets.photos.folder: "),
     (("boxes: boxes.json}", "boxes: boxes.json, saliency: nowhere}", 1), "datasets.photos.saliency: "),
     (("boxes: boxes.json}", "boxes: boxes.json, max_samples: 0}", 1), "datasets.photos.max_samples: must be >= 1"),
+    (("boxes: boxes.json}", "boxes: boxes.json, workers: two}", 1), "datasets.photos.workers: expected a number"),
     (("std: [0.25, 0.25, 0.25]", "std: [0.25, 0, 0.25]", 1), "pairs.user-int8.preprocess.std[1]: must be >="),
     (("resolution: [32, 32], boxes", "resolution: [32], boxes", 1), "datasets.photos.resolution: expected [height, width]"),
 ])

@@ -106,6 +106,48 @@ def test_nan_on_clean_input_is_caught_by_the_probe():
         evaluator(make_pair("a", tiny(), quantized=broken)).evaluate("a", "awgn", 0.1)
 
 
+def test_progress_is_reported_after_every_batch():
+    seen = []
+    ev = evaluator(make_pair("a", tiny()), batch_size=32)
+    ev.progress = lambda label, done, total: seen.append((label, done, total))
+    ev.evaluate("a", "awgn", 0.1)
+    assert seen == [("a awgn @ 0.1", i, 4) for i in range(1, 5)]
+
+
+class FakeTerminal:
+    def __init__(self, tty):
+        self.tty, self.text = tty, ""
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_terminal_progress_draws_only_on_a_terminal_and_restores_the_line(monkeypatch, tty):
+    import types
+
+    from qrobust.plugin import TerminalProgress
+
+    terminal = FakeTerminal(tty)
+    monkeypatch.setattr("sys.stdout", terminal)
+    config = types.SimpleNamespace(pluginmanager=types.SimpleNamespace(getplugin=lambda name: None))
+    progress = TerminalProgress(config)
+    for done in (1, 2, 3):
+        progress("lenet awgn @ 0.1", done, 3)
+    progress("single batch", 1, 1)
+    if tty:
+        assert terminal.text.startswith("\x1b7\x1b8\x1b[K [qrobust lenet awgn @ 0.1: batch 1/3]")
+        assert terminal.text.endswith("\x1b8\x1b[K") and "single" not in terminal.text
+    else:
+        assert terminal.text == ""
+
+
 def test_bad_requests_are_clear_errors():
     ev = evaluator(make_pair("a", tiny()))
     with pytest.raises(InvalidArgument, match="did you mean 'awgn'"):
