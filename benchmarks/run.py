@@ -10,6 +10,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import cam_speed  # noqa: E402
 import latency  # noqa: E402
 import memory  # noqa: E402
+import overhead  # noqa: E402
 
 
 def main() -> None:
@@ -22,16 +23,22 @@ def main() -> None:
     for r in rows:
         print(f"{r['samples']:>6} samples: {r['peak_rss_mib']:.1f} MiB, {r['seconds']} s")
     print(f"growth 1k -> 10k: {100 * (rows[-1]['peak_rss_mib'] / rows[0]['peak_rss_mib'] - 1):+.1f}%")
-    print("\n## latency: FP32 vs quantized, interleaved, median of 30 rounds")
-    for r in latency.main(["lenet5-digits-int8-x86"], batches=(1, 32, 64)):
+    print("\n## latency: FP32 vs quantized, interleaved, median of the rounds (seed 002's comparison)")
+    rows = (latency.main(["lenet5-digits-int8-x86"], batches=(1, 32, 64))
+            + latency.main(["efficientnet-lite0-int8-tuned", "efficientnet-lite0-int8-x86"], batches=(1, 32), rounds=10)
+            + latency.archs())
+    for r in rows:
         print(f"{r['pair']} batch {r['batch']}: fp32 {r['fp32_ms']:.3f} ms, quantized {r['quantized_ms']:.3f} ms, "
               f"speedup {r['speedup']:.2f}x [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]")
-
 
     print("\n## CAM throughput vs pytorch-grad-cam (ResNet18, batch 16, 224 px)")
     for r in cam_speed.main():
         print(f"{r['method']}: qrobust {r['qrobust_s']:.3f} s, pytorch-grad-cam {r['grad_cam_s']:.3f} s "
               f"({r['speedup']:.2f}x); one inference forward {r['forward_s']:.3f} s")
+    print("\n## overhead: the default gate's case evaluation vs the forwards and CAM passes it needs")
+    for r in overhead.main():
+        print(f"{r['pairs']}: {r['cases']} cases in {r['passes']} passes; gate {r['gate_s']} s, model work "
+              f"{r['model_s']} s, overhead {r['overhead']:.2f}x; forwards per perturbed batch {r['forwards_per_batch']}")
 
 
 if __name__ == "__main__":

@@ -44,12 +44,15 @@ def is_int8(model: nn.Module) -> bool:
 
 def resolve_layer(model: nn.Module, name: str) -> nn.Module:
     """The submodule called ``name`` (inside the graph of an int8 model); errors list the names there are."""
-    modules = dict(_module_root(model).named_modules())
-    if name not in modules or name == "":
-        names = [n for n in modules if n]
-        shown = ", ".join(names[:60]) + (f", ... ({len(names)} in all)" if len(names) > 60 else "")
-        raise invalid("target_layer", name, f"no such module (available: {shown})")
-    return modules[name]
+    root = _module_root(model)
+    if name:
+        try:
+            return root.get_submodule(name)
+        except AttributeError:
+            pass
+    names = [n for n, _ in root.named_modules() if n]
+    shown = ", ".join(names[:60]) + (f", ... ({len(names)} in all)" if len(names) > 60 else "")
+    raise invalid("target_layer", name, f"no such module (available: {shown})")
 
 
 def int8_layer_name(fp32: nn.Module, int8_model: nn.Module, name: str) -> str:

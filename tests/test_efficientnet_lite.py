@@ -120,3 +120,25 @@ def test_relu6_folding_leaves_fp32_layers_alone():
 def test_relu6_folding_is_for_int8_only():
     with pytest.raises(InvalidArgument, match="fold_relu6"):
         get_preset("fake-w8a8", fold_relu6=True)
+
+
+def test_engine_counts_do_not_depend_on_batch_size_or_threads():
+    """FP32's labels here are near-ties (margins down to 0.0015): float reordering across batch sizes
+    and thread counts moves logits by ~1e-6, far too little to flip them, so the counts are equal."""
+    from qrobust.engine import Evaluator
+
+    pair = load_pair("efficientnet-lite0-int8-tuned")
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for batch_size, threads in ((8, 1), (64, 2)):
+            torch.set_num_threads(threads)
+            ev = Evaluator([pair], batch_size=batch_size, replicates=100)
+            ev.batch_size_for = lambda _pair, size=batch_size: size  # bypass the large-image cap
+            results.append(ev.evaluate(pair.name, "awgn", 0.1))
+    finally:
+        torch.set_num_threads(previous)
+    a, b = results
+    assert a.state.counts == b.state.counts
+    for name in ("top1_delta", "agreement", "kl_mean"):
+        assert a.estimates[name].value == pytest.approx(b.estimates[name].value, rel=1e-5, abs=1e-9)
