@@ -319,7 +319,7 @@ class CamAgreement:
         if saliency is not None:
             self._update_ground_truth(saliency.detach().cpu()[valid], ref_maps, cand_maps, w)
         rmse = values["cam_rmse"]
-        merged = self.most_different + [(float(r), int(i)) for r, i in zip(rmse, ids)]
+        merged = self.most_different + list(zip(rmse.tolist(), ids.tolist()))
         self.most_different = sorted(merged, reverse=True)[: self.capacity]
         pix = pixels.detach().cpu()[valid]
         for j in rmse.argsort(descending=True)[: self.overlay_count].tolist():

@@ -125,8 +125,8 @@ def _lenet_pair(preset: str) -> ModelPair:
     return ModelPair(
         name=name, fp32=fp32, quantized=quantized, kind=config.kind, config=config,
         preprocess=DIGITS_PREPROCESS, num_classes=10, dataset="digits-test",
-        # the second conv block's ReLU output; FX fuses conv+ReLU, so the int8 graph calls it features.3
-        target_layer="features.4", quantized_target_layer="features.3" if config.kind == "int8" else "features.4",
+        # the second conv block's ReLU output (FX fuses conv+ReLU: the int8 graph calls it features.3)
+        target_layer="features.4",
         metadata={"engine": config.engine, "bits": {"weight": config.weight.bits, "activation": config.activation.bits},
                   "weights": {str(weights): sha256_file(weights)}},
     )
@@ -190,8 +190,8 @@ def _lite0_pair(suffix: str) -> ModelPair:
     return ModelPair(
         name=f"efficientnet-lite0-{suffix}", fp32=fp32, quantized=quantized, kind=config.kind, config=config,
         preprocess=IMAGENET_PREPROCESS, num_classes=1000, dataset=LITE0_DATASET,
-        # the head's ReLU6; folded into the fused head conv when the recipe folds ReLU6
-        target_layer="_act1", quantized_target_layer="_conv_head" if config.fold_relu6 else "_act1",
+        # the head's ReLU6 (in an int8 twin that folds ReLU6, the fused head conv: see cam.int8_layer_name)
+        target_layer="_act1",
         metadata={"engine": config.engine, "bits": {"weight": config.weight.bits, "activation": config.activation.bits},
                   "weights": {str(weights): sha256_file(weights)}},
     )

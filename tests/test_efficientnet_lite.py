@@ -65,6 +65,8 @@ def test_tuned_int8_recipe_holds_and_default_x86_recipe_collapses(inputs):
         reference = lite0_fp32()(inputs)
         tuned, default = load_pair("efficientnet-lite0-int8-tuned"), load_pair("efficientnet-lite0-int8-x86")
         assert quantized_module_names(tuned.quantized) and quantized_module_names(default.quantized)
+        # the head ReLU6's counterpart: fused into the head conv when folded, its own module otherwise
+        assert (tuned.quantized_target_layer, default.quantized_target_layer) == ("_conv_head", "_act1")
         good, bad = tuned.quantized(inputs), default.quantized(inputs)
     assert (good.argmax(1) == reference.argmax(1)).float().mean() >= 0.85
     assert _kl(reference, good).mean() < 0.02  # seed 004's clean int8 KL range is 0.008-0.018

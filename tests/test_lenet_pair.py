@@ -36,6 +36,9 @@ def test_int8_pair_runs_int8_kernels_and_agrees_with_fp32(test_set):
     pair = load_pair("lenet5-digits-int8-x86")
     assert pair.kind == "int8" and pair.metadata["engine"] == "x86"
     assert {"graph.features.0", "graph.features.3", "graph.classifier.5"} <= set(quantized_module_names(pair.quantized))
+    # the CAM layer (ReLU features.4) resolves to the conv it was fused into; fake twins keep the name
+    assert pair.quantized_target_layer == "features.3"
+    assert load_pair("lenet5-digits-w8a8").quantized_target_layer == "features.4"
     x, _ = test_set
     with torch.inference_mode():
         agree = (pair.fp32(x).argmax(1) == pair.quantized(x).argmax(1)).float().mean().item()
