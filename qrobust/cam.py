@@ -8,7 +8,7 @@ ReLU -> bilinear upsampling to the input size -> per-image min-max to [0, 1]. A 
 after ReLU (common at high noise) is *degenerate*: it is returned as zeros and flagged, never NaN.
 
 Real int8 models work with the gradient-free EigenCAM: quantized activations are dequantized in the
-hook. Maps match pytorch-grad-cam's on FP32 models (tests/test_cam.py).
+hook. Maps match pytorch-grad-cam's on FP32 models (tests/test_cam_maps.py).
 """
 from __future__ import annotations
 

@@ -15,9 +15,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from qrobust.cam import compute_cams
 from qrobust.data import ImageSet, StreamingSet, check_batch_size, load_dataset
 from qrobust.errors import ModelOutputError, invalid
-from qrobust.cam import compute_cams
 from qrobust.metrics import CamAgreement, Estimate, PairMetrics
 from qrobust.pairs import ModelPair
 from qrobust.perturbations import PERTURBATIONS, perturb

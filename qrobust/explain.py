@@ -114,12 +114,12 @@ def explanation_quality(pair, data, method: str, seed: int = 0, replicates: int 
 
     per_image = {"deletion_auc_delta": [], "insertion_auc_delta": [], "wsol_iou_delta": []}
     groups, acts_fp, acts_q, has_boxes = [], [], [], True
+    norm = pair.preprocess.normalize
     for batch in data.batches(batch_size):
-        x = pair.preprocess.normalize(batch.images)
+        x = norm(batch.images)
         fp = compute_cams(pair.fp32, x, pair.target_layer, [method])
         q = compute_cams(pair.quantized, x, pair.quantized_target_layer, [method], targets=fp.targets)
         fp_maps, q_maps = fp.maps[method][0], q.maps[method][0]
-        norm = pair.preprocess.normalize
         fp_di = deletion_insertion(pair.fp32, norm, batch.images, fp_maps, fp.targets, steps, batch_size * 8)
         q_di = deletion_insertion(pair.quantized, norm, batch.images, q_maps, fp.targets, steps, batch_size * 8)
         per_image["deletion_auc_delta"].append(q_di.deletion_auc - fp_di.deletion_auc)

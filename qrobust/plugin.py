@@ -105,13 +105,13 @@ def pytest_configure(config):
     except (ConfigError, InvalidArgument) as exc:
         raise pytest.UsageError(str(exc)) from None
     config.pluginmanager.register(_Collector(), COLLECTOR)
-    if not hasattr(config, "workerinput"):
-        config.stash[SESSION_KEY].progress = TerminalProgress(config)
     if hasattr(config, "workerinput"):  # share the cores between xdist workers instead of oversubscribing
         import torch
 
         workers = int(config.workerinput.get("workercount", 1))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    else:
+        config.stash[SESSION_KEY].progress = TerminalProgress(config)
 
 
 class TerminalProgress:

@@ -212,7 +212,7 @@ class QrobustSession:
         cfg, pair = self.thresholds.explanations, self.pair(name)
         case = CaseSpec(name, "clean", 0.0, MappingProxyType(dict(cfg.get("tolerances") or {})))
         data = self.evaluator.dataset(pair.dataset).subset(int(cfg.get("samples", 64)), self.seed)
-        method = self.evaluator.cam_methods.get(name) or ("eigencam" if pair.kind == "int8" else "gradcampp")
+        method = self.evaluator.cam_methods[name]
         estimates = explanation_quality(pair, data, method, self.seed, self.thresholds.replicates,
                                         int(cfg.get("steps", 100)))
         failures = []

@@ -11,7 +11,6 @@ import inspect
 import json
 import os
 import tempfile
-from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from torch import nn
 
 from qrobust.data import DATASETS, ImageSet, calibration_photos, load_dataset, photo_views_set
 from qrobust.pairs import ModelPair, Preprocess, register_pair, sha256_file
-from qrobust.quantize import PRESETS, quantize_model
+from qrobust.quantize import PRESETS, QuantConfig, get_preset, quantize_model
 
 
 class LeNet5(nn.Module):
@@ -115,6 +114,12 @@ def digits_calibration(batch_size: int = 64, count: int = 256) -> list[torch.Ten
     return list(DIGITS_PREPROCESS.normalize(train.images[:count]).split(batch_size))
 
 
+def _pair_metadata(config: QuantConfig, weights: Path) -> dict:
+    """What the report's environment records of a built-in pair: engine, bit widths, weights' sha256."""
+    return {"engine": config.engine, "bits": {"weight": config.weight.bits, "activation": config.activation.bits},
+            "weights": {str(weights): sha256_file(weights)}}
+
+
 @lru_cache(maxsize=None)
 def _lenet_pair(preset: str) -> ModelPair:
     config = PRESETS.get(preset)
@@ -127,8 +132,7 @@ def _lenet_pair(preset: str) -> ModelPair:
         preprocess=DIGITS_PREPROCESS, num_classes=10, dataset="digits-test",
         # the second conv block's ReLU output (FX fuses conv+ReLU: the int8 graph calls it features.3)
         target_layer="features.4",
-        metadata={"engine": config.engine, "bits": {"weight": config.weight.bits, "activation": config.activation.bits},
-                  "weights": {str(weights): sha256_file(weights)}},
+        metadata=_pair_metadata(config, weights),
     )
 
 
@@ -182,7 +186,7 @@ def _lite0_pair(suffix: str) -> ModelPair:
     from qrobust.efficientnet_lite import lite0_weights_path
 
     preset, keep = LITE0_TWINS[suffix]
-    config = replace(PRESETS.get(preset), keep_fp32=keep)
+    config = get_preset(preset, keep_fp32=keep)
     fp32 = lite0_fp32()
     calibration = IMAGENET_PREPROCESS.normalize(calibration_photos(IMAGENET_PREPROCESS.resolution[0])).split(16)
     quantized = quantize_model(fp32, config, calibration)
@@ -192,8 +196,7 @@ def _lite0_pair(suffix: str) -> ModelPair:
         preprocess=IMAGENET_PREPROCESS, num_classes=1000, dataset=LITE0_DATASET,
         # the head's ReLU6 (in an int8 twin that folds ReLU6, the fused head conv: see cam.int8_layer_name)
         target_layer="_act1",
-        metadata={"engine": config.engine, "bits": {"weight": config.weight.bits, "activation": config.activation.bits},
-                  "weights": {str(weights): sha256_file(weights)}},
+        metadata=_pair_metadata(config, weights),
     )
 
 

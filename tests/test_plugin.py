@@ -17,6 +17,11 @@ def test_kl_mean(qrobust_case, qrobust_check):
     qrobust_check(qrobust_case, "kl_mean")
 """
 
+BITWIDTH_SUITE = """
+def test_bitwidth(qrobust_bitwidth_case, qrobust_check):
+    qrobust_check(qrobust_bitwidth_case, list(qrobust_bitwidth_case.tolerances))
+"""
+
 
 def thresholds(pair="lenet5-digits-int8-x86", extra="", decision="point", tolerances=None):
     tolerances = tolerances or "{top1_delta: 0.01, agreement: 0.98, kl_mean: 0.02}"
@@ -87,10 +92,7 @@ def test_failing_gate_exits_1_with_the_full_message(gate):
 def test_strict_expected_failure_is_caught_and_turns_red_when_it_passes(gate):
     extra = "bitwidth: {pairs: [lenet5-digits-asym2, lenet5-digits-asym8], min_bits: 4, tolerances: {kl_mean: 0.02}}\n"
     gate.makefile(".yaml", thresholds=thresholds(extra=extra))
-    gate.makepyfile(test_bits="""
-        def test_bitwidth(qrobust_bitwidth_case, qrobust_check):
-            qrobust_check(qrobust_bitwidth_case, list(qrobust_bitwidth_case.tolerances))
-    """)
+    gate.makepyfile(test_bits=BITWIDTH_SUITE)
     gate.runpytest("test_bits.py").assert_outcomes(passed=1, xfailed=1)
     # min_bits 8 would call the 2-bit case below the bar too; min_bits 1 makes it a plain (failing) case
     gate.makefile(".yaml", thresholds=thresholds(extra=extra.replace("min_bits: 4", "min_bits: 1")))
@@ -100,10 +102,7 @@ def test_strict_expected_failure_is_caught_and_turns_red_when_it_passes(gate):
 def test_a_multi_metric_check_records_each_verdict(gate):
     extra = "bitwidth: {pairs: [lenet5-digits-asym3], min_bits: 1, tolerances: {top1_delta: 0.05, kl_mean: 0.02}}\n"
     gate.makefile(".yaml", thresholds=thresholds(extra=extra))
-    gate.makepyfile(test_bits="""
-        def test_bitwidth(qrobust_bitwidth_case, qrobust_check):
-            qrobust_check(qrobust_bitwidth_case, list(qrobust_bitwidth_case.tolerances))
-    """)
+    gate.makepyfile(test_bits=BITWIDTH_SUITE)
     result = gate.runpytest("test_bits.py")
     result.assert_outcomes(failed=1)
     verdicts = {c["metric"]: c["verdict"] for c in json.loads(
