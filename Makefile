@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test suite bench clean
+.PHONY: install test test-fast suite bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,14 +16,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest tests -q
 
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -q -m "not slow"
+
 suite: $(STAMP)
-	$(PY) -m pytest suites -q
+	$(PY) -m qrobust run -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check qrobust tests benchmarks tools
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache

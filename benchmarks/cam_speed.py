@@ -13,7 +13,7 @@ import torchvision
 from pytorch_grad_cam import EigenCAM, GradCAMPlusPlus
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from qrobust.cam import compute_cams
+from qrobust.explain.cam import compute_cams
 
 
 def main(batch: int = 16, rounds: int = 5) -> list[dict]:

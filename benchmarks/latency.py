@@ -10,8 +10,8 @@ import sys
 
 import torch
 
-from qrobust.pairs import load_pair
-from qrobust.timing import interleaved_speedup
+from qrobust.models import load_pair
+from qrobust.metrics.timing import interleaved_speedup
 
 
 def main(names: list[str], batches=(1, 32), rounds: int = 30) -> list[dict]:
@@ -28,8 +28,8 @@ def main(names: list[str], batches=(1, 32), rounds: int = 30) -> list[dict]:
 
 
 def archs(names=("resnet18", "mobilenet_v2"), batches=(1, 32), rounds: int = 10) -> list[dict]:
-    from qrobust.quantize import get_preset, quantize_model
-    from qrobust.zoo import build_arch
+    from qrobust.quant import get_preset, quantize_model
+    from qrobust.models.archs import build_arch
 
     rows = []
     for name in names:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from qrobust.engine import Evaluator
-from qrobust.pairs import load_pair
-from qrobust.perturbations import PERTURBATIONS
+from qrobust.gate.engine import Evaluator
+from qrobust.models import load_pair
+from qrobust.data.perturbations import PERTURBATIONS
 
 
 def main(int8_name: str = "lenet5-digits-int8-x86", fake_name: str = "lenet5-digits-w8a8") -> None:

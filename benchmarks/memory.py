@@ -17,8 +17,8 @@ def child(samples: int) -> dict:
     import torch
 
     from qrobust.data import Batch, StreamingSet, load_dataset
-    from qrobust.engine import Evaluator
-    from qrobust.pairs import load_pair
+    from qrobust.gate.engine import Evaluator
+    from qrobust.models import load_pair
 
     test = load_dataset("digits-test")
     shifts = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]

@@ -1,6 +1,6 @@
 """What the gate costs on top of the model work it needs.
 
-gate: the session's Evaluator over every gated case of thresholds.yaml whose pair starts with PREFIX
+gate: the session's Evaluator over every gated case of the built-in thresholds.yaml whose pair starts with PREFIX
 (perturbations, forwards, CAMs, metrics, bootstrap; pairs already loaded).
 model work: exactly the forwards and CAM passes the gate ran (read back from its cache), on the same
 inputs, in a tight loop; perturbed inputs are prepared beforehand, except FGSM's, whose gradient pass
@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _runs(evaluator, names):
@@ -35,9 +32,9 @@ def _runs(evaluator, names):
 
 def model_work(evaluator, runs) -> float:
     """Seconds of the forwards and CAM passes of ``runs``, inputs prepared outside the timer."""
-    from qrobust.cam import compute_cams
-    from qrobust.engine import CLEAN
-    from qrobust.perturbations import perturb
+    from qrobust.explain.cam import compute_cams
+    from qrobust.gate.engine import CLEAN
+    from qrobust.data.perturbations import perturb
 
     total = 0.0
     for lead, members, perturbation, level in runs:
@@ -73,14 +70,17 @@ def model_work(evaluator, runs) -> float:
 
 def main(prefixes=("lenet5", "efficientnet"), repeats: int = 2) -> list[dict]:
     """Best of ``repeats`` for both sides (the gate re-evaluates from an empty cache each time)."""
-    from qrobust.session import QrobustSession
+    from qrobust.cli import BUILTIN_THRESHOLDS
+    from qrobust.session import Options, QrobustSession
 
-    session = QrobustSession(str(ROOT / "thresholds.yaml"))
+    session = QrobustSession(Options(thresholds=str(BUILTIN_THRESHOLDS)))
     evaluator = session.evaluator
     rows = []
     for prefix in prefixes:
-        cases = [c for c in session.cases if c.pair.startswith(prefix)]
+        cases = [c for c in session.plan.cases if c.pair.startswith(prefix)]
         names = {c.pair for c in cases}
+        for name in names:
+            session.pair(name)
         gate, work = float("inf"), float("inf")
         for _ in range(repeats):
             evaluator._cache.clear()

@@ -1,4 +1,12 @@
-"""One exception family, so callers can catch everything qrobust raises with one ``except``."""
+"""One exception family, so callers can catch everything qrobust raises with one ``except``.
+
+Every message is one printable line: values pass through ``show``, which escapes control characters
+(a key holding a newline cannot forge a second CI log line), spells out non-ASCII characters (a
+Cyrillic ``е`` cannot pass for a Latin ``e``) and elides long values.
+"""
+from __future__ import annotations
+
+SHOW_LIMIT = 80
 
 
 class QrobustError(Exception):
@@ -21,6 +29,17 @@ class UnsupportedError(QrobustError):
     """The requested operation is not possible for this model kind or platform."""
 
 
+def show(value, limit: int = SHOW_LIMIT) -> str:
+    """A one-line, printable, bounded repr of ``value`` for messages."""
+    try:
+        text = repr(value) if isinstance(value, str) and value.isascii() else ascii(value)
+    except Exception:  # noqa: BLE001 - a hostile __repr__ must not hide the real error
+        text = f"<{type(value).__name__}>"
+    if len(text) > limit:
+        text = f"{text[:limit - 20]}...({len(text)} chars)"
+    return text
+
+
 def invalid(name: str, value, reason: str) -> InvalidArgument:
     """Build the one-line error every bad-argument check uses: ``name=value!r: reason``."""
-    return InvalidArgument(f"{name}={value!r}: {reason}")
+    return InvalidArgument(f"{name}={show(value)}: {reason}")

@@ -1,76 +1,77 @@
-"""qrobust's pytest plugin: options, one session object, fixtures, case parametrization, report.
+"""qrobust's pytest plugin: options, markers, the session object, fixtures, case parametrization, report.
 
 Import-light on purpose (it loads in every pytest run of an environment with qrobust installed): torch
 and the models are imported only when a gate actually runs. Modelled on pytest-benchmark: options in
-one group with ini and environment fallbacks, the work in a session object, results travelling to the
+one group parsed at the boundary (argparse ``type=``; the environment and ini fallbacks go through the
+same parsers), markers validated at collection, the work in a session object, results travelling to the
 xdist controller as test-report properties, the report written once by the controller.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-# name -> (help, environment variable, default)
-OPTIONS = {
-    "thresholds": ("thresholds YAML to gate with (default: thresholds.yaml at the rootdir, when present)",
-                   "QROBUST_THRESHOLDS", None),
-    "pairs": ("comma-separated pair names to gate (default: every pair in the thresholds' gate)", "QROBUST_PAIRS",
-              None),
-    "device": ("torch device for FP32 and fake-quant models; real int8 pairs need cpu", "QROBUST_DEVICE", "cpu"),
-    "seed": ("seed of perturbations and bootstrap (default: the thresholds' seed)", "QROBUST_SEED", None),
-    "report": ("directory for report.json and report.html", "QROBUST_REPORT", "qrobust-report"),
-    "decision": ("point | strict | lenient (default: the thresholds' decision)", "QROBUST_DECISION", None),
-    "max-samples": ("cap every dataset at N samples, a seeded subsample (a quick profile)", "QROBUST_MAX_SAMPLES",
-                    None),
-    "save-baseline": ("save every case's values to this JSON file after the run", "QROBUST_SAVE_BASELINE", None),
-    "baseline": ("compare every case with this saved baseline; a regression beyond its margin fails",
-                 "QROBUST_BASELINE", None),
-}
-FLAGS = {
-    "overwrite-baseline": "allow --qrobust-save-baseline to replace an existing file",
-    "baseline-any-env": "compare with a baseline recorded in a different environment (torch, CPU, weights)",
-}
-SESSION_KEY = pytest.StashKey["QrobustSession | None"]()
+from qrobust import _options as opts
+
+SESSION_KEY = pytest.StashKey["object"]()
 CASE_PROPERTY = "qrobust_case"
+COLLECTOR = "qrobust-collector"
+GATE_FIXTURES = {"qrobust_check", "qrobust_case", "qrobust_bitwidth_case", "qrobust_latency_pair",
+                 "qrobust_explanation_pair"}
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("qrobust", "qrobust: robustness gate for quantized models")
-    for name, (help_text, env, default) in OPTIONS.items():
-        dest = "qrobust_" + name.replace("-", "_")
-        group.addoption(f"--qrobust-{name}", dest=dest, default=None, metavar=name.split("-")[-1].upper(),
-                        help=f"{help_text}. Env {env}; ini {dest}.")
-        parser.addini(dest, help=help_text, default=default)
-    for name, help_text in FLAGS.items():
+    for option in opts.OPTIONS:
+        group.addoption(option.flag, dest=option.dest, default=None, metavar=option.metavar, type=option.parse,
+                        help=f"{option.help}. Env {option.env}; ini {option.dest}.")
+        parser.addini(option.dest, help=option.help, default=None)
+    for name, help_text in opts.FLAGS.items():
         group.addoption(f"--qrobust-{name}", dest="qrobust_" + name.replace("-", "_"), action="store_true",
                         default=False, help=help_text)
 
 
 def option(config, name: str):
-    """Command line, then environment, then ini, then the default."""
-    dest = "qrobust_" + name.replace("-", "_")
-    value = config.getoption(dest)
-    if value in (None, ""):
-        value = os.environ.get(OPTIONS[name][1]) or config.getini(dest)
-    return value if value not in ("", None) else OPTIONS[name][2]
-
-
-def _int_option(config, name: str):
-    value = option(config, name)
+    """Command line, then environment, then ini, then the default; parsed by the option's own parser.
+    Relative paths from the environment or command line resolve against the invocation directory, from
+    the ini file against the rootdir (where the ini file lives)."""
+    spec = opts.BY_NAME[name]
+    value = config.getoption(spec.dest)
+    base = Path(config.invocation_params.dir)
+    source = spec.flag
     if value is None:
-        return None
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise pytest.UsageError(f"--qrobust-{name}: expected a whole number, got {value!r}") from None
-    if number < (0 if name == "seed" else 1):
-        raise pytest.UsageError(f"--qrobust-{name}: must be >= {0 if name == 'seed' else 1}, got {number}")
-    return number
+        raw, source = os.environ.get(spec.env), spec.env
+        if raw in (None, ""):
+            raw, source, base = config.getini(spec.dest), f"ini {spec.dest}", Path(str(config.rootpath))
+        if raw in (None, "", []):
+            return spec.default
+        try:
+            value = spec.parse(str(raw))
+        except argparse.ArgumentTypeError as exc:
+            raise pytest.UsageError(f"{source}: {exc}") from None
+    if spec.is_path and value is not None and not Path(value).is_absolute():
+        value = str(base / value)
+    return value
+
+
+def _validate_device(device: str) -> None:
+    import torch
+
+    kind = torch.device(device)
+    if kind.type == "cuda":
+        if not torch.cuda.is_available():
+            raise pytest.UsageError(f"--qrobust-device {device}: CUDA is not available in this torch build/machine")
+        if kind.index is not None and kind.index >= torch.cuda.device_count():
+            raise pytest.UsageError(f"--qrobust-device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif kind.type == "mps" and not torch.backends.mps.is_available():
+        raise pytest.UsageError(f"--qrobust-device {device}: MPS is not available on this machine")
 
 
 def pytest_configure(config):
@@ -80,64 +81,80 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "qrobust_metrics(*names): the metrics this gate test checks; cases whose "
                                        "pair gates none of them are not generated")
     path = option(config, "thresholds")
-    explicit = path is not None
-    if not explicit:
+    if path is None:
         default = Path(str(config.rootpath)) / "thresholds.yaml"
         path = str(default) if default.exists() else None
     if path is None:
         config.stash[SESSION_KEY] = None
         return
-    if explicit and not Path(path).is_absolute():
-        path = str(Path(config.invocation_params.dir) / path)
     from qrobust.errors import ConfigError, InvalidArgument
-    from qrobust.session import QrobustSession
+    from qrobust.session import Options, QrobustSession
 
-    decision = option(config, "decision")
-    if decision is not None and decision not in ("point", "strict", "lenient"):
-        raise pytest.UsageError(f"--qrobust-decision: must be point, strict or lenient, got {decision!r}")
+    device = option(config, "device")
+    _validate_device(device)
+    options = Options(
+        thresholds=path, pairs=option(config, "pairs"), device=device, seed=option(config, "seed"),
+        report=option(config, "report"), decision=option(config, "decision"),
+        max_samples=option(config, "max-samples"), save_baseline=option(config, "save-baseline"),
+        overwrite_baseline=config.getoption("qrobust_overwrite_baseline"), baseline=option(config, "baseline"),
+        baseline_any_env=config.getoption("qrobust_baseline_any_env"))
+    worker = _is_worker(config)
     try:
-        config.stash[SESSION_KEY] = QrobustSession(
-            path, pairs=option(config, "pairs"), device=option(config, "device"), seed=_int_option(config, "seed"),
-            decision=decision, max_samples=_int_option(config, "max-samples"),
-            save_baseline=option(config, "save-baseline"), overwrite_baseline=config.getoption("qrobust_overwrite_baseline"),
-            baseline=option(config, "baseline"), baseline_any_env=config.getoption("qrobust_baseline_any_env"),
-            worker=hasattr(config, "workerinput"))
+        session = QrobustSession(options, worker=worker)
     except (ConfigError, InvalidArgument) as exc:
         raise pytest.UsageError(str(exc)) from None
+    config.stash[SESSION_KEY] = session
     config.pluginmanager.register(_Collector(), COLLECTOR)
-    if hasattr(config, "workerinput"):  # share the cores between xdist workers instead of oversubscribing
+    if worker:  # share the cores between xdist workers instead of oversubscribing
         import torch
 
         workers = int(config.workerinput.get("workercount", 1))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     else:
-        config.stash[SESSION_KEY].progress = TerminalProgress(config)
+        progress = TerminalProgress(config)
+        session.progress, session.announce = progress, progress.line
+
+
+def _is_worker(config) -> bool:
+    return hasattr(config, "workerinput")
 
 
 class TerminalProgress:
-    """Batch progress of a long case, drawn after pytest's own line on an interactive terminal.
+    """Progress of long phases. On an interactive terminal a case's batch progress is drawn after
+    pytest's own line and erased when the case ends; elsewhere (CI logs) a plain line is printed at most
+    every ``LOG_INTERVAL`` seconds. Output capture is suspended for each draw, as pytest does for pdb."""
 
-    Output capture is suspended for each draw (as pytest does for pdb); nothing is drawn when stdout is
-    not a terminal (CI logs), for single-batch cases, or more often than every 0.2 s, and the line is
-    restored when the case ends.
-    """
+    LOG_INTERVAL = 10.0
 
     def __init__(self, config):
         self._capman = config.pluginmanager.getplugin("capturemanager")
         self._drawn = False
         self._last = 0.0
+        self._last_log = time.monotonic()
+
+    def _uncaptured(self):
+        import contextlib
+
+        return self._capman.global_and_fixture_disabled() if self._capman else contextlib.nullcontext()
+
+    def line(self, text: str) -> None:
+        """A whole line (e.g. which pair is being built), on terminals and in logs alike."""
+        with self._uncaptured():
+            sys.stdout.write(("\n" if sys.stdout.isatty() else "") + f"[qrobust] {text}\n")
+            sys.stdout.flush()
+        self._drawn = False
 
     def __call__(self, label: str, done: int, total: int) -> None:
-        import contextlib
-        import time
-
         now = time.monotonic()
         if total < 2 or (done < total and now - self._last < 0.2):
             return
         self._last = now
-        uncaptured = self._capman.global_and_fixture_disabled() if self._capman else contextlib.nullcontext()
-        with uncaptured:
+        with self._uncaptured():
             if not sys.stdout.isatty():
+                if done < total and now - self._last_log >= self.LOG_INTERVAL:
+                    self._last_log = now
+                    sys.stdout.write(f"\n[qrobust] {label}: batch {done}/{total}\n")
+                    sys.stdout.flush()
                 return
             if not self._drawn:
                 sys.stdout.write("\x1b7")  # save the cursor where pytest left it
@@ -161,46 +178,56 @@ def _session(config):
 def pytest_generate_tests(metafunc):
     for fixture, kind in (("qrobust_case", "gate"), ("qrobust_bitwidth_case", "bitwidth"),
                           ("qrobust_latency_pair", "latency"), ("qrobust_explanation_pair", "explanations")):
-        if fixture in metafunc.fixturenames:
-            session = _session(metafunc.config)
-            if kind in ("latency", "explanations"):
-                pairs = session.latency_pairs if kind == "latency" else session.explanation_pairs
-                metafunc.parametrize(fixture, pairs, ids=str)
-                continue
-            cases = session.cases if kind == "gate" else session.bitwidth_cases
-            declared = metafunc.definition.get_closest_marker("qrobust_metrics")
-            if declared is not None:  # a pair restricted to other metrics (gate.<pair>.metrics) gets no test here
-                cases = [c for c in cases if set(declared.args) & set(c.tolerances)]
-            params = [pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=c.xfail)] if c.xfail else [])
-                      for c in cases]
-            metafunc.parametrize(fixture, params)
-
-
-GATE_FIXTURES = {"qrobust_check", "qrobust_case", "qrobust_bitwidth_case", "qrobust_latency_pair",
-                 "qrobust_explanation_pair"}
+        if fixture not in metafunc.fixturenames:
+            continue
+        plan = _session(metafunc.config).plan
+        if kind in ("latency", "explanations"):
+            pairs = plan.latency_pairs if kind == "latency" else plan.explanation_pairs
+            metafunc.parametrize(fixture, pairs, ids=str)
+            continue
+        cases = plan.cases if kind == "gate" else plan.bitwidth_cases
+        declared = metafunc.definition.get_closest_marker("qrobust_metrics")
+        if declared is not None:  # a pair restricted to other metrics (gate.<pair>.metrics) gets no test here
+            cases = [c for c in cases if set(declared.args) & set(c.tolerances)]
+        params = [pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=c.xfail)] if c.xfail else [])
+                  for c in cases]
+        metafunc.parametrize(fixture, params)
 
 
 def pytest_collection_modifyitems(config, items):
+    """Mark gate tests, and refuse a qrobust marker with an unknown metric (a typo would otherwise
+    leave a test gated by the default tolerance, silently)."""
     for item in items:
         if GATE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker("qrobust")
+        for marker in item.iter_markers("qrobust_tolerance"):
+            if marker.args:
+                raise pytest.UsageError(f"{item.nodeid}: qrobust_tolerance takes metric=tolerance keywords, "
+                                        f"not positional values {marker.args!r}")
+            for metric, value in marker.kwargs.items():
+                opts.check_marker_metric(item.nodeid, "qrobust_tolerance", metric)
+                opts.check_marker_tolerance(item.nodeid, metric, value)
+        for marker in item.iter_markers("qrobust_metrics"):
+            if marker.kwargs or not marker.args:
+                raise pytest.UsageError(f"{item.nodeid}: qrobust_metrics takes metric names, e.g. "
+                                        "@pytest.mark.qrobust_metrics('kl_mean')")
+            for metric in marker.args:
+                opts.check_marker_metric(item.nodeid, "qrobust_metrics", metric)
 
 
 @pytest.fixture(scope="session")
 def qrobust(request):
-    """The session object: thresholds, loaded pairs (each once), the evaluator and the recorded checks."""
+    """The session object: thresholds, plan, loaded pairs (each once), the evaluator."""
     return _session(request.config)
 
 
 @pytest.fixture
 def qrobust_check(request, qrobust):
-    """``qrobust_check(case, metric_or_metrics)``: evaluate (once per session), decide, record, fail with
-    the numbers of every violated metric."""
+    """``qrobust_check(case, metric_or_metrics)``; also ``.metric(case, *names)``, ``.explanations(pair)``,
+    ``.speedup(pair)``: evaluate (once per session), decide, record, fail with every violated metric."""
+    from qrobust.fixture import QrobustCheck
 
-    def check(case, metrics):
-        return qrobust.check(case, metrics, request.node)
-
-    return check
+    return QrobustCheck(request.node, qrobust)
 
 
 @pytest.fixture(scope="session")
@@ -240,15 +267,12 @@ class _Collector:
             self.worker_outputs.append(json.loads(output))
 
 
-COLLECTOR = "qrobust-collector"
-
-
 def pytest_sessionfinish(session, exitstatus):
     config = session.config
     qsession = config.stash.get(SESSION_KEY, None)
     if qsession is None:
         return
-    if hasattr(config, "workerinput"):
+    if _is_worker(config):
         config.workeroutput["qrobust"] = json.dumps(qsession.worker_output())
         return
     collector = config.pluginmanager.get_plugin(COLLECTOR)
@@ -259,11 +283,14 @@ def pytest_sessionfinish(session, exitstatus):
         qsession.summary_lines = []
         return
     outputs = [qsession.worker_output()] + collector.worker_outputs
-    judged = [r for r in collector.records if r["verdict"] != "xfail"]
+    judged = [r for r in collector.records if r["verdict"] not in ("xfail", "measured")]
     try:
-        qsession.finish(collector.records, outputs, option(config, "report"))
-    except Exception as exc:  # a report that cannot be written must fail the run, visibly
-        qsession.problems.append(f"report: {exc}")
+        qsession.finish(collector.records, outputs, option(config, "report"), verbose=config.option.verbose > 0)
+    except Exception as exc:  # noqa: BLE001 - a report that cannot be written must fail the run, visibly
+        from qrobust.errors import show
+
+        qsession.problems.append(f"report not written: {type(exc).__name__}: {show(str(exc), 300)}")
+        qsession.summary_lines = qsession.summary_lines or []
     if not judged:
         qsession.problems.append(f"{collector.gate_reports} gate tests ran but none produced a verdict "
                                  "(all skipped?): a gate that checks nothing does not pass")
@@ -273,10 +300,10 @@ def pytest_sessionfinish(session, exitstatus):
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     qsession = config.stash.get(SESSION_KEY, None)
-    if qsession is None or hasattr(config, "workerinput") or qsession.summary_lines is None:
+    if qsession is None or _is_worker(config) or (qsession.summary_lines is None and not qsession.problems):
         return
     terminalreporter.section("qrobust")
-    for line in qsession.summary_lines:
+    for line in qsession.summary_lines or []:
         terminalreporter.write_line(line)
     for problem in qsession.problems:
         terminalreporter.write_line(f"qrobust: FAILED: {problem}", red=True)

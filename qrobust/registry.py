@@ -2,11 +2,28 @@
 from __future__ import annotations
 
 import difflib
-from typing import Generic, Iterator, TypeVar
+import importlib
+import unicodedata
+from typing import Generic, TypeVar
+from collections.abc import Iterable, Iterator
 
-from qrobust.errors import invalid
+from qrobust.errors import invalid, show
 
 T = TypeVar("T")
+
+
+def did_you_mean(name, options: Iterable[str], n: int = 1) -> str:
+    """``"; did you mean 'x'?"`` for the closest options, or ''. When a hint looks identical to what was
+    typed, the message names the odd character (a Cyrillic 'е' for a Latin 'e')."""
+    hints = difflib.get_close_matches(str(name), sorted(options), n=n)
+    if not hints:
+        return ""
+    odd = [c for c in str(name) if not c.isascii()]
+    extra = ""
+    if odd:
+        names = ", ".join(f"U+{ord(c):04X} {unicodedata.name(c, '?')}" for c in odd[:3])
+        extra = f" (yours has {names})"
+    return f"; did you mean {', '.join(map(show, hints))}?{extra}"
 
 
 class Registry(Generic[T]):
@@ -30,9 +47,8 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except (KeyError, TypeError):
-            hint = difflib.get_close_matches(str(name), list(self._items), n=3)
-            extra = f"; did you mean {', '.join(map(repr, hint))}?" if hint else ""
-            raise invalid(self.kind, name, f"unknown {self.kind}{extra} (known: {', '.join(sorted(self._items))})") from None
+            hint = did_you_mean(name, self._items, n=3)
+            raise invalid(self.kind, name, f"unknown {self.kind}{hint} (known: {', '.join(sorted(self._items))})") from None
 
     def tags(self, name: str) -> frozenset[str]:
         self.get(name)
@@ -50,3 +66,12 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def import_object(spec: str, key: str):
+    """``module:attribute`` -> the attribute; errors name the config key."""
+    module_name, _, attr = str(spec).partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except Exception as exc:  # noqa: BLE001 - any failure while importing user code is one line
+        raise invalid(key, spec, f"cannot import ({type(exc).__name__}: {show(str(exc), 160)})") from None

@@ -1,5 +1,10 @@
 """Shared fixtures for qrobust's own tests."""
+import sys
+from pathlib import Path
+
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py, importable from every test folder
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -10,12 +15,12 @@ def _import_lazy_torch_modules():
     run would be imported again by the next one, and operator libraries refuse a second registration.
     """
     import torch
-    from torch import nn
 
-    from qrobust.quantize import get_preset, quantize_model
-    from qrobust.session import QrobustSession  # noqa: F401
+    import qrobust.fixture  # noqa: F401
+    import qrobust.session  # noqa: F401
+    from helpers import tiny_net
+    from qrobust.quant import get_preset, quantize_model
 
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
     x = torch.rand(2, 3, 8, 8)
     for preset in ("int8-x86", "fake-w8a8"):
-        quantize_model(model, get_preset(preset), [x])
+        quantize_model(tiny_net(), get_preset(preset), [x])

@@ -1,0 +1,121 @@
+"""The ``--qrobust-*`` options and marker checks, parsed at the boundary (import-light: no torch).
+
+Each parser raises ``argparse.ArgumentTypeError`` naming the bad value, so a bad option is one line when
+pytest starts, whether it came from the command line, the environment or the ini file.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from dataclasses import dataclass
+from collections.abc import Callable
+
+import pytest
+
+from qrobust.errors import show
+
+DECISIONS = ("point", "strict", "lenient")
+DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
+
+
+def _whole(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {show(text)}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def parse_device(text: str) -> str:
+    if not DEVICE.match(text or ""):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N, mps or xpu[:N], got {show(text)}")
+    return text
+
+
+def parse_decision(text: str) -> str:
+    if text not in DECISIONS:
+        raise argparse.ArgumentTypeError(f"expected {', '.join(DECISIONS)}, got {show(text)}")
+    return text
+
+
+def parse_pairs(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated pair names, got {show(text)}")
+    return names
+
+
+def parse_path(text: str) -> str:
+    if not text or "\x00" in text:
+        raise argparse.ArgumentTypeError(f"expected a path, got {show(text)}")
+    return text
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    name: str
+    help: str
+    parse: Callable[[str], object]
+    default: object = None
+    is_path: bool = False
+
+    @property
+    def flag(self) -> str:
+        return f"--qrobust-{self.name}"
+
+    @property
+    def dest(self) -> str:
+        return "qrobust_" + self.name.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return "QROBUST_" + self.name.replace("-", "_").upper()
+
+    @property
+    def metavar(self) -> str:
+        return {"thresholds": "PATH", "pairs": "A,B", "device": "DEV", "seed": "N", "report": "DIR",
+                "decision": "MODE", "max-samples": "N", "save-baseline": "PATH", "baseline": "PATH"}[self.name]
+
+
+OPTIONS = (
+    OptionSpec("thresholds", "thresholds YAML to gate with (default: thresholds.yaml at the rootdir, when present)",
+               parse_path, is_path=True),
+    OptionSpec("pairs", "comma-separated pair names to gate (default: every pair in the thresholds' gate)", parse_pairs),
+    OptionSpec("device", "torch device for FP32 and fake-quant models (cpu, cuda, cuda:1, mps); real int8 "
+                         "twins always run on the CPU", parse_device, default="cpu"),
+    OptionSpec("seed", "seed of perturbations and bootstrap (default: the thresholds' seed)", _whole(0)),
+    OptionSpec("report", "directory for report.json and report.html", parse_path, default="qrobust-report",
+               is_path=True),
+    OptionSpec("decision", "point | strict | lenient (default: the thresholds' decision)", parse_decision),
+    OptionSpec("max-samples", "cap every dataset at N samples, a seeded subsample (a quick profile)", _whole(1)),
+    OptionSpec("save-baseline", "save every case's values to this JSON file after the run", parse_path, is_path=True),
+    OptionSpec("baseline", "compare every case with this saved baseline; a regression beyond its margin fails",
+               parse_path, is_path=True),
+)
+BY_NAME = {o.name: o for o in OPTIONS}
+FLAGS = {
+    "overwrite-baseline": "allow --qrobust-save-baseline to replace an existing file",
+    "baseline-any-env": "compare with a baseline recorded in a different environment (torch, CPU, weights)",
+}
+
+
+def check_marker_metric(nodeid: str, marker: str, metric) -> None:
+    """A marker's metric must be in the catalogue; a typo is a usage error with the closest names."""
+    from qrobust.metrics.catalog import METRICS
+    from qrobust.registry import did_you_mean
+
+    if metric not in METRICS:
+        raise pytest.UsageError(f"{nodeid}: @pytest.mark.{marker}: unknown metric {show(metric)}"
+                                f"{did_you_mean(metric, METRICS)}")
+
+
+def check_marker_tolerance(nodeid: str, metric: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise pytest.UsageError(f"{nodeid}: @pytest.mark.qrobust_tolerance({metric}=...): expected a finite "
+                                f"number >= 0, got {show(value)}")

@@ -1,0 +1,253 @@
+"""Perturbations: pure functions on pixel batches in [0, 1], registered by name with level semantics and tags.
+
+Every perturbation takes float images (N, C, H, W) in [0, 1] at model resolution, before the model's
+mean/std normalization, and returns a new tensor (never modifies its input). Level 0 is the identity.
+Randomness for a sample comes from (seed, sample id, perturbation, level) alone, so a sample's perturbed
+pixels are the same whatever the batch size, order, thread count or xdist worker.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from qrobust._validation import check_number
+from qrobust.errors import invalid
+from qrobust.registry import Registry
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a perturbation may need besides the pixels."""
+
+    ids: torch.Tensor  # (N,) int64 sample ids, seed the per-sample noise
+    seed: int = 0
+    boxes: torch.Tensor | None = None  # (N, 4) x0, y0, x1, y1 in pixels, end exclusive
+    model: Callable[[torch.Tensor], torch.Tensor] | None = None  # FP32 model on normalized input (fgsm)
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    name: str
+    fn: Callable[[torch.Tensor, float, Context], torch.Tensor]
+    unit: str  # what the level means
+    levels: tuple[float, ...]  # the default sweep, starting at 0
+    tags: tuple[str, ...]
+    needs_model: bool = False
+    max_level: float | None = None  # levels above are meaningless (e.g. jpeg quality below 1)
+    integer: bool = False  # levels are whole numbers (streak counts)
+
+    def check_level(self, level) -> float:
+        """The level as a float, or InvalidArgument naming what is wrong with it."""
+        level = check_level(level)
+        if self.integer and level != int(level):
+            raise invalid("level", level, f"{self.name} levels are whole numbers ({self.unit})")
+        if self.max_level is not None and level > self.max_level:
+            raise invalid("level", level, f"{self.name} levels run from 0 to {self.max_level:g} ({self.unit})")
+        return level
+
+
+PERTURBATIONS: Registry[Perturbation] = Registry("perturbation")
+
+
+def register(name: str, unit: str, levels, tags, needs_model: bool = False, max_level: float | None = None,
+             integer: bool = False):
+    """Decorator registering ``fn(images, level, ctx)`` as perturbation ``name``."""
+
+    def deco(fn):
+        spec = Perturbation(name, fn, unit, tuple(levels), tuple(tags), needs_model, max_level, integer)
+        PERTURBATIONS.register(name, spec, tags)
+        return fn
+
+    return deco
+
+
+def sample_generator(seed: int, sample_id: int, name: str, level: float) -> torch.Generator:
+    """A generator seeded by (seed, sample id, perturbation, level) only."""
+    key = f"{int(seed)}|{int(sample_id)}|{name}|{float(level)!r}".encode()
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+
+
+def _per_sample(images: torch.Tensor, ctx: Context, name: str, level: float, draw) -> torch.Tensor:
+    """Stack ``draw(generator, shape)`` over samples, each from its own seeded generator."""
+    shape = images.shape[1:]
+    noise = [draw(sample_generator(ctx.seed, i, name, level), shape) for i in ctx.ids.tolist()]
+    return torch.stack(noise).to(device=images.device, dtype=images.dtype)
+
+
+@register("awgn", unit="sigma (pixel units)", levels=(0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.6), tags=("noise",))
+def awgn(images, level, ctx):
+    """Additive white Gaussian noise, truncated at +-3 sigma (seed 004), then clipped to [0, 1]."""
+    noise = _per_sample(images, ctx, "awgn", level,
+                        lambda g, s: torch.nn.init.trunc_normal_(torch.empty(s), 0.0, 1.0, -3.0, 3.0, generator=g))
+    return (images + level * noise).clamp_(0, 1)
+
+
+def brownian_field(white: torch.Tensor) -> torch.Tensor:
+    """Seed 004's Brownian field from white noise (..., H, W): B = W / (fx^2 + fy^2), DC removed, unit std.
+
+    Dividing the spectrum by f^2 makes the amplitude spectrum fall as 1/f^2 (seed 004 eq. 2.13, which
+    calls it "1/f^2" noise); its power spectrum therefore falls as 1/f^4.
+    """
+    h, w = white.shape[-2:]
+    fy = torch.fft.fftfreq(h, dtype=torch.float64).view(-1, 1)
+    fx = torch.fft.fftfreq(w, dtype=torch.float64).view(1, -1)
+    f2 = fx**2 + fy**2
+    f2[0, 0] = 1.0
+    spectrum = torch.fft.fft2(white.double()) / f2
+    spectrum[..., 0, 0] = 0
+    field = torch.fft.ifft2(spectrum).real
+    std = field.flatten(-2).std(dim=-1).clamp_min(1e-12)
+    return (field / std[..., None, None]).float()
+
+
+@register("brownian", unit="sigma (pixel units)", levels=(0, 0.05, 0.1, 0.2, 0.3, 0.4), tags=("noise",))
+def brownian(images, level, ctx):
+    """Spatially correlated noise with a 1/f^2 amplitude spectrum, per channel, rescaled to std sigma.
+
+    Seed 004 used sigma 10-80 on an unnormalized scale; here the field is rescaled to standard deviation
+    sigma in pixel units, so brownian sigma is comparable with awgn sigma.
+    """
+    noise = _per_sample(images, ctx, "brownian", level, lambda g, s: brownian_field(torch.randn(s, generator=g)))
+    return (images + level * noise).clamp_(0, 1)
+
+
+def streak_spans(start: float, length: float, count: int) -> list[tuple[int, int]]:
+    """[begin, end) pixel spans of ``count`` evenly spaced streaks, 2% of ``length`` wide, in a box."""
+    width = max(1, round(0.02 * length))
+    spans = []
+    for i in range(count):
+        centre = start + (i + 1) * length / (count + 1)
+        begin = int(math.floor(centre - width / 2 + 0.5))
+        begin = min(max(begin, int(start)), int(start + length) - width)
+        spans.append((begin, begin + width))
+    return spans
+
+
+def _occlude(images, level, ctx, vertical: bool):
+    k = int(level)
+    out = images.clone()
+    n, _, h, w = images.shape
+    boxes = ctx.boxes if ctx.boxes is not None else torch.tensor([[0, 0, w, h]] * n)
+    for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+        x0, y0, x1, y1 = int(x0), int(y0), int(x1), int(y1)
+        if vertical:
+            for a, b in streak_spans(x0, x1 - x0, k):
+                out[i, :, y0:y1, a:b] = 0
+        else:
+            for a, b in streak_spans(y0, y1 - y0, k):
+                out[i, :, a:b, x0:x1] = 0
+    return out
+
+
+@register("occlusion_vertical", unit="number of streaks", levels=(0, 1, 2, 3, 4, 5, 6), tags=("occlusion",),
+          integer=True)
+def occlusion_vertical(images, level, ctx):
+    """Black vertical streaks, 2% of the box width each, evenly spaced across the object box (seed 004)."""
+    return _occlude(images, level, ctx, vertical=True)
+
+
+@register("occlusion_horizontal", unit="number of streaks", levels=(0, 1, 2, 3, 4, 5, 6), tags=("occlusion",),
+          integer=True)
+def occlusion_horizontal(images, level, ctx):
+    """Black horizontal streaks, 2% of the box height each, evenly spaced down the object box."""
+    return _occlude(images, level, ctx, vertical=False)
+
+
+@register("gaussian_blur", unit="sigma (pixels)", levels=(0, 0.5, 1.0, 1.5, 2.0, 3.0), tags=("blur",))
+def gaussian_blur(images, level, ctx):
+    """Separable Gaussian blur, kernel radius ceil(3 sigma), reflect padding."""
+    radius = max(1, math.ceil(3 * level))
+    radius = min(radius, images.shape[-1] - 1, images.shape[-2] - 1)
+    t = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-(t**2) / (2 * level**2))
+    kernel = kernel / kernel.sum()
+    c = images.shape[1]
+    x = F.pad(images, (radius, radius, 0, 0), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    x = F.pad(x, (0, 0, radius, radius), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return x.clamp_(0, 1)
+
+
+@register("jpeg", unit="100 - JPEG quality", levels=(0, 50, 70, 80, 90, 95), tags=("digital",), max_level=99)
+def jpeg(images, level, ctx):
+    """JPEG round trip at quality 100 - level (libjpeg via Pillow); level 0 is no compression."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    quality = int(round(100 - level))
+    pixels = (images.detach().cpu() * 255).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    out = []
+    for img in pixels:
+        buffer = io.BytesIO()
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buffer, format="JPEG", quality=quality)
+        decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())))
+        out.append(torch.from_numpy(decoded.reshape(img.shape).copy()))
+    return torch.stack(out).permute(0, 3, 1, 2).to(device=images.device, dtype=images.dtype) / 255
+
+
+@register("contrast", unit="contrast reduction (0 = none, 1 = flat)", levels=(0, 0.2, 0.4, 0.6, 0.8),
+          tags=("digital",), max_level=1)
+def contrast(images, level, ctx):
+    """Blend each image towards its per-channel mean: x' = m + (1 - level)(x - m)."""
+    mean = images.mean(dim=(-2, -1), keepdim=True)
+    return (mean + (1 - level) * (images - mean)).clamp_(0, 1)
+
+
+@register("brightness", unit="added intensity (pixel units)", levels=(0, 0.1, 0.2, 0.3, 0.4, 0.5), tags=("digital",))
+def brightness(images, level, ctx):
+    """Add a constant intensity, clipped to [0, 1]."""
+    return (images + level).clamp_(0, 1)
+
+
+@register("fgsm", unit="epsilon (pixel units)", levels=(0, 0.01, 0.02, 0.05, 0.1), tags=("adversarial",),
+          needs_model=True)
+def fgsm(images, level, ctx):
+    """Fast gradient sign attack on the FP32 model, against its own prediction; both models see the result.
+
+    The loss is summed over the batch so each sample's gradient is independent of its batch mates.
+    """
+    x = images.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = ctx.model(ctx.normalize(x))
+        target = logits.argmax(dim=1).detach()
+        grad, = torch.autograd.grad(F.cross_entropy(logits, target, reduction="sum"), x)
+    return (images + level * grad.sign()).clamp_(0, 1).detach()
+
+
+def check_images(images) -> None:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise invalid("images", shape, "expected a (N, C, H, W) tensor")
+    if not images.is_floating_point():
+        raise invalid("images", images.dtype, "expected float pixels in [0, 1]")
+    if images.numel() and (not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1):
+        raise invalid("images", "<tensor>", "pixels must be finite and in [0, 1] (perturb before normalizing)")
+
+
+def check_level(level) -> float:
+    return check_number("level", level, minimum=0)
+
+
+def perturb(name: str, images: torch.Tensor, level: float, ids=None, seed: int = 0, boxes=None,
+            model=None, normalize=None) -> torch.Tensor:
+    """Apply perturbation ``name`` at ``level``; ``ids`` default to 0..N-1 (pass real ids for datasets)."""
+    spec = PERTURBATIONS.get(name)
+    check_images(images)
+    level = spec.check_level(level)
+    ids = torch.arange(images.shape[0]) if ids is None else torch.as_tensor(ids)
+    if ids.shape != (images.shape[0],):
+        raise invalid("ids", tuple(ids.shape), f"expected one id per image ({images.shape[0]})")
+    if spec.needs_model and (model is None or normalize is None):
+        raise invalid("model", model, f"perturbation {name!r} needs the FP32 model and its normalize")
+    if level == 0:
+        return images.clone()
+    return spec.fn(images, level, Context(ids, seed, boxes, model, normalize))

@@ -1,0 +1,210 @@
+"""Class activation maps on one template: Grad-CAM, Grad-CAM++ (seed 001) and EigenCAM (seed 002).
+
+A method supplies only how it turns the target layer's activations (and gradients) into a raw map;
+``compute_cams`` hooks the layer (hooks always released, also on error), picks the targets, runs one
+forward (plus one backward when a method needs gradients) for the whole batch, however many methods
+are asked for, and post-processes:
+ReLU -> bilinear upsampling to the input size -> per-image min-max to [0, 1]. A map that is constant
+after ReLU (common at high noise) is *degenerate*: it is returned as zeros and flagged, never NaN.
+
+Real int8 models work with the gradient-free EigenCAM: quantized activations are dequantized in the
+hook. Maps match pytorch-grad-cam's on FP32 models (tests/explain/test_cam_maps.py).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qrobust.errors import UnsupportedError, invalid
+from qrobust.quant.convert import is_int8, layer_root
+from qrobust.registry import Registry
+
+
+@dataclass(frozen=True)
+class CamOutputs:
+    maps: dict[str, tuple[torch.Tensor, torch.Tensor]]  # method -> ((N, H, W) maps in [0, 1], (N,) degenerate)
+    targets: torch.Tensor  # (N,) the class every map explains
+    logits: torch.Tensor  # (N, K) the model's output on the batch (detached)
+    activations: torch.Tensor  # (N, C, h, w) float activations at the target layer (detached)
+
+
+def resolve_layer(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name`` (inside the graph of an int8 model); errors list the names there are."""
+    root = layer_root(model)
+    if name:
+        try:
+            return root.get_submodule(name)
+        except AttributeError:
+            pass
+    names = [n for n, _ in root.named_modules() if n]
+    shown = ", ".join(names[:60]) + (f", ... ({len(names)} in all)" if len(names) > 60 else "")
+    raise invalid("target_layer", name, f"no such module (available: {shown})")
+
+
+class _Capture(contextlib.AbstractContextManager):
+    """Forward hook keeping the target layer's output; removed on exit whatever happens."""
+
+    def __init__(self, layer: nn.Module):
+        self.output: torch.Tensor | None = None
+        self._handle = layer.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        self.output = output
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        return False
+
+
+def postprocess(raw: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReLU, bilinear upsampling to ``size``, per-image min-max; degenerate maps become zeros."""
+    up = F.interpolate(raw.clamp_min(0).unsqueeze(1).float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    flat = up.flatten(1)
+    lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+    span = hi - lo
+    degenerate = span <= 1e-12 * hi.abs().clamp_min(1.0)
+    maps = (up - lo[:, None, None]) / torch.where(degenerate, torch.ones_like(span), span)[:, None, None]
+    maps[degenerate] = 0.0
+    return maps, degenerate
+
+
+class CamMethod:
+    """The template: a method turns the target layer's activations (and gradients) into a raw map."""
+
+    name = "cam"
+    uses_gradients = True
+
+    def raw(self, activations: torch.Tensor, grads: torch.Tensor | None) -> torch.Tensor:
+        """(N, h, w) map before ReLU and upsampling."""
+        raise NotImplementedError
+
+
+def _check_targets(logits: torch.Tensor, targets) -> torch.Tensor:
+    if targets is None:
+        return logits.argmax(dim=1)
+    targets = torch.as_tensor(targets, device=logits.device).long().clone()  # never an inference tensor
+    if targets.shape != (logits.shape[0],):
+        raise invalid("targets", tuple(targets.shape), f"expected one class per image ({logits.shape[0]})")
+    if len(targets) and (targets.min() < 0 or targets.max() >= logits.shape[1]):
+        raise invalid("targets", targets.tolist()[:8], f"class out of range for {logits.shape[1]} classes")
+    return targets
+
+
+def _activation(capture: _Capture, target_layer: str) -> torch.Tensor:
+    act = capture.output
+    if act is None:
+        raise invalid("target_layer", target_layer, "was not called during the forward pass")
+    if not isinstance(act, torch.Tensor) or act.dim() != 4:
+        shape = tuple(act.shape) if isinstance(act, torch.Tensor) else type(act).__name__
+        raise invalid("target_layer", target_layer, f"output has shape {shape}; expected (N, C, h, w)")
+    return act.dequantize() if act.is_quantized else act
+
+
+def compute_cams(model: nn.Module, x: torch.Tensor, target_layer: str, methods, targets=None) -> CamOutputs:
+    """Maps of several methods from ONE forward (and one backward when a method needs gradients).
+
+    ``targets`` default to the model's own top-1; pass the FP32 top-1 for a quantized twin so both maps
+    explain the same class. The logits of that forward are returned too, so callers need no other pass.
+    """
+    methods = [m if isinstance(m, CamMethod) else method(m) for m in methods]
+    needs_grad = any(m.uses_gradients for m in methods)
+    if needs_grad and is_int8(model):
+        names = ", ".join(m.name for m in methods if m.uses_gradients)
+        raise UnsupportedError(
+            f"{names} needs gradients, and a real int8 model has none: compute it on the pair's fake-quant twin "
+            "(a fake-* preset with the same bit widths) or use the gradient-free eigencam")
+    layer = resolve_layer(model, target_layer)
+    with _Capture(layer) as capture:
+        if needs_grad:
+            with torch.enable_grad():
+                logits = model(x.detach().requires_grad_(True))  # a graph even for frozen weights
+                targets = _check_targets(logits, targets)
+                act = _activation(capture, target_layer)
+                grads, = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), act)
+            act, grads = act.detach(), grads.detach()
+        else:
+            with torch.inference_mode():
+                logits = model(x)
+                targets = _check_targets(logits, targets)
+                act, grads = _activation(capture, target_layer), None
+    size = tuple(x.shape[-2:])
+    maps = {m.name: postprocess(m.raw(act.float(), grads if m.uses_gradients else None), size) for m in methods}
+    return CamOutputs(maps, targets, logits.detach(), act.float())
+
+
+CAM_METHODS: Registry[type[CamMethod]] = Registry("CAM method")
+
+
+def register_cam_method(cls: type[CamMethod]) -> type[CamMethod]:
+    """Class decorator: make a ``CamMethod`` subclass available by its ``name`` (in thresholds files too)."""
+    CAM_METHODS.register(cls.name, cls, tags=("gradient",) if cls.uses_gradients else ("gradient-free",))
+    return cls
+
+
+@register_cam_method
+class GradCAM(CamMethod):
+    """Selvaraju et al.: channel weights = spatial mean of the gradients."""
+
+    name = "gradcam"
+
+    def raw(self, activations, grads):
+        return (grads.mean(dim=(2, 3), keepdim=True) * activations).sum(dim=1)
+
+
+@register_cam_method
+class GradCAMPlusPlus(CamMethod):
+    """Chattopadhay et al. (eq. 19): pixel-weighted positive gradients."""
+
+    name = "gradcampp"
+
+    def raw(self, activations, grads):
+        g2 = grads.pow(2)
+        g3 = g2 * grads
+        sum_act = activations.sum(dim=(2, 3), keepdim=True)
+        alpha = g2 / (2 * g2 + sum_act * g3 + 1e-6)
+        alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
+        weights = (grads.clamp_min(0) * alpha).sum(dim=(2, 3), keepdim=True)
+        return (weights * activations).sum(dim=1)
+
+
+def eigen_projection(activations: torch.Tensor) -> torch.Tensor:
+    """(N, h, w) projection of the centred activations on their first principal component (raw sign)."""
+    n, c, h, w = activations.shape
+    flat = activations.reshape(n, c, h * w).transpose(1, 2).double()  # (N, hw, C)
+    flat = torch.nan_to_num(flat) - flat.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(flat, full_matrices=False)
+    return (flat @ vh[:, 0, :, None]).reshape(n, h, w).float()
+
+
+def canonical_sign(projection: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+    """Flip each projection to correlate positively with the channel-mean activation.
+
+    The principal component's sign is arbitrary, so an FP32 map and its int8 twin could otherwise come out
+    inverted while explaining the same thing.
+    """
+    reference = activations.mean(dim=1).flatten(1).double()
+    p = projection.flatten(1).double()
+    cov = ((p - p.mean(1, keepdim=True)) * (reference - reference.mean(1, keepdim=True))).sum(1)
+    sign = torch.where(cov < 0, -1.0, 1.0).to(projection.dtype)
+    return projection * sign[:, None, None]
+
+
+@register_cam_method
+class EigenCAM(CamMethod):
+    """Bany Muhammad and Yeasin: first principal component of the activations; needs no gradient."""
+
+    name = "eigencam"
+    uses_gradients = False
+
+    def raw(self, activations, grads):
+        return canonical_sign(eigen_projection(activations), activations)
+
+
+def method(name: str) -> CamMethod:
+    """An instance of the registered CAM method ``name``."""
+    return CAM_METHODS.get(name)()
+

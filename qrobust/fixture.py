@@ -1,0 +1,146 @@
+"""The per-test check object behind the ``qrobust_check`` fixture (pytest-benchmark's BenchmarkFixture
+pattern): it owns the test's node, so suites never pass ``request.node``, and offers one verb per gate.
+
+Each verb evaluates through the session (cached), gets verdicts from ``qrobust.gate.verdict``, records
+every check on the node (the controller collects them, also from xdist workers) and fails the test once
+with every violation.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qrobust.gate.plan import CaseSpec
+from qrobust.gate.verdict import judge
+from qrobust.metrics.catalog import METRICS
+from qrobust.metrics.stats import Estimate
+from qrobust.session import PairUnavailable, QrobustSession
+
+CASE_PROPERTY = "qrobust_case"
+
+
+class QrobustCheck:
+    def __init__(self, node, session: QrobustSession):
+        self._node, self._session = node, session
+
+    def __call__(self, case: CaseSpec, metrics: str | list[str]) -> None:
+        """``qrobust_check(case, "top1_delta")`` or with a list of metrics: the same as ``metric``."""
+        names = [metrics] if isinstance(metrics, str) else list(metrics)
+        self.metric(case, *names)
+
+    # ---- the three gates ------------------------------------------------------------------------------
+    def metric(self, case: CaseSpec, *names: str) -> None:
+        """Decide the named metrics of ``case`` against their tolerances (and the baseline)."""
+        __tracebackhide__ = True
+        for name in names:
+            if name not in METRICS or not METRICS[name].case_metric:
+                raise pytest.UsageError(f"qrobust_check: {name!r} is not a per-case metric")
+        tolerances = {m: t for m in names if (t := self._tolerance(case.tolerances, m)) is not None}
+        if not tolerances:
+            pytest.skip(f"no tolerance configured for {', '.join(names)} on {case.id}")
+        result = self._result(case)
+        if not result.healthy:
+            message = result.health_message()
+            for metric, tolerance in tolerances.items():
+                self._decide(case, metric, Estimate(float("nan"), None, result.n, {"error": message}), tolerance)
+            pytest.fail(message, pytrace=False)
+        context = {k: result.estimates[k].value for k in ("top1_fp32", "top1_quant")}
+        failures = []
+        for metric, tolerance in tolerances.items():
+            if METRICS[metric].family == "saliency_gt" and metric not in result.estimates:
+                pytest.skip(f"{metric} needs ground-truth saliency maps; dataset of {case.pair!r} has none")
+            failures += self._decide(case, metric, result.metric(metric), tolerance, context)
+        if failures:
+            pytest.fail("\n".join(failures), pytrace=False)
+
+    def explanations(self, pair_name: str) -> None:
+        """Seed 002's deletion / insertion / WSOL / activation comparison on clean images of the pair."""
+        from types import MappingProxyType
+
+        from qrobust.explain.quality import explanation_quality
+
+        session = self._session
+        config = session.thresholds.explanations
+        pair = self._pair(pair_name)
+        data = session.evaluator.dataset(pair.dataset).subset(config.samples, session.seed)
+        estimates = explanation_quality(pair, data, session.evaluator.cam_methods[pair_name], session.seed,
+                                        session.thresholds.replicates, config.steps)
+        case = CaseSpec(pair_name, "clean", 0.0, MappingProxyType(dict(config.tolerances)))
+        failures = []
+        for metric in case.tolerances:
+            if metric not in estimates:
+                pytest.skip(f"{metric} needs ground-truth boxes; dataset {pair.dataset!r} has none")
+            failures += self._decide(case, metric, estimates[metric], self._tolerance(case.tolerances, metric))
+        if failures:
+            pytest.fail("\n".join(failures), pytrace=False)
+
+    def speedup(self, pair_name: str, benchmark=None) -> None:
+        """FP32 / quantized latency, interleaved (and inference + EigenCAM when the pair has a CAM layer).
+        Gated when the thresholds set a tolerance; otherwise measured and reported ("measured")."""
+        import torch
+
+        from qrobust.explain.cam import compute_cams
+        from qrobust.metrics.timing import interleaved_speedup
+
+        session = self._session
+        config = session.thresholds.latency
+        pair = self._pair(pair_name)
+        h, w = pair.preprocess.resolution
+        pixels = torch.rand(config.batch, pair.preprocess.channels, h, w,
+                            generator=torch.Generator().manual_seed(session.seed))
+        x = pair.preprocess.normalize(pixels)
+        x_fp, x_q = x.to(session.evaluator.device), x.to(session.evaluator.twin_device(pair))
+        if benchmark is not None:  # pytest-benchmark's own table, of the quantized forward
+            with torch.inference_mode():
+                benchmark.pedantic(pair.quantized, args=(x_q,), rounds=config.rounds, iterations=1, warmup_rounds=2)
+        timings = {"speedup": interleaved_speedup(pair.fp32, pair.quantized, x_fp, x_q, rounds=config.rounds)}
+        if pair.target_layer:  # seed 002 times inference plus EigenCAM on both models: one hooked forward each
+            timings["cam_speedup"] = interleaved_speedup(
+                lambda v: compute_cams(pair.fp32, v, pair.target_layer, ["eigencam"]),
+                lambda v: compute_cams(pair.quantized, v, pair.quantized_target_layer, ["eigencam"]),
+                x_fp, x_q, rounds=config.rounds)
+        case = CaseSpec(pair.name, "latency", float(config.batch), config.tolerances)
+        failures = []
+        for metric, s in timings.items():
+            estimate = Estimate(s.speedup, s.interval, s.rounds, {"fp32_ms": s.fp32_ms, "quantized_ms": s.quantized_ms,
+                                                                    "batch": config.batch})
+            failures += self._decide(case, metric, estimate, self._tolerance(case.tolerances, metric))
+        if failures:
+            pytest.fail("\n".join(failures), pytrace=False)
+
+    # ---- shared steps -----------------------------------------------------------------------------------
+    def _pair(self, name: str):
+        try:
+            return self._session.pair(name)
+        except PairUnavailable as exc:
+            pytest.fail(str(exc), pytrace=False)
+
+    def _result(self, case: CaseSpec):
+        try:
+            return self._session.evaluate(case)
+        except PairUnavailable as exc:
+            pytest.fail(str(exc), pytrace=False)
+
+    def _tolerance(self, configured, metric: str) -> float | None:
+        """A ``qrobust_tolerance`` marker's value (validated at collection) over the configured one."""
+        marker = self._node.get_closest_marker("qrobust_tolerance")
+        if marker is not None and metric in marker.kwargs:
+            return float(marker.kwargs[metric])
+        return configured.get(metric)
+
+    def _decide(self, case: CaseSpec, metric: str, estimate: Estimate, tolerance: float | None,
+                context: dict | None = None) -> list[str]:
+        """Judge, record on the node, return the failure message (if any) as a list."""
+        session = self._session
+        mismatch = session.baseline_mismatch()
+        old = None if mismatch else session.baseline_value(case.pair, case.perturbation, case.level, metric)
+        record, message = judge(test=self._node.nodeid, pair=case.pair, perturbation=case.perturbation,
+                                level=case.level, metric=metric, estimate=estimate, tolerance=tolerance,
+                                mode=session.decision, context=context, baseline_old=old,
+                                baseline_margin=session.thresholds.baseline_margin(metric))
+        if mismatch and tolerance is not None:
+            record["verdict"], record["failed_by"] = "fail", "baseline"
+            message = "\n".join(filter(None, [message, mismatch]))
+        self._node.user_properties.append((CASE_PROPERTY, json.dumps(record)))
+        return [message] if message else []

@@ -1,0 +1,1 @@
+"""The gate: configuration, planning, evaluation, verdicts, baselines and reports (no pytest here)."""

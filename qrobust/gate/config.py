@@ -1,0 +1,491 @@
+"""thresholds.yaml: read with bounds, parsed with a safe loader, validated, frozen into typed objects.
+
+Every error is one line naming the file, the key path and the reason (keys and values shown through
+``qrobust.errors.show``, so a hostile key cannot forge log lines or flood the terminal). Defaults live
+here, in the dataclasses below, and in the metric catalogue (default tolerances): nowhere else.
+
+Schema (every section optional; a file must gate something)::
+
+    decision: point             # point | strict | lenient (default strict)
+    seed: 0
+    batch_size: 64
+    max_samples: null           # a quick profile caps every dataset (seeded subsample)
+    replicates: 1000            # bootstrap replicates
+    f1_average: macro           # macro | micro | weighted
+    defaults: {top1_delta: 0.01, ...}                 # tolerance per metric (default: the catalogue's)
+    baseline: {top1_delta: 0.005, kl_mean: {relative: 0.5}}   # allowed regression against a saved baseline
+    perturbations:                                    # the sweep (default: DEFAULT_SWEEP)
+      awgn:
+        levels: [0, 0.1, 0.2]
+        tolerances: {top1_delta: 0.02}                # this perturbation, every level
+        at: {0.2: {top1_delta: 0.03}}                 # one level
+    gate:                                             # the pairs gated, with overrides
+      my-pair: {}
+      other-pair:
+        tolerances: {...}
+        perturbations: {awgn: {tolerances: {...}, at: {...}}}   # only: restrict to these perturbations
+        metrics: [agreement, kl_mean]                           # only: check just these metrics
+        xfail: "why this configuration is known to fail"        # strict expected failure
+    cam: {method: auto}          # auto: eigencam for real int8 twins, gradcampp for fake-quant ones
+    bitwidth: {pairs: [...], min_bits: 4, perturbation: awgn, level: 0, tolerances: {...}}
+    latency: {pairs: [...], batch: 32, rounds: 20, speedup: 1.0, cam_speedup: 1.0}
+    explanations: {pairs: [...], samples: 64, steps: 100, tolerances: {deletion_auc_delta: 0.01}}
+    pairs: {...}        # user-declared pairs (qrobust.models.declared)
+    datasets: {...}     # user-declared datasets (qrobust.data.folders)
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, NoReturn
+
+import yaml
+
+from qrobust._files import MiB, read_bounded
+from qrobust.errors import ConfigError, InvalidArgument, show
+from qrobust.metrics.catalog import CASE_METRICS, EXPLANATION_METRICS, LATENCY_METRICS, METRICS, default_tolerances
+from qrobust.registry import did_you_mean
+
+MAX_BYTES = 4 * MiB  # a thresholds file is a page of YAML; anything near this size is a mistake or an attack
+MAX_DEPTH = 64  # nesting deeper than any valid file; deeper input is refused before it can exhaust the stack
+MODES = ("point", "strict", "lenient")
+F1_AVERAGES = ("macro", "micro", "weighted")
+# the sweep a file without a ``perturbations:`` section gets: seed 004's four families at their
+# registered default levels
+DEFAULT_SWEEP = ("awgn", "brownian", "occlusion_vertical", "occlusion_horizontal")
+TOP_KEYS = ("decision", "seed", "batch_size", "max_samples", "replicates", "f1_average", "defaults", "baseline",
+            "perturbations", "gate", "bitwidth", "latency", "cam", "explanations", "pairs", "datasets")
+
+
+# ---- typed, frozen configuration ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SweepEntry:
+    """One perturbation of the sweep: its levels and the tolerances it sets (all levels / one level)."""
+
+    levels: tuple[float, ...]
+    tolerances: Mapping[str, float] = field(default_factory=dict)
+    at: Mapping[float, Mapping[str, float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GateEntry:
+    """A gated pair's overrides; ``perturbations`` None means the whole sweep."""
+
+    tolerances: Mapping[str, float] = field(default_factory=dict)
+    perturbations: Mapping[str, SweepEntry] | None = None  # levels unused: only tolerances / at
+    metrics: tuple[str, ...] | None = None
+    xfail: str | None = None
+
+
+@dataclass(frozen=True)
+class BitwidthConfig:
+    """Seed 003's sweep: pairs at several bit widths, gated on one perturbation level."""
+
+    pairs: tuple[str, ...] = ()
+    min_bits: int = 1
+    perturbation: str = "awgn"
+    level: float = 0.0
+    tolerances: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """Interleaved FP32 vs quantized timing; a metric without a tolerance is measured, not gated."""
+
+    pairs: tuple[str, ...] = ()
+    batch: int = 32
+    rounds: int = 20
+    tolerances: Mapping[str, float] = field(default_factory=dict)  # speedup, cam_speedup
+
+
+@dataclass(frozen=True)
+class ExplanationsConfig:
+    """Seed 002's explanation quality on clean images."""
+
+    pairs: tuple[str, ...] = ()
+    samples: int = 64
+    steps: int = 100
+    tolerances: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BaselineMargin:
+    """How far a value may move against a saved baseline: ``absolute``, ``relative`` to the baseline
+    value, or both (then the larger allowance, so a relative margin keeps a floor near zero)."""
+
+    absolute: float | None = None
+    relative: float | None = None
+
+    def allowed(self, old: float) -> float:
+        parts = [self.absolute or 0.0, (self.relative or 0.0) * abs(old)]
+        return max(parts)
+
+    def describe(self) -> str:
+        parts = ([f"{self.absolute:g}"] if self.absolute is not None else []) + (
+            [f"{self.relative:.0%} of the baseline"] if self.relative is not None else [])
+        return " or ".join(parts)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    path: str
+    sha256: str
+    decision: str = "strict"
+    seed: int = 0
+    batch_size: int = 64
+    max_samples: int | None = None
+    replicates: int = 1000
+    f1_average: str = "macro"
+    cam_method: str = "auto"
+    defaults: Mapping[str, float] = field(default_factory=default_tolerances)
+    sweep: Mapping[str, SweepEntry] = field(default_factory=dict)
+    gate: Mapping[str, GateEntry] = field(default_factory=dict)
+    baseline: Mapping[str, BaselineMargin] = field(default_factory=dict)
+    bitwidth: BitwidthConfig = BitwidthConfig()
+    latency: LatencyConfig = LatencyConfig()
+    explanations: ExplanationsConfig = ExplanationsConfig()
+    pairs: Mapping[str, Any] = field(default_factory=dict)  # declared pairs, validated specs
+    datasets: Mapping[str, Any] = field(default_factory=dict)  # declared datasets, validated specs
+
+    def baseline_margin(self, metric: str) -> BaselineMargin:
+        return self.baseline.get(metric) or BaselineMargin(absolute=METRICS[metric].baseline_margin)
+
+    @property
+    def mentioned_pairs(self) -> list[str]:
+        """Every pair the file gates in any section, in order."""
+        names = list(self.gate) + list(self.bitwidth.pairs) + list(self.latency.pairs) + list(self.explanations.pairs)
+        return list(dict.fromkeys(names))
+
+
+# ---- YAML -----------------------------------------------------------------------------------------------------
+class _StrictLoader(yaml.SafeLoader):
+    """yaml's SafeLoader (no object construction), refusing duplicate and non-string keys and deep nesting."""
+
+    def compose_node(self, parent, index):
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise ConfigError(f"nested more than {MAX_DEPTH} levels deep (line {mark.line + 1})")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise ConfigError(f"a key must be a plain value, not a {key_node.id} (line {key_node.start_mark.line + 1})")
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"duplicate key {show(key)} (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def safe_load_unique(text: str) -> Any:
+    """``yaml.safe_load`` semantics plus the checks of ``_StrictLoader``."""
+    loader = _StrictLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+# ---- validation -------------------------------------------------------------------------------------------------
+class _Validator:
+    """Walks the parsed YAML; every complaint carries the key path."""
+
+    def __init__(self, path: str, known_pairs: set[str]):
+        self.path, self.known_pairs = path, known_pairs
+
+    def fail(self, key: str, reason: str) -> NoReturn:
+        raise ConfigError(f"{self.path}: {key}: {reason}")
+
+    @staticmethod
+    def join(key: str, child) -> str:
+        child = child if isinstance(child, str) and child.isprintable() and len(child) <= 60 else show(child, 60)
+        return f"{key}.{child}" if key else str(child)
+
+    def mapping(self, value, key: str) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(key, f"expected a mapping, got {type(value).__name__} {show(value)}")
+        for k in value:
+            if not isinstance(k, (str, int, float)) or isinstance(k, bool):
+                self.fail(key, f"keys must be names or numbers, got {type(k).__name__} {show(k)}")
+        return value
+
+    def keys(self, value: dict, key: str, allowed) -> None:
+        for k in value:
+            if k not in allowed:
+                hint = did_you_mean(k, [str(a) for a in allowed]) or f"; allowed: {', '.join(sorted(map(str, allowed)))}"
+                self.fail(self.join(key, k), f"unknown key{hint}")
+
+    def whole(self, value, key: str, minimum: int | None = 0) -> int:
+        return int(self.number(value, key, minimum, integer=True))
+
+    def number(self, value, key: str, minimum: float | None = 0.0, integer: bool = False) -> float:
+        if isinstance(value, str):
+            self.fail(key, f"expected a number, got the string {show(value)} (remove the quotes)")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(key, f"expected a number, got {type(value).__name__} {show(value)}")
+        if not math.isfinite(value):
+            self.fail(key, f"must be finite, got {value!r}")
+        if integer and value != int(value):
+            self.fail(key, f"expected a whole number, got {value!r}")
+        if minimum is not None and value < minimum:
+            self.fail(key, f"must be >= {minimum:g}, got {value!r}")
+        return float(value)
+
+    def choice(self, value, key: str, options) -> str:
+        if value not in options:
+            self.fail(key, f"must be one of {', '.join(options)}, got {show(value)}")
+        return value
+
+    def text(self, value, key: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            self.fail(key, f"expected a non-empty string, got {show(value)}")
+        return value
+
+    def tolerances(self, value, key: str, allowed=tuple(METRICS)) -> dict[str, float]:
+        value = self.mapping(value, key)
+        self.keys(value, key, allowed)
+        return {m: self.number(v, self.join(key, m)) for m, v in value.items()}
+
+    def perturbation(self, name, key: str):
+        from qrobust.data.perturbations import PERTURBATIONS
+        try:
+            return PERTURBATIONS.get(name)
+        except InvalidArgument as exc:
+            self.fail(key, str(exc).split(": ", 1)[1])
+
+    def level(self, value, key: str, perturbation) -> float:
+        number = self.number(value, key)
+        try:
+            return perturbation.check_level(number)
+        except InvalidArgument as exc:
+            self.fail(key, str(exc))
+
+    def levels(self, value, key: str, perturbation) -> tuple[float, ...]:
+        if not isinstance(value, list) or not value:
+            self.fail(key, f"expected a non-empty list of levels, got {show(value)}")
+        out = [self.level(lv, f"{key}[{i}]", perturbation) for i, lv in enumerate(value)]
+        if len(set(out)) != len(out):
+            self.fail(key, f"duplicate levels in {show(value)}")
+        return tuple(out)
+
+    def at(self, value, key: str, levels) -> dict[float, dict[str, float]]:
+        value = self.mapping(value, key)
+        out = {}
+        for lv, tol in value.items():
+            level = self.number(lv, self.join(key, lv))
+            if level not in levels:
+                self.fail(self.join(key, lv), f"level {show(lv)} is not in the perturbation's levels {list(levels)}")
+            out[level] = self.tolerances(tol, self.join(key, lv))
+        return out
+
+    def pair_name(self, name, key: str) -> str:
+        if not isinstance(name, str) or name not in self.known_pairs:
+            self.fail(key, f"unknown pair {show(name)}{did_you_mean(name, self.known_pairs)}")
+        return name
+
+    def pair_list(self, value, key: str) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            self.fail(key, f"expected a list of pair names, got {type(value).__name__} {show(value)}")
+        names = tuple(self.pair_name(p, f"{key}[{i}]") for i, p in enumerate(value))
+        if len(set(names)) != len(names):
+            self.fail(key, "lists a pair twice")
+        return names
+
+
+def _frozen(mapping: dict) -> Mapping:
+    return MappingProxyType(dict(mapping))
+
+
+def _sweep(v: _Validator, raw: dict) -> dict[str, SweepEntry]:
+    if "perturbations" not in raw:
+        from qrobust.data.perturbations import PERTURBATIONS
+        return {name: SweepEntry(tuple(PERTURBATIONS.get(name).levels)) for name in DEFAULT_SWEEP}
+    sweep = {}
+    for name, spec in v.mapping(raw["perturbations"], "perturbations").items():
+        key = v.join("perturbations", name)
+        pert = v.perturbation(name, key)
+        spec = v.mapping(spec, key)
+        v.keys(spec, key, ("levels", "tolerances", "at"))
+        levels = v.levels(spec.get("levels", list(pert.levels)), f"{key}.levels", pert)
+        sweep[name] = SweepEntry(levels, _frozen(v.tolerances(spec.get("tolerances"), f"{key}.tolerances")),
+                                 _frozen(v.at(spec.get("at"), f"{key}.at", levels)))
+    if not sweep:
+        v.fail("perturbations", "is empty: name at least one perturbation (or leave the section out for the default sweep)")
+    return sweep
+
+
+def _gate(v: _Validator, raw: dict, sweep: dict[str, SweepEntry]) -> dict[str, GateEntry]:
+    gate = {}
+    for pair, spec in v.mapping(raw.get("gate"), "gate").items():
+        key = v.join("gate", pair)
+        v.pair_name(pair, key)
+        spec = v.mapping(spec, key)
+        v.keys(spec, key, ("tolerances", "perturbations", "metrics", "xfail"))
+        metrics = spec.get("metrics")
+        if metrics is not None:
+            if not isinstance(metrics, list) or not metrics:
+                v.fail(f"{key}.metrics", f"expected a non-empty list of metric names, got {show(metrics)}")
+            for i, metric in enumerate(metrics):
+                if metric not in CASE_METRICS:
+                    hint = did_you_mean(metric, CASE_METRICS)
+                    v.fail(f"{key}.metrics[{i}]", f"not a per-case metric: {show(metric)}{hint} (per-case metrics: "
+                                                  f"{', '.join(CASE_METRICS)}; latency and explanation metrics have "
+                                                  "their own sections)")
+            metrics = tuple(metrics)
+        xfail = None if spec.get("xfail") is None else v.text(spec["xfail"], f"{key}.xfail")
+        only = None
+        if spec.get("perturbations") is not None:
+            only = {}
+            for name, pspec in v.mapping(spec["perturbations"], f"{key}.perturbations").items():
+                pkey = v.join(f"{key}.perturbations", name)
+                if name not in sweep:
+                    v.fail(pkey, f"not in the perturbations sweep ({', '.join(sweep)})")
+                pspec = v.mapping(pspec, pkey)
+                v.keys(pspec, pkey, ("tolerances", "at"))
+                only[name] = SweepEntry(sweep[name].levels, _frozen(v.tolerances(pspec.get("tolerances"), f"{pkey}.tolerances")),
+                                        _frozen(v.at(pspec.get("at"), f"{pkey}.at", sweep[name].levels)))
+            if not only:
+                v.fail(f"{key}.perturbations", "is empty: name the perturbations to keep, or leave the key out")
+        gate[pair] = GateEntry(_frozen(v.tolerances(spec.get("tolerances"), f"{key}.tolerances")),
+                               None if only is None else _frozen(only), metrics, xfail)
+    return gate
+
+
+def _baseline(v: _Validator, raw: dict) -> dict[str, BaselineMargin]:
+    out = {}
+    section = v.mapping(raw.get("baseline"), "baseline")
+    v.keys(section, "baseline", METRICS)
+    for metric, spec in section.items():
+        key = v.join("baseline", metric)
+        if isinstance(spec, dict):
+            v.keys(spec, key, ("absolute", "relative"))
+            if not spec:
+                v.fail(key, "needs absolute and/or relative")
+            out[metric] = BaselineMargin(*(None if spec.get(k) is None else v.number(spec[k], f"{key}.{k}")
+                                           for k in ("absolute", "relative")))
+        else:
+            out[metric] = BaselineMargin(absolute=v.number(spec, key))
+    return out
+
+
+def _bitwidth(v: _Validator, raw: dict) -> BitwidthConfig:
+    section = v.mapping(raw.get("bitwidth"), "bitwidth")
+    v.keys(section, "bitwidth", ("pairs", "min_bits", "perturbation", "level", "tolerances"))
+    if not section:
+        return BitwidthConfig()
+    default = BitwidthConfig()
+    pert_name = section.get("perturbation", default.perturbation)
+    pert = v.perturbation(pert_name, "bitwidth.perturbation")
+    tolerances = v.tolerances(section.get("tolerances"), "bitwidth.tolerances", CASE_METRICS)
+    pairs = v.pair_list(section.get("pairs"), "bitwidth.pairs")
+    if pairs and not tolerances:
+        v.fail("bitwidth.tolerances", "the bit-width sweep needs tolerances to check")
+    return BitwidthConfig(pairs, v.whole(section.get("min_bits", default.min_bits), "bitwidth.min_bits", 1),
+                          pert.name, v.level(section.get("level", default.level), "bitwidth.level", pert),
+                          _frozen(tolerances))
+
+
+def _latency(v: _Validator, raw: dict) -> LatencyConfig:
+    section = v.mapping(raw.get("latency"), "latency")
+    v.keys(section, "latency", ("pairs", "batch", "rounds") + LATENCY_METRICS)
+    default = LatencyConfig()
+    return LatencyConfig(v.pair_list(section.get("pairs"), "latency.pairs"),
+                         v.whole(section.get("batch", default.batch), "latency.batch", 1),
+                         v.whole(section.get("rounds", default.rounds), "latency.rounds", 3),
+                         _frozen({m: v.number(section[m], f"latency.{m}") for m in LATENCY_METRICS if m in section}))
+
+
+def _explanations(v: _Validator, raw: dict) -> ExplanationsConfig:
+    section = v.mapping(raw.get("explanations"), "explanations")
+    v.keys(section, "explanations", ("pairs", "samples", "steps", "tolerances"))
+    default = ExplanationsConfig()
+    pairs = v.pair_list(section.get("pairs"), "explanations.pairs")
+    tolerances = v.tolerances(section.get("tolerances"), "explanations.tolerances", EXPLANATION_METRICS)
+    if pairs and not tolerances:
+        v.fail("explanations.tolerances", f"explanation pairs need tolerances to check ({', '.join(EXPLANATION_METRICS)})")
+    return ExplanationsConfig(pairs, v.whole(section.get("samples", default.samples), "explanations.samples", 1),
+                              v.whole(section.get("steps", default.steps), "explanations.steps", 1),
+                              _frozen(tolerances))
+
+
+def _cam_methods() -> list[str]:
+    from qrobust.explain.cam import CAM_METHODS
+
+    return CAM_METHODS.names()
+
+
+def read_thresholds_file(path: str | Path) -> tuple[bytes, Any]:
+    """The raw bytes and the parsed YAML of a thresholds file (bounded, strict, one-line errors)."""
+    try:
+        raw_bytes = read_bounded(path, "thresholds file", MAX_BYTES)
+    except InvalidArgument as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        return raw_bytes, safe_load_unique(raw_bytes.decode("utf-8"))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a thresholds file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        reason = show(" ".join(str(exc).split()), 300)
+        raise ConfigError(f"{path}: not valid YAML: {reason}") from None
+
+
+def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Thresholds:
+    """Parse and validate ``path``; raises ConfigError with ``file: key.path: reason``."""
+    raw_bytes, raw = read_thresholds_file(path)
+    if known_pairs is None:
+        from qrobust.models import pair_names
+        known_pairs = set(pair_names())
+    v = _Validator(str(path), set(known_pairs))
+    if raw is None:
+        v.fail("(top level)", "the file is empty: a gate needs at least a gate: section")
+    raw = v.mapping(raw, "(top level)")
+    v.keys(raw, "", TOP_KEYS)
+    datasets = v.mapping(raw.get("datasets"), "datasets")
+    declared_pairs = v.mapping(raw.get("pairs"), "pairs")
+    v.known_pairs |= {p for p in declared_pairs if isinstance(p, str)}
+    base = Path(path).parent
+    from qrobust.gate.declared_config import validate_dataset, validate_pair
+    for name, spec in datasets.items():
+        validate_dataset(v, name, v.mapping(spec, v.join("datasets", name)), base)
+    for name, spec in declared_pairs.items():
+        validate_pair(v, name, v.mapping(spec, v.join("pairs", name)), base, set(datasets))
+    cam = v.mapping(raw.get("cam"), "cam")
+    v.keys(cam, "cam", ("method",))
+    sweep = _sweep(v, raw)
+    defaults = raw.get("defaults")
+    thresholds = Thresholds(
+        path=str(path), sha256=hashlib.sha256(raw_bytes).hexdigest(),
+        decision=v.choice(raw.get("decision", "strict"), "decision", MODES),
+        seed=v.whole(raw.get("seed", 0), "seed"),
+        batch_size=v.whole(raw.get("batch_size", 64), "batch_size", minimum=1),
+        max_samples=None if raw.get("max_samples") is None else v.whole(raw["max_samples"], "max_samples", 1),
+        replicates=v.whole(raw.get("replicates", 1000), "replicates", minimum=10),
+        f1_average=v.choice(raw.get("f1_average", "macro"), "f1_average", F1_AVERAGES),
+        cam_method=v.choice(cam.get("method", "auto"), "cam.method", ("auto", *_cam_methods())),
+        defaults=_frozen(default_tolerances() if defaults is None else v.tolerances(defaults, "defaults", CASE_METRICS)),
+        sweep=_frozen(sweep), gate=_frozen(_gate(v, raw, sweep)), baseline=_frozen(_baseline(v, raw)),
+        bitwidth=_bitwidth(v, raw), latency=_latency(v, raw), explanations=_explanations(v, raw),
+        pairs=_frozen(declared_pairs), datasets=_frozen(datasets),
+    )
+    if not thresholds.mentioned_pairs:
+        v.fail("gate", "no pair is gated: list pairs under gate: (or bitwidth/latency/explanations pairs); "
+                       "a gate that checks nothing does not pass")
+    return thresholds

@@ -1,0 +1,311 @@
+"""The evaluation engine: each (pair, perturbation, level) case is computed once per session.
+
+Pairs that share one FP32 model object, dataset and preprocessing form a *group*: a perturbed batch is
+made once, the FP32 model runs on it once, and every quantized twin in the group runs on the same input
+(bit sweeps and config matrices pay for one FP32 forward). All results of a group for a case are cached
+together. Forward passes are counted per model so duplicated work shows up in the report.
+
+Placement: FP32 and fake-quant models run on ``device``; real int8 twins on the CPU, their kernels'
+only home. Perturbations are made on the CPU (pixel-identical whatever the device; FGSM, which needs the
+FP32 model's gradient, runs on the FP32 model's device), and the batch is handed to each model on its
+device. Metrics are computed on the CPU from the models' outputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+
+import torch
+
+from qrobust.data import ImageSet, StreamingSet, load_dataset
+from qrobust.data.perturbations import PERTURBATIONS, perturb
+from qrobust.errors import ModelOutputError, invalid
+from qrobust.explain.cam import compute_cams
+from qrobust.metrics.classification import PairMetrics
+from qrobust.metrics.saliency import CamAgreement
+from qrobust.metrics.stats import Estimate, poisson_weights
+from qrobust.models.pair import ModelPair
+
+CLEAN = "clean"  # cache key of the unperturbed input (level 0 of every perturbation)
+MAX_BATCH_PIXELS = 8 * 224 * 224  # input pixels per batch (per channel): 8 ImageNet images, 392 digits
+
+
+@dataclass
+class CaseResult:
+    """All metrics of one pair on one perturbation level, plus the output-health record."""
+
+    pair: str
+    perturbation: str
+    level: float
+    n: int
+    estimates: dict[str, Estimate]
+    nonfinite: dict[str, int]
+    nonfinite_ids: list[int]
+    state: PairMetrics = field(repr=False)
+    cam: CamAgreement | None = field(default=None, repr=False)
+
+    @property
+    def label(self) -> str:
+        return f"{self.pair} / {self.perturbation} @ {self.level:g}"
+
+    @property
+    def healthy(self) -> bool:
+        return self.n > 0 and not any(self.nonfinite.values())
+
+    def health_message(self) -> str:
+        """Why the case cannot pass, or '' when the outputs are fine."""
+        if any(self.nonfinite.values()):
+            counts = ", ".join(f"{m}: {c}" for m, c in self.nonfinite.items() if c)
+            return (f"{self.label}: non-finite model outputs ({counts} of {self.n + max(self.nonfinite.values())} "
+                    f"samples; first sample ids {self.nonfinite_ids[:5]})")
+        if self.n == 0:
+            return f"{self.label}: no samples were evaluated"
+        return ""
+
+    def metric(self, name: str) -> Estimate:
+        if name not in self.estimates:
+            raise invalid("metric", name, f"not computed for this case (available: {', '.join(self.estimates)})")
+        return self.estimates[name]
+
+
+def fp32_label(group: Sequence[ModelPair]) -> str:
+    return f"fp32[{group[0].name}]"
+
+
+def forwards_per_batch(forwards: Counter, batches: Counter, groups: dict[str, str]) -> dict[str, float]:
+    """Model calls per perturbed batch, per FP32 model and per twin (1.0 means no duplicated forward).
+    ``groups`` maps each pair to its FP32 model's label."""
+    per_batch = {}
+    for pair, fp_label in groups.items():
+        if batches[fp_label]:
+            per_batch[fp_label] = forwards[fp_label] / batches[fp_label]
+            per_batch[pair] = forwards[pair] / batches[fp_label]
+    return per_batch
+
+
+class Evaluator:
+    """Evaluates cases lazily and caches them; ``forward_passes`` counts model calls per model.
+
+    ``wanted`` (pair, perturbation, level) triples, when given, limit which group mates run along with a
+    requested case, so a pair gated only on clean inputs (a bit sweep) is not run on every perturbation.
+    Pairs can be added after construction (``add``), or built on first use by ``loader(name)``.
+    """
+
+    def __init__(self, pairs: Sequence[ModelPair] = (), *, seed: int = 0, batch_size: int = 64,
+                 max_samples: int | None = None, replicates: int = 1000, f1_average: str = "macro",
+                 datasets: dict[str, ImageSet | StreamingSet] | None = None, device: str = "cpu",
+                 wanted: set[tuple[str, str, float]] | None = None,
+                 cam_cases: set[tuple[str, str, float]] | None = None, cam_methods: dict[str, str] | None = None,
+                 loader: Callable[[str], None] | None = None):
+        from qrobust._validation import check_int
+
+        check_int("batch_size", batch_size, minimum=1)
+        self.device = torch.device(device)
+        self.pairs: dict[str, ModelPair] = {}
+        self.cam_methods: dict[str, str] = {}
+        self._method_overrides = dict(cam_methods or {})
+        self.wanted = wanted
+        self.cam_cases = set(cam_cases or ())
+        self.seed, self.batch_size, self.max_samples = seed, batch_size, max_samples
+        self.replicates, self.f1_average = replicates, f1_average
+        self._datasets = dict(datasets or {})
+        self._subsets: dict[str, ImageSet | StreamingSet] = {}
+        self._cache: dict[tuple[str, str, float], CaseResult] = {}
+        self._loader = loader
+        self.forward_passes: Counter[str] = Counter()
+        self.perturbed_batches: Counter[str] = Counter()
+        # progress(label, batches done, batches in all), called after every batch (the plugin draws it)
+        self.progress: Callable[[str, int, int], None] | None = None
+        for pair in pairs:
+            self.add(pair)
+
+    def add(self, pair: ModelPair) -> None:
+        """Make ``pair`` available after probing it: its FP32 model (and fake-quant twin) move to the
+        evaluator's device, and one clean batch must give both models' outputs the right shape, finite.
+        A pair that fails the probe raises ModelOutputError and is not added."""
+        if pair.name in self.pairs:
+            return
+        pair.fp32.to(self.device)
+        pair.quantized.to(self.twin_device(pair))
+        self.probe(pair)
+        self.pairs[pair.name] = pair
+        self.cam_methods[pair.name] = self._method_overrides.get(
+            pair.name, "eigencam" if pair.kind == "int8" else "gradcampp")
+
+    def twin_device(self, pair: ModelPair) -> torch.device:
+        """Real int8 kernels run on the CPU; fake-quant twins are plain float models on ``device``."""
+        return torch.device("cpu") if pair.kind == "int8" else self.device
+
+    def _pair(self, name: str) -> ModelPair:
+        if name not in self.pairs and self._loader is not None:
+            self._loader(name)
+        if name not in self.pairs:
+            raise invalid("pair", name, f"not loaded in this session (loaded: {', '.join(self.pairs) or 'none'})")
+        return self.pairs[name]
+
+    # ---- groups and data ---------------------------------------------------------------------------
+    def group_of(self, pair: ModelPair) -> list[ModelPair]:
+        """The pairs evaluated together with ``pair`` (same FP32 object, dataset and preprocessing)."""
+        return [p for p in self.pairs.values()
+                if p.fp32 is pair.fp32 and p.dataset == pair.dataset and p.preprocess == pair.preprocess]
+
+    def dataset(self, name: str) -> ImageSet | StreamingSet:
+        """The dataset as evaluated (subsampled to ``max_samples``), built once per session."""
+        if name not in self._subsets:
+            data = self._datasets[name] if name in self._datasets else load_dataset(name)
+            self._subsets[name] = data.subset(self.max_samples, self.seed)
+        return self._subsets[name]
+
+    def batch_size_for(self, pair: ModelPair) -> int:
+        """``batch_size``, capped at MAX_BATCH_PIXELS of input: results do not depend on the batch size,
+        but large batches of large images make every activation bigger than the allocator's 32 MB
+        mmap threshold, and each op then pays fresh page faults."""
+        height, width = pair.preprocess.resolution
+        return max(1, min(self.batch_size, MAX_BATCH_PIXELS // (height * width)))
+
+    def probe(self, pair: ModelPair) -> None:
+        """One small clean batch through both models: right resolution and labels for the dataset, output
+        shape (batch, num_classes), finite outputs. Raises with one line naming what is wrong."""
+        data = self.dataset(pair.dataset)
+        batch = next(data.batches(min(self.batch_size_for(pair), len(data), 8)))
+        if tuple(batch.images.shape[-3:]) != (pair.preprocess.channels, *pair.preprocess.resolution):
+            raise invalid("dataset", pair.dataset, f"images are {tuple(batch.images.shape[-3:])} (C, H, W) but pair "
+                                                   f"{pair.name!r} expects {(pair.preprocess.channels, *pair.preprocess.resolution)}")
+        self._check_labels(pair, batch.labels)
+        x = pair.preprocess.normalize(batch.images)
+        with torch.inference_mode():
+            outputs = {"fp32": pair.fp32(x.to(self.device)), "quantized": pair.quantized(x.to(self.twin_device(pair)))}
+        self.forward_passes["probe"] += 2
+        expected = (len(x), pair.num_classes)
+        for model, out in outputs.items():
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ModelOutputError(f"pair {pair.name!r}: {model} model returned shape {shape}, "
+                                       f"expected {expected} (batch, num_classes)")
+            bad = ~torch.isfinite(out.cpu()).all(dim=1)
+            if bad.any():
+                raise ModelOutputError(f"pair {pair.name!r}: {model} model returned NaN/Inf on clean input "
+                                       f"for {int(bad.sum())} of {len(x)} probe samples "
+                                       f"(first ids {batch.ids[bad][:5].tolist()})")
+
+    # ---- evaluation ----------------------------------------------------------------------------------
+    def evaluate(self, pair: str, perturbation: str, level: float, cam: bool = False) -> CaseResult:
+        """The result of one case, computed once (with every pair of its group) and then cached.
+
+        ``cam=True`` asks for the CAM agreement metrics too; cases listed in ``cam_cases`` get them in
+        their one pass, any other case pays a second pass (counted in ``forward_passes``).
+        """
+        self._pair(pair)
+        spec = PERTURBATIONS.get(perturbation)
+        level = spec.check_level(level)
+        if cam:
+            self.cam_cases.add((pair, spec.name, level))
+        if level == 0:  # every perturbation's level 0 is the clean input: evaluate it once
+            clean = self._cached(pair, CLEAN, 0.0, cam)
+            return dataclasses.replace(clean, perturbation=spec.name)
+        return self._cached(pair, spec.name, level, cam)
+
+    def _cached(self, pair: str, perturbation: str, level: float, cam: bool = False) -> CaseResult:
+        key = (pair, perturbation, level)
+        if key not in self._cache:
+            group = [p for p in self.group_of(self.pairs[pair])
+                     if p.name == pair or self._listed(self.wanted, p.name, perturbation, level)]
+            self._run(group, perturbation, level)
+        elif cam and self._cache[key].cam is None:
+            self._run([self.pairs[pair]], perturbation, level)
+        return self._cache[key]
+
+    @staticmethod
+    def _listed(cases: set[tuple[str, str, float]] | None, pair: str, perturbation: str, level: float) -> bool:
+        """Whether (pair, perturbation, level) is in ``cases`` (None lists everything); CLEAN matches any
+        perturbation's level 0."""
+        if cases is None:
+            return True
+        if perturbation == CLEAN:
+            return any(p == pair and lv == 0 for p, _, lv in cases)
+        return (pair, perturbation, level) in cases
+
+    @staticmethod
+    def _check_labels(pair: ModelPair, labels: torch.Tensor) -> None:
+        if len(labels) and (int(labels.max()) >= pair.num_classes or int(labels.min()) < 0):
+            raise invalid("dataset", pair.dataset, f"has labels {int(labels.min())}..{int(labels.max())} "
+                                                   f"but pair {pair.name!r} has {pair.num_classes} classes")
+
+    def _run(self, group: list[ModelPair], perturbation: str, level: float) -> None:
+        lead = group[0]
+        data = self.dataset(lead.dataset)
+        states = {p.name: PairMetrics(p.num_classes, self.seed, self.replicates, self.f1_average) for p in group}
+        cam_states = {p.name: CamAgreement(self.cam_methods[p.name], self.seed, self.replicates,
+                                           capacity=math.ceil(0.05 * len(data)))
+                      for p in group if self._listed(self.cam_cases, p.name, perturbation, level)}
+        fp_methods = sorted({cam.method for cam in cam_states.values()})
+        if fp_methods and lead.target_layer is None:
+            raise invalid("target_layer", None, f"pair {lead.name!r} declares no CAM target layer")
+        normalize = lead.preprocess.normalize
+        fp_label = fp32_label(self.group_of(lead))
+        batch_size = self.batch_size_for(lead)
+        total = math.ceil(len(data) / batch_size)
+        label = f"{lead.name} {perturbation} @ {level:g}"
+        for done, batch in enumerate(data.batches(batch_size), 1):
+            self._check_labels(lead, batch.labels)
+            pixels = batch.images if perturbation == CLEAN else self._perturb(lead, batch, perturbation, level)
+            self.perturbed_batches[fp_label] += 1
+            x = normalize(pixels)
+            weights = poisson_weights(self.seed, batch.groups, self.replicates)
+            x_fp = x.to(self.device)
+            fp_cams = compute_cams(lead.fp32, x_fp, lead.target_layer, fp_methods) if fp_methods else None
+            with torch.inference_mode():
+                fp_logits = (fp_cams.logits if fp_cams else lead.fp32(x_fp)).cpu()
+            self.forward_passes[fp_label] += 1
+            for pair in group:
+                cam = cam_states.get(pair.name)
+                x_q = x.to(self.twin_device(pair))
+                if cam is None:
+                    with torch.inference_mode():
+                        q_logits = pair.quantized(x_q).cpu()
+                else:  # the CAM forward's logits serve the classification metrics: no second forward
+                    q_cams = compute_cams(pair.quantized, x_q, pair.quantized_target_layer, [cam.method],
+                                          targets=fp_cams.targets.to(x_q.device))
+                    q_logits = q_cams.logits.cpu()
+                    cam.update(_on_cpu(fp_cams.maps[cam.method]), _on_cpu(q_cams.maps[cam.method]), batch.ids,
+                               weights, pixels, batch.saliency)
+                self.forward_passes[pair.name] += 1
+                states[pair.name].update(fp_logits, q_logits, batch.labels, batch.ids, batch.groups, weights)
+            if self.progress is not None:
+                self.progress(label, done, total)
+        for pair in group:
+            st = states[pair.name]
+            estimates = st.results() if st.n else {}
+            cam = cam_states.get(pair.name)
+            if cam is not None:
+                estimates.update(cam.results())
+            self._cache[(pair.name, perturbation, level)] = CaseResult(
+                pair.name, perturbation, level, st.n, estimates, dict(st.nonfinite), list(st.nonfinite_ids), st, cam)
+
+    def _perturb(self, lead: ModelPair, batch, perturbation: str, level: float) -> torch.Tensor:
+        """The perturbed pixels of ``batch`` (CPU), the same for every pair of the group."""
+        if PERTURBATIONS.get(perturbation).needs_model:
+            normalize = lead.preprocess.normalize
+            return perturb(perturbation, batch.images.to(self.device), level, ids=batch.ids, seed=self.seed,
+                           boxes=batch.boxes, model=lead.fp32, normalize=normalize).cpu()
+        return perturb(perturbation, batch.images, level, ids=batch.ids, seed=self.seed, boxes=batch.boxes)
+
+    def cached_results(self) -> list[CaseResult]:
+        return list(self._cache.values())
+
+    def groups(self) -> dict[str, str]:
+        """Each loaded pair's FP32 label (which FP32 forward it shares)."""
+        return {name: fp32_label(self.group_of(pair)) for name, pair in self.pairs.items()}
+
+    def forward_report(self) -> dict:
+        """Model calls per model and per perturbed batch (1.0 means no duplicated forward)."""
+        return {"forward_passes": dict(self.forward_passes), "perturbed_batches": dict(self.perturbed_batches),
+                "forwards_per_perturbed_batch": forwards_per_batch(self.forward_passes, self.perturbed_batches,
+                                                                   self.groups())}
+
+
+def _on_cpu(maps: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return maps[0].cpu(), maps[1].cpu()

@@ -1,0 +1,249 @@
+"""Verdicts: an estimate, its tolerance, the decision mode and the baseline -> a record and a message.
+
+Pure functions with no pytest in sight, so a verdict can be computed, tested and reused anywhere.
+
+* Modes: ``point`` compares the estimate with the tolerance; ``strict`` needs the whole 95% interval
+  inside the tolerance (an interval straddling it is *inconclusive*, which fails); ``lenient`` fails only
+  when the whole interval violates the tolerance (a straddling violation is inconclusive and passes).
+* Metrics that are ratios of sample counts (``counted`` in the catalogue: top-1/top-5 delta, agreement)
+  are compared exactly, as fractions: one flip in 100 samples against a tolerance of 0.01 is exactly at
+  the tolerance and passes.
+* Fragility: how many samples would have to change their prediction to reverse a counted verdict, and
+  for other metrics the margin in units of the interval's width. A verdict at most ``FRAGILE_FLIPS``
+  samples (or ``FRAGILE_WIDTHS`` interval widths) from reversing is flagged: at this sample size it is a
+  coin toss, and any numeric change (another CPU, thread count or seed) may reverse it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+from qrobust.errors import invalid
+from qrobust.metrics.catalog import METRICS
+from qrobust.metrics.stats import paired_delta, wilson_interval
+
+MODES = ("point", "strict", "lenient")
+FRAGILE_FLIPS = 2
+FRAGILE_WIDTHS = 0.1
+FLIP_SEARCH_LIMIT = 50  # beyond this many samples a verdict is not fragile: the search stops
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A verdict with the numbers behind it."""
+
+    verdict: str  # "pass", "fail" or "inconclusive"
+    mode: str
+    estimate: float
+    interval: tuple[float, float] | None
+    tolerance: float
+    higher_is_better: bool
+    margin: float  # headroom to the tolerance: positive passes on the point estimate
+
+    @property
+    def passed(self) -> bool:
+        """Whether a gate passes: strict mode needs proof, lenient mode tolerates an unproven violation."""
+        return self.verdict == "pass" or (self.verdict == "inconclusive" and self.mode == "lenient")
+
+
+def exact(value: float) -> Fraction:
+    """A tolerance as the decimal its user wrote (0.01 is 1/100, not the nearest binary float)."""
+    return Fraction(repr(float(value)))
+
+
+def decide(estimate: float, interval: tuple[float, float] | None, tolerance: float, higher_is_better: bool,
+           mode: str = "point", *, exact_estimate: Fraction | None = None) -> Decision:
+    """Point: the estimate against the tolerance. Strict: the whole interval must comply, an interval
+    straddling the tolerance is inconclusive (not a pass). Lenient: fail only when the whole interval
+    violates the tolerance (the violation is significant); a straddling violation is inconclusive.
+    ``exact_estimate`` (a ratio of counts) makes the point comparison exact."""
+    if mode not in MODES:
+        raise invalid("mode", mode, f"must be one of {', '.join(MODES)}")
+    if not math.isfinite(tolerance):
+        raise invalid("tolerance", tolerance, "must be finite")
+    sign = 1 if higher_is_better else -1
+    if not math.isfinite(estimate):
+        return Decision("fail", mode, estimate, interval, tolerance, higher_is_better, float("nan"))
+    if exact_estimate is not None:
+        margin = float(sign * (exact_estimate - exact(tolerance)))
+    else:
+        margin = sign * (estimate - tolerance)
+    if interval is None and mode == "strict":  # no uncertainty estimate: compliance cannot be proven
+        return Decision("inconclusive" if margin >= 0 else "fail", mode, estimate, None, tolerance,
+                        higher_is_better, margin)
+    low, high = interval if interval is not None else (estimate, estimate)
+    worst, best = (low, high) if higher_is_better else (high, low)
+    worst_ok = sign * (worst - tolerance) >= 0
+    best_ok = sign * (best - tolerance) >= 0
+    point_ok = margin >= 0
+    if mode == "point" or interval is None:
+        verdict = "pass" if point_ok else "fail"
+    elif worst_ok:
+        verdict = "pass"
+    elif not best_ok:
+        verdict = "fail"
+    elif mode == "strict":
+        verdict = "inconclusive" if point_ok else "fail"
+    else:
+        verdict = "pass" if point_ok else "inconclusive"
+    return Decision(verdict, mode, estimate, interval, tolerance, higher_is_better, margin)
+
+
+def _shifted_table(n11: int, b: int, c: int, n22: int, shift: int):
+    """The paired 2x2 table after ``shift`` twin predictions change for the worse (negative: better).
+
+    FP32's outcomes are fixed; a worse twin first loses samples both got right (n11 -> b), then the ones
+    only it got right (c -> n22); a better one the reverse. None when the table runs out of samples."""
+    if shift >= 0:
+        k = min(shift, n11)
+        rest = shift - k
+        return None if rest > c else (n11 - k, b + k, c - rest, n22 + rest)
+    k = min(-shift, b)
+    rest = -shift - k
+    return None if rest > n22 else (n11 + k, b - k, c + rest, n22 - rest)
+
+
+def counted_estimate(metric: str, details: dict, n: int, shift: int = 0):
+    """(exact value, float value, interval) of a counted metric after ``shift`` samples change their
+    prediction towards the twin doing worse (negative: better); None when impossible at this n."""
+    if metric in ("top1_delta", "top5_delta"):
+        b, c = details["b"], details["c"]
+        n11 = details["fp32_right"] - b
+        table = _shifted_table(n11, b, c, n - n11 - b - c, shift)
+        if table is None:
+            return None
+        n11, b, c, _ = table
+        delta = paired_delta(n11 + b, n11 + c, b, c, n)
+        return Fraction(b - c, n), delta.delta, delta.interval
+    if metric == "agreement":
+        agree = n - details["flips"] - shift
+        if not 0 <= agree <= n:
+            return None
+        return Fraction(agree, n), agree / n, wilson_interval(agree, n)
+    raise invalid("metric", metric, "is not a counted metric")
+
+
+def has_counts(metric: str, details: dict) -> bool:
+    """Whether ``details`` carry the sample counts of a counted metric (the evaluator's always do)."""
+    needed = {"top1_delta": ("fp32_right", "b", "c"), "top5_delta": ("fp32_right", "b", "c"), "agreement": ("flips",)}
+    return metric in needed and all(k in details for k in needed[metric])
+
+
+def flips_to_reverse(metric: str, details: dict, n: int, tolerance: float, mode: str) -> int | None:
+    """How many samples must change their prediction to reverse this verdict (None: more than
+    FLIP_SEARCH_LIMIT, or impossible at this n)."""
+    higher = METRICS[metric].higher_is_better
+    value, as_float, interval = counted_estimate(metric, details, n)
+    passed = decide(as_float, interval, tolerance, higher, mode, exact_estimate=value).passed
+    direction = 1 if passed else -1  # a pass reverses when the twin gets worse, a fail when it gets better
+    for k in range(1, FLIP_SEARCH_LIMIT + 1):
+        shifted = counted_estimate(metric, details, n, direction * k)
+        if shifted is None:
+            return None
+        value, as_float, interval = shifted
+        if decide(as_float, interval, tolerance, higher, mode, exact_estimate=value).passed != passed:
+            return k
+    return None
+
+
+def fragility(metric: str, decision: Decision, details: dict, n: int) -> dict:
+    """``{"flips_to_reverse": k}`` for counted metrics, ``{"margin_widths": m}`` for the others, plus
+    ``"fragile": bool``."""
+    if has_counts(metric, details):
+        k = flips_to_reverse(metric, details, n, decision.tolerance, decision.mode)
+        return {"flips_to_reverse": k, "fragile": k is not None and k <= FRAGILE_FLIPS}
+    if decision.interval is None or not math.isfinite(decision.margin):
+        return {"margin_widths": None, "fragile": False}
+    width = decision.interval[1] - decision.interval[0]
+    widths = decision.margin / width if width > 0 else (math.inf if decision.margin else 0.0)
+    return {"margin_widths": widths, "fragile": abs(widths) <= FRAGILE_WIDTHS}
+
+
+def describe_fragility(info: dict) -> str:
+    if "flips_to_reverse" in info:
+        k = info["flips_to_reverse"]
+        return "" if k is None else f"{k} sample{'s' if k > 1 else ''} from reversing"
+    widths = info.get("margin_widths")
+    return "" if widths is None or math.isinf(widths) else f"margin {widths:+.2g} interval widths"
+
+
+def _format(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def judge(*, test: str, pair: str, perturbation: str, level: float, metric: str, estimate,
+          tolerance: float | None, mode: str, context: dict | None = None, baseline_old: float | None = None,
+          baseline_margin=None) -> tuple[dict, str | None]:
+    """Decide one measured ``estimate`` (a ``metrics.stats.Estimate``) against its tolerance and, when
+    given, its baseline value. Returns the report record and the failure message (None on a pass).
+    Without a tolerance the value is recorded as ``measured``: reported, not gated."""
+    from qrobust.gate.baseline import regression
+    from qrobust.metrics.stats import required_sample_size
+
+    info = METRICS[metric]
+    details = dict(estimate.details)
+    value, interval, n = estimate.value, estimate.interval, estimate.n
+    if tolerance is None:
+        return {"test": test, "pair": pair, "perturbation": perturbation, "level": level, "metric": metric,
+                "direction": info.direction, "value": value, "interval": list(interval) if interval else None,
+                "n": n, "tolerance": None, "verdict": "measured", "mode": mode, "failed_by": None, "margin": None,
+                "fragile": False, "baseline": None, "context": dict(context or {}), "details": details}, None
+    exact_value = counted_estimate(metric, details, n)[0] if has_counts(metric, details) else None
+    if metric in ("top1_delta", "top5_delta") and tolerance > 0 and "b" in details:
+        details["n_required"] = required_sample_size(details["b"] + details["c"], n, tolerance)
+    finite = value is not None and math.isfinite(value)
+    decision = decide(value if finite else float("nan"), interval, tolerance, info.higher_is_better, mode,
+                      exact_estimate=exact_value)
+    fragile = fragility(metric, decision, details, n) if finite else {"fragile": False}
+    verdict = decision.verdict
+    failed_by = None if decision.passed else "tolerance"
+    messages = []
+    baseline_message = None
+    if baseline_old is not None and finite:
+        baseline_message = regression(metric, baseline_old, value, baseline_margin)
+        if baseline_message:
+            verdict, failed_by = "fail", failed_by or "baseline"
+    record = {
+        "test": test, "pair": pair, "perturbation": perturbation, "level": level, "metric": metric,
+        "direction": info.direction, "value": value if finite else None,
+        "interval": list(interval) if interval and finite else None, "n": n, "tolerance": tolerance,
+        "verdict": verdict, "mode": mode, "failed_by": failed_by,
+        "margin": decision.margin if math.isfinite(decision.margin) else None,
+        **fragile,
+        "baseline": None if baseline_old is None else {"value": baseline_old, "regressed": bool(baseline_message)},
+        "context": dict(context or {}),
+        "details": details if finite else {**details, "value": repr(value)},
+    }
+    if not decision.passed:
+        messages.append(tolerance_message(record))
+    if baseline_message:
+        messages.append(f"{baseline_message} ({pair} / {perturbation} @ {level:g})")
+    return record, ("\n".join(messages) or None)
+
+
+def tolerance_message(record: dict) -> str:
+    """One line that leads with the decisive comparison, so an 80-column CI summary keeps the reason:
+    ``agreement 0.9244 < 0.95 at pair / contrast @ 0.8 (95% CI [...], n=450, flips=34; ...)``."""
+    metric, value, tolerance = record["metric"], record["value"], record["tolerance"]
+    higher = METRICS[metric].higher_is_better
+    where = f"{record['pair']} / {record['perturbation']} @ {record['level']:g}"
+    if value is None:
+        return f"{metric} not computable at {where}: {record['details'].get('value', 'no value')}"
+    violated = "<" if higher else ">"
+    if record["verdict"] == "inconclusive":
+        lead = f"{metric} {_format(value)} {record['direction']} {tolerance:g} unproven"
+    else:
+        lead = f"{metric} {_format(value)} {violated} {tolerance:g}"
+    ci = "no interval" if record["interval"] is None else \
+        f"95% CI [{_format(record['interval'][0])}, {_format(record['interval'][1])}]"
+    extra = ", ".join(f"{k}={_format(v)}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in record["details"].items() if len(str(v)) < 80)
+    parts = [f"{ci}, n={record['n']}" + (f", {extra}" if extra else "")]
+    if record["margin"] is not None:
+        parts.append(f"margin {record['margin']:+.4g}")
+    fragile = describe_fragility(record)
+    if fragile:
+        parts.append(fragile + (": fragile" if record.get("fragile") else ""))
+    parts.append(f"decision {record['mode']}: {record['verdict']}")
+    return f"{lead} at {where} ({'; '.join(parts)})"

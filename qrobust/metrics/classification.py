@@ -1,0 +1,180 @@
+"""Classification and confidence metrics for an FP32/quantized pair, as streaming state.
+
+Deltas are FP32 minus quantized: positive means the quantized model is worse. ``PairMetrics`` keeps
+counts, per-class tp/fp/fn, a log-scale KL histogram and O(replicates) bootstrap sums, so its memory
+does not grow with the dataset.
+"""
+from __future__ import annotations
+
+import math
+import torch
+import torch.nn.functional as F
+
+from qrobust.errors import invalid
+from qrobust.metrics.stats import (
+    BootstrapMean, Estimate, PairedDelta, paired_delta, percentile_interval, poisson_weights, quantile_rank_interval,
+    replicate_ratio, wilson_interval,
+)
+
+F1_AVERAGES = ("macro", "micro", "weighted")
+
+
+def kl_per_sample(fp32_logits: torch.Tensor, quant_logits: torch.Tensor) -> torch.Tensor:
+    """KL(P_fp32 || P_quant) per sample, natural log, from logits via log_softmax (float64)."""
+    log_p = F.log_softmax(fp32_logits.double(), dim=1)
+    log_q = F.log_softmax(quant_logits.double(), dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1).clamp_min(0.0)
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Whether the label is among the top ``k`` logits (k capped at the class count)."""
+    k = min(k, logits.shape[1])
+    return (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
+
+
+def f1_from_counts(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, average: str = "macro") -> torch.Tensor:
+    """F1 from per-class counts (last dim = classes), matching sklearn.metrics.f1_score.
+
+    As sklearn does, classes that appear neither in the labels nor in the predictions are left out of
+    the macro average, and a class with no true or predicted sample scores 0.
+    """
+    if average not in F1_AVERAGES:
+        raise invalid("average", average, f"must be one of {', '.join(F1_AVERAGES)}")
+    tp, fp, fn = tp.double(), fp.double(), fn.double()
+    if average == "micro":
+        denom = 2 * tp.sum(-1) + fp.sum(-1) + fn.sum(-1)
+        return torch.where(denom > 0, 2 * tp.sum(-1) / denom.clamp_min(1e-300), torch.zeros_like(denom))
+    denom = 2 * tp + fp + fn
+    per_class = torch.where(denom > 0, 2 * tp / denom.clamp_min(1e-300), torch.zeros_like(denom))
+    if average == "macro":
+        present = (denom > 0).double()
+        return (per_class * present).sum(-1) / present.sum(-1).clamp_min(1)
+    support = tp + fn
+    return (per_class * support).sum(-1) / support.sum(-1).clamp_min(1e-300)
+
+
+class LogHistogram:
+    """Quantiles of non-negative values from a log-spaced histogram (relative resolution ~1.2%)."""
+
+    def __init__(self, low_exp: float = -12.0, high_exp: float = 4.0, bins_per_decade: int = 200):
+        self.low_exp, self.high_exp, self.per_decade = low_exp, high_exp, bins_per_decade
+        self.counts = torch.zeros(int((high_exp - low_exp) * bins_per_decade) + 2, dtype=torch.int64)
+
+    def add(self, values: torch.Tensor) -> None:
+        logs = torch.log10(values.double().clamp_min(10**self.low_exp))
+        idx = ((logs - self.low_exp) * self.per_decade).floor().long() + 1
+        idx = torch.where(values <= 10**self.low_exp, torch.zeros_like(idx), idx)
+        self.counts += torch.bincount(idx.clamp_(0, len(self.counts) - 1), minlength=len(self.counts))
+
+    def value_at_rank(self, rank: int) -> float:
+        """The value of the ``rank``-th smallest observation (1-based), at its bin's geometric centre."""
+        idx = int(torch.searchsorted(torch.cumsum(self.counts, 0), torch.tensor(rank)))
+        if idx == 0:
+            return 0.0
+        return 10 ** (self.low_exp + (idx - 0.5) / self.per_decade)
+
+    def quantile(self, q: float) -> float:
+        return self.value_at_rank(max(1, math.ceil(q * int(self.counts.sum()))))
+
+
+class PairMetrics:
+    """Streaming accuracy / F1 / agreement / KL state for one pair on one case."""
+
+    def __init__(self, num_classes: int, seed: int = 0, replicates: int = 1000, f1_average: str = "macro"):
+        if num_classes < 1:
+            raise invalid("num_classes", num_classes, "must be >= 1")
+        if f1_average not in F1_AVERAGES:
+            raise invalid("f1_average", f1_average, f"must be one of {', '.join(F1_AVERAGES)}")
+        self.k, self.seed, self.replicates, self.f1_average = num_classes, seed, replicates, f1_average
+        self.n = 0
+        self.counts = dict.fromkeys(("fp_top1", "q_top1", "b1", "c1", "fp_top5", "q_top5", "b5", "c5", "agree"), 0)
+        zeros = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+        self.class_counts = {m: {c: zeros(num_classes) for c in ("tp", "fp", "fn")} for m in ("fp", "q")}
+        self.boot_counts = {m: {c: zeros(replicates, num_classes) for c in ("tp", "fp", "fn")} for m in ("fp", "q")}
+        self.boot_weight = zeros(replicates)
+        self.kl = BootstrapMean(replicates)
+        self.kl_max = 0.0
+        self.kl_hist = LogHistogram()
+        self.nonfinite = {"fp32": 0, "quantized": 0}
+        self.nonfinite_ids: list[int] = []
+
+    def update(self, fp_logits: torch.Tensor, q_logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor,
+               groups: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """Add a batch; ``weights`` are this batch's bootstrap weights when the caller shares them."""
+        if weights is None:
+            weights = poisson_weights(self.seed, groups.cpu(), self.replicates)
+        fp_ok = torch.isfinite(fp_logits).all(dim=1)
+        q_ok = torch.isfinite(q_logits).all(dim=1)
+        self.nonfinite["fp32"] += int((~fp_ok).sum())
+        self.nonfinite["quantized"] += int((~q_ok).sum())
+        bad = ~(fp_ok & q_ok)
+        if bad.any():
+            self.nonfinite_ids.extend(ids[bad].tolist()[: max(0, 10 - len(self.nonfinite_ids))])
+            keep = ~bad
+            fp_logits, q_logits, labels, ids, groups = fp_logits[keep], q_logits[keep], labels[keep], ids[keep], groups[keep]
+            weights = weights[:, keep.cpu()]
+        if len(labels) == 0:
+            return
+        fp_logits, q_logits = fp_logits.detach().float().cpu(), q_logits.detach().float().cpu()
+        labels, ids, groups = labels.cpu(), ids.cpu(), groups.cpu()
+        self.n += len(labels)
+        fp_pred, q_pred = fp_logits.argmax(1), q_logits.argmax(1)
+        for suffix, fp_right, q_right in (("1", fp_pred == labels, q_pred == labels),
+                                          ("5", topk_correct(fp_logits, labels, 5), topk_correct(q_logits, labels, 5))):
+            self.counts[f"fp_top{suffix}"] += int(fp_right.sum())
+            self.counts[f"q_top{suffix}"] += int(q_right.sum())
+            self.counts[f"b{suffix}"] += int((fp_right & ~q_right).sum())
+            self.counts[f"c{suffix}"] += int((~fp_right & q_right).sum())
+        self.counts["agree"] += int((fp_pred == q_pred).sum())
+        for model, pred in (("fp", fp_pred), ("q", q_pred)):
+            right = pred == labels
+            for name, cls, mask in (("tp", labels, right), ("fp", pred, ~right), ("fn", labels, ~right)):
+                self.class_counts[model][name].index_add_(0, cls[mask], torch.ones(int(mask.sum()), dtype=torch.float64))
+                self.boot_counts[model][name].index_add_(1, cls[mask], weights[:, mask])
+        kl = kl_per_sample(fp_logits, q_logits)
+        self.kl.update(kl, weights)
+        self.kl_max = max(self.kl_max, float(kl.max()))
+        self.kl_hist.add(kl)
+        self.boot_weight += weights.sum(dim=1)
+
+    # ---- results -----------------------------------------------------------------------------------
+    def _require_samples(self) -> None:
+        if self.n == 0:
+            raise invalid("samples", 0, "no finite outputs were evaluated: nothing to measure")
+
+    def accuracy_delta(self, k: int = 1) -> PairedDelta:
+        self._require_samples()
+        c = self.counts
+        return paired_delta(c[f"fp_top{k}"], c[f"q_top{k}"], c[f"b{k}"], c[f"c{k}"], self.n)
+
+    def _f1(self, counts: dict) -> torch.Tensor:
+        return f1_from_counts(counts["tp"], counts["fp"], counts["fn"], self.f1_average)
+
+    def results(self) -> dict[str, Estimate]:
+        """Every metric of this state, by name."""
+        self._require_samples()
+        n, c = self.n, self.counts
+        out: dict[str, Estimate] = {}
+        for k in (1, 5):
+            d = self.accuracy_delta(k)
+            out[f"top{k}_delta"] = Estimate(d.delta, d.interval, n, {"b": d.b, "c": d.c, "mcnemar_p": d.p_value,
+                                                                     "fp32_right": c[f"fp_top{k}"]})
+            out[f"top{k}_fp32"] = Estimate(c[f"fp_top{k}"] / n, wilson_interval(c[f"fp_top{k}"], n), n, {})
+            out[f"top{k}_quant"] = Estimate(c[f"q_top{k}"] / n, wilson_interval(c[f"q_top{k}"], n), n, {})
+        f1_fp, f1_q = float(self._f1(self.class_counts["fp"])), float(self._f1(self.class_counts["q"]))
+        boot = self._f1(self.boot_counts["fp"]) - self._f1(self.boot_counts["q"])
+        boot = replicate_ratio(boot, (self.boot_weight > 0).double())  # NaN for an empty resample
+        out["f1_fp32"] = Estimate(f1_fp, None, n, {"average": self.f1_average})
+        out["f1_quant"] = Estimate(f1_q, None, n, {"average": self.f1_average})
+        out["f1_delta"] = Estimate(f1_fp - f1_q, percentile_interval(boot), n, {"average": self.f1_average})
+        agree = c["agree"]
+        out["agreement"] = Estimate(agree / n, wilson_interval(agree, n), n, {"flips": n - agree})
+        out["flip_rate"] = Estimate(1 - agree / n, tuple(1 - v for v in reversed(wilson_interval(agree, n))), n,
+                                    {"flips": n - agree})
+        out["kl_mean"] = self.kl.estimate()
+        lo_rank, hi_rank = quantile_rank_interval(n, 0.95)
+        out["kl_p95"] = Estimate(self.kl_hist.quantile(0.95),
+                                 (self.kl_hist.value_at_rank(lo_rank), self.kl_hist.value_at_rank(hi_rank)), n,
+                                 {"resolution": "log histogram, 200 bins per decade"})
+        out["kl_max"] = Estimate(self.kl_max, None, n, {})
+        return out

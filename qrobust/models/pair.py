@@ -1,0 +1,108 @@
+"""ModelPair: an FP32 model, its quantized twin and everything needed to feed both the same pixels.
+
+This module owns the pair registry; it never imports a model. The built-in pairs register themselves
+in ``qrobust.models.zoo``, which ``qrobust.models`` imports (torchvision's ``models/_api.py`` pattern).
+"""
+from __future__ import annotations
+
+from dataclasses import KW_ONLY, dataclass, field
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from qrobust.errors import invalid
+from qrobust.quant.presets import QuantConfig
+from qrobust.registry import Registry
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Pixels in [0, 1] at ``resolution`` -> model input; perturbations act before ``normalize``."""
+
+    resolution: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self):
+        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
+            raise invalid("std", self.std, "needs one positive entry per mean entry")
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
+        return (pixels - mean) / std
+
+
+@dataclass(eq=False)
+class ModelPair:
+    """An FP32 model and its quantized twin. Pairs sharing one ``fp32`` object share its forwards."""
+
+    name: str
+    fp32: nn.Module
+    quantized: nn.Module
+    config: QuantConfig  # the recipe of the twin (its kind and engine too)
+    preprocess: Preprocess
+    _: KW_ONLY
+    num_classes: int
+    dataset: str
+    target_layer: str | None = None  # CAM layer of the FP32 model
+    quantized_target_layer: str | None = None  # its name in the twin when it differs (FX fuses conv+ReLU)
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        """"fake" (simulated quantization, differentiable) or "int8" (real int8 kernels)."""
+        return self.config.kind
+
+    def __post_init__(self):
+        if not isinstance(self.config, QuantConfig):
+            raise invalid("config", self.config, "must be a QuantConfig (see qrobust.get_preset)")
+        self.fp32.eval()
+        self.quantized.eval()
+        if self.quantized_target_layer is None and self.target_layer is not None:
+            from qrobust.quant.convert import twin_layer_name
+
+            self.quantized_target_layer = twin_layer_name(self.fp32, self.quantized, self.target_layer)
+
+
+@dataclass(frozen=True)
+class PairEntry:
+    """A registered pair: how to build it, and its preset (known before building, for collection)."""
+
+    builder: Callable[[], ModelPair]
+    preset: str | None = None
+    group: str | None = None  # pairs of one group share an FP32 model: a gate builds them together
+
+
+PAIRS: Registry[PairEntry] = Registry("pair")
+
+
+def register_pair(name: str, builder: Callable[[], ModelPair], *, tags=(), preset: str | None = None,
+                  group: str | None = None) -> None:
+    """Make ``builder`` (returning a ModelPair) available by ``name``, for the plugin and users.
+
+    ``preset`` names the recipe before anything is built (bit-width sweeps need it); ``group`` names the
+    FP32 model that several registered twins share, so a gate builds them together and runs that FP32
+    model once per perturbed batch for all of them."""
+    PAIRS.register(name, PairEntry(builder, preset, group), tags)
+
+
+def pair_entry(name: str) -> PairEntry:
+    return PAIRS.get(name)
+
+
+def pair_names(tag: str | None = None) -> list[str]:
+    return PAIRS.names(tag)
+
+
+def load_pair(name: str) -> ModelPair:
+    """Build the pair registered as ``name`` (models are cached by their builders, not here)."""
+    pair = pair_entry(name).builder()
+    if pair.name != name:
+        raise invalid("pair", name, f"builder returned a pair named {pair.name!r}")
+    return pair

@@ -1,8 +1,0 @@
-"""Explanation gate (seed 002): does the quantized model's own CAM explain as well as FP32's?
-
-Deletion / insertion AUC deltas (and WSOL IoU where the dataset has boxes) on clean images.
-"""
-
-
-def test_explanations(qrobust_explanation_pair, qrobust, request):
-    qrobust.check_explanations(qrobust_explanation_pair, request.node)

@@ -1,0 +1,82 @@
+"""Same verdicts and counts whatever the batch size, thread count or run; perturbed pixels independent of order."""
+import hashlib
+
+import pytest
+import torch
+
+from qrobust.gate.engine import Evaluator
+from qrobust.models import load_pair
+from qrobust.data.perturbations import PERTURBATIONS, perturb
+
+CASES = [("awgn", 0.3), ("brownian", 0.2), ("occlusion_horizontal", 3), ("fgsm", 0.05), ("jpeg", 80)]
+
+
+def evaluate(batch_size=64, threads=None):
+    pair = load_pair("lenet5-digits-int8-x86")
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        ev = Evaluator([pair], batch_size=batch_size, replicates=200, max_samples=300)
+        return {case: ev.evaluate(pair.name, *case) for case in CASES}
+    finally:
+        torch.set_num_threads(previous)
+
+
+def assert_same(a, b):
+    for case in CASES:
+        assert a[case].state.counts == b[case].state.counts, case
+        for name, est in a[case].estimates.items():
+            assert est.value == pytest.approx(b[case].estimates[name].value, rel=1e-6, abs=1e-9), (case, name)
+
+
+def test_two_runs_give_identical_results():
+    assert_same(evaluate(), evaluate())
+
+
+def test_batch_sizes_16_and_64_agree():
+    assert_same(evaluate(batch_size=16), evaluate(batch_size=64))
+
+
+def test_one_and_two_threads_agree():
+    assert_same(evaluate(threads=1), evaluate(threads=2))
+
+
+@pytest.mark.parametrize("name", [n for n in PERTURBATIONS if not PERTURBATIONS.get(n).needs_model])
+def test_perturbed_tensors_are_hash_identical_whatever_the_batch_order(name):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(12, 3, 24, 24, generator=gen)
+    ids = torch.arange(500, 512)
+    level = PERTURBATIONS.get(name).levels[2]
+    order = torch.randperm(12, generator=gen)
+    straight = perturb(name, images, level, ids=ids, seed=3)
+    shuffled = torch.empty_like(straight)
+    shuffled[order] = perturb(name, images[order], level, ids=ids[order], seed=3)
+    digest = lambda t: hashlib.sha256(t.numpy().tobytes()).hexdigest()  # noqa: E731
+    assert digest(straight) == digest(shuffled)
+
+
+def _twin_outputs(preset: str, threads: int) -> torch.Tensor:
+    from qrobust.data import load_dataset
+    from qrobust.models.lenet import DIGITS_PREPROCESS, lenet5_digits
+    from qrobust.models.zoo import digits_calibration
+    from qrobust.quant import get_preset, quantize_model
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        twin = quantize_model(lenet5_digits(), get_preset(preset), digits_calibration())
+        with torch.inference_mode():
+            return twin(DIGITS_PREPROCESS.normalize(load_dataset("digits-test").images))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_int8_twins_compute_exactly_whatever_the_engine_of_one_recipe_or_the_threads():
+    """The built-in int8 recipes compute in integers without overflow (7-bit activations on x86/fbgemm,
+    qnnpack's 8-bit kernels), so their outputs are bit-identical on x86 and fbgemm and with 1 or 2
+    threads: the verdicts cannot depend on which of these a machine picks."""
+    reference = _twin_outputs("int8-x86", 2)
+    assert torch.equal(_twin_outputs("int8-fbgemm", 2), reference)
+    assert torch.equal(_twin_outputs("int8-x86", 1), reference)
+    assert torch.equal(_twin_outputs("int8-qnnpack", 1), _twin_outputs("int8-qnnpack", 2))

@@ -1,0 +1,42 @@
+"""Tiny models and data shared by qrobust's own tests (one place, so every test builds them the same way)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qrobust.data import ImageSet
+from qrobust.models import ModelPair, Preprocess
+from qrobust.quant import get_preset, quantize_model
+
+PRE = Preprocess((16, 16), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def tiny_net(classes: int = 4, channels: int = 3, width: int = 6) -> nn.Module:
+    """Conv -> ReLU -> global pool -> Linear, seeded: the smallest classifier every kind of twin accepts."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(channels, width, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(width, classes)).eval()
+
+
+def small_net(classes: int = 5) -> nn.Module:
+    """Two padded conv blocks and a Linear head (for 12x12 or 16x16 RGB inputs): enough to fuse and quantize."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, classes)).eval()
+
+
+def synthetic_set(n: int = 100, k: int = 4, name: str = "synthetic", size: int = 16) -> ImageSet:
+    """Pixels whose brightness depends on the label (learnable), ids from 1000, two samples per group."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % k
+    images = (torch.rand(n, 3, size, size, generator=gen) * 0.4 + labels.view(-1, 1, 1, 1) * 0.15).clamp(0, 1)
+    return ImageSet(name, images, labels, torch.arange(1000, 1000 + n), torch.arange(n) // 2, num_classes=k)
+
+
+def make_pair(name: str, fp32: nn.Module, quantized: nn.Module | None = None, k: int = 4, preset: str = "fake-w8a8",
+              dataset: str = "synthetic", **kw) -> ModelPair:
+    """A pair on the synthetic set; the twin is calibrated on seeded noise unless given."""
+    config = get_preset(preset)
+    if quantized is None:
+        quantized = quantize_model(fp32, config, [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))])
+    return ModelPair(name, fp32, quantized, config, PRE, num_classes=k, dataset=dataset, **kw)

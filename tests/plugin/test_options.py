@@ -1,0 +1,174 @@
+"""Options and markers are checked when pytest starts: one line each, never a traceback per test."""
+import json
+import textwrap
+
+import pytest
+
+from test_plugin import SUITE, thresholds  # the shared LeNet gate file and suite
+
+pytestmark = pytest.mark.usefixtures("warm_pairs")
+
+
+@pytest.fixture(scope="module")
+def warm_pairs():
+    from qrobust.models import load_pair
+
+    load_pair("lenet5-digits-int8-x86")
+
+
+def usage_error(result) -> str:
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str() + result.stderr.str()
+    text = result.stderr.str()
+    assert "Traceback" not in text + result.stdout.str()
+    return text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--qrobust-device", "gpu0"], "argument --qrobust-device: expected cpu, cuda, cuda:N, mps or xpu[:N], got 'gpu0'"),
+    (["--qrobust-seed", "abc"], "argument --qrobust-seed: expected a whole number, got 'abc'"),
+    (["--qrobust-max-samples", "0"], "argument --qrobust-max-samples: must be >= 1, got 0"),
+    (["--qrobust-decision", "maybe"], "argument --qrobust-decision: expected point, strict, lenient, got 'maybe'"),
+    (["--qrobust-pairs", " , "], "argument --qrobust-pairs: expected comma-separated pair names"),
+])
+def test_bad_options_are_one_line_at_start(pytester, args, message):
+    pytester.makefile(".yaml", thresholds=thresholds())
+    pytester.makepyfile(test_gate=SUITE)
+    assert message in usage_error(pytester.runpytest(*args))
+
+
+def test_environment_values_go_through_the_same_parsers(pytester, monkeypatch):
+    pytester.makefile(".yaml", thresholds=thresholds())
+    pytester.makepyfile(test_gate=SUITE)
+    monkeypatch.setenv("QROBUST_SEED", "-3")
+    assert "QROBUST_SEED: must be >= 0, got -3" in usage_error(pytester.runpytest())
+
+
+def test_an_unavailable_device_is_one_line_at_start(pytester):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    pytester.makefile(".yaml", thresholds=thresholds())
+    pytester.makepyfile(test_gate=SUITE)
+    assert "--qrobust-device cuda: CUDA is not available" in usage_error(pytester.runpytest("--qrobust-device", "cuda"))
+
+
+def test_ini_thresholds_resolve_against_the_rootdir(pytester, monkeypatch):
+    pytester.makeini("[pytest]\nqrobust_thresholds = gate.yaml\n")
+    (pytester.path / "gate.yaml").write_text(thresholds())
+    sub = pytester.mkdir("sub")
+    (sub / "test_gate.py").write_text(textwrap.dedent(SUITE))
+    monkeypatch.chdir(sub)  # invoked from a subfolder: the ini's path is still relative to the ini's folder
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=12)
+
+
+MARKED = """
+    import pytest
+
+    @pytest.mark.qrobust_tolerance({marker})
+    def test_agreement(qrobust_case, qrobust_check):
+        qrobust_check(qrobust_case, "agreement")
+"""
+
+
+@pytest.mark.parametrize("marker, message", [
+    ("top1_delat=0.01", "@pytest.mark.qrobust_tolerance: unknown metric 'top1_delat'; did you mean 'top1_delta'?"),
+    ("agreement='0.9'", "qrobust_tolerance(agreement=...): expected a finite number >= 0, got '0.9'"),
+    ("agreement=float('nan')", "qrobust_tolerance(agreement=...): expected a finite number >= 0, got nan"),
+    ("0.9", "qrobust_tolerance takes metric=tolerance keywords"),
+])
+def test_misspelled_or_bad_tolerance_markers_are_usage_errors(pytester, marker, message):
+    pytester.makefile(".yaml", thresholds=thresholds())
+    pytester.makepyfile(test_marked=MARKED.format(marker=marker))
+    assert message in usage_error(pytester.runpytest())
+
+
+def test_unknown_metrics_marker_is_a_usage_error(pytester):
+    pytester.makefile(".yaml", thresholds=thresholds())
+    pytester.makepyfile(test_marked="""
+        import pytest
+
+        @pytest.mark.qrobust_metrics("kl_maen")
+        def test_kl(qrobust_case, qrobust_check):
+            qrobust_check(qrobust_case, "kl_mean")
+    """)
+    assert "qrobust_metrics: unknown metric 'kl_maen'; did you mean 'kl_mean'?" in usage_error(pytester.runpytest())
+
+
+def test_two_tests_of_one_metric_keep_one_record_each(pytester):
+    pytester.makefile(".yaml", thresholds=thresholds())
+    pytester.makepyfile(test_two="""
+        import pytest
+
+        def test_default(qrobust_case, qrobust_check):
+            qrobust_check(qrobust_case, "kl_mean")
+
+        @pytest.mark.qrobust_tolerance(kl_mean=0.5)
+        def test_loose(qrobust_case, qrobust_check):
+            qrobust_check(qrobust_case, "kl_mean")
+    """)
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=8)
+    cases = json.loads((pytester.path / "qrobust-report" / "report.json").read_text())["cases"]
+    keys = [(c["test"], c["pair"], c["perturbation"], c["level"], c["metric"]) for c in cases]
+    assert len(keys) == len(set(keys)) == 8
+    assert {c["tolerance"] for c in cases if "test_loose" in c["test"]} == {0.5}
+    assert {c["tolerance"] for c in cases if "test_default" in c["test"]} == {0.02}
+
+
+def test_int8_forwards_leave_the_quantized_engine_as_they_found_it(pytester):
+    import torch
+
+    from qrobust.models import load_pair
+
+    pair = load_pair("lenet5-digits-int8-x86")
+    before = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = "qnnpack"
+        with torch.inference_mode():
+            pair.quantized(torch.zeros(2, 1, 32, 32))
+        assert torch.backends.quantized.engine == "qnnpack"
+    finally:
+        torch.backends.quantized.engine = before
+    pytester.makefile(".yaml", thresholds=thresholds())
+    pytester.makepyfile(test_gate=SUITE)
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=12)
+    env = json.loads((pytester.path / "qrobust-report" / "report.json").read_text())["environment"]
+    assert "quantized_engine" not in env  # a process global is not a property of the run...
+    assert env["pairs"]["lenet5-digits-int8-x86"]["recipe"]["engine"] == "x86"  # ...the pair's engine is
+
+
+def test_a_relative_baseline_margin_catches_what_the_absolute_one_misses(pytester):
+    pytester.makefile(".yaml", thresholds=thresholds())
+    pytester.makepyfile(test_gate=SUITE)
+    pytester.runpytest("-p", "no:cacheprovider", "--qrobust-save-baseline", "base.json").assert_outcomes(passed=12)
+    saved = json.loads((pytester.path / "base.json").read_text())
+    for key in saved["values"]:
+        if key.endswith("|kl_mean"):
+            saved["values"][key] = saved["values"][key] / 40  # the baseline was 40x better
+    (pytester.path / "base.json").write_text(json.dumps(saved))
+    pytester.runpytest("-p", "no:cacheprovider", "--qrobust-baseline", "base.json").assert_outcomes(passed=12)
+    relative = thresholds() + "baseline: {kl_mean: {relative: 0.5}}\n"
+    pytester.makefile(".yaml", thresholds=relative)
+    result = pytester.runpytest("-p", "no:cacheprovider", "--qrobust-baseline", "base.json")
+    result.assert_outcomes(passed=8, failed=4)
+    out = result.stdout.str()
+    assert "kl_mean regressed from baseline" in out and "allowed 50% of the baseline" in out
+    assert "from baseline)" in out  # the summary names the cause
+    cases = json.loads((pytester.path / "qrobust-report" / "report.json").read_text())["cases"]
+    assert {c["failed_by"] for c in cases if c["verdict"] == "fail"} == {"baseline"}
+
+
+def test_the_summary_flags_fragile_verdicts(pytester):
+    # the int8 twin flips a few of 120 digits at awgn 0.1: a tolerance right at its count is fragile
+    pytester.makefile(".yaml", thresholds=textwrap.dedent("""\
+        decision: point
+        max_samples: 120
+        replicates: 100
+        defaults: {agreement: 1.0}
+        perturbations: {awgn: {levels: [0]}}
+        gate: {lenet5-digits-int8-x86: {}}
+        """))
+    pytester.makepyfile(test_gate=SUITE)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, skipped=2)
+    result.stdout.fnmatch_lines(["*1 checks: 1 pass*1 fragile*", "*agreement*worst 1 >= 1 at awgn 0*pass, fragile)*"])
