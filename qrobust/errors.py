@@ -29,6 +29,10 @@ class UnsupportedError(QrobustError):
     """The requested operation is not possible for this model kind or platform."""
 
 
+class QrobustWarning(UserWarning):
+    """Something a gate can run with but a user should change (calibrating on the gated split, ...)."""
+
+
 def show(value, limit: int = SHOW_LIMIT) -> str:
     """A one-line, printable, bounded repr of ``value`` for messages."""
     try:

@@ -46,13 +46,16 @@ class QrobustCheck:
                 self._decide(case, metric, Estimate(float("nan"), None, result.n, {"error": message}), tolerance)
             pytest.fail(message, pytrace=False)
         context = {k: result.estimates[k].value for k in ("top1_fp32", "top1_quant")}
-        failures = []
+        failures, missing = [], []
         for metric, tolerance in tolerances.items():
-            if METRICS[metric].family == "saliency_gt" and metric not in result.estimates:
-                pytest.skip(f"{metric} needs ground-truth saliency maps; dataset of {case.pair!r} has none")
-            failures += self._decide(case, metric, result.metric(metric), tolerance, context)
+            if metric in result.estimates:
+                failures += self._decide(case, metric, result.metric(metric), tolerance, context)
+            else:
+                missing.append(self._why_missing(case, metric))
         if failures:
             pytest.fail("\n".join(failures), pytrace=False)
+        if missing:
+            pytest.skip("; ".join(missing))
 
     def explanations(self, pair_name: str) -> None:
         """Seed 002's deletion / insertion / WSOL / activation comparison on clean images of the pair."""
@@ -110,6 +113,15 @@ class QrobustCheck:
             pytest.fail("\n".join(failures), pytrace=False)
 
     # ---- shared steps -----------------------------------------------------------------------------------
+    def _why_missing(self, case: CaseSpec, metric: str) -> str:
+        """The one-line reason a metric of a case has no value (the check skips with it)."""
+        pair = self._session.pair(case.pair)
+        if METRICS[metric].family in ("cam", "saliency_gt") and not pair.target_layer:
+            return f"{metric}: pair {case.pair!r} has no CAM target layer (set target_layer to gate CAM metrics)"
+        if METRICS[metric].family == "saliency_gt":
+            return f"{metric} needs ground-truth saliency maps; dataset {pair.dataset!r} has none"
+        return f"{metric} was not computed for {case.id}"
+
     def _pair(self, name: str):
         try:
             return self._session.pair(name)

@@ -60,6 +60,7 @@ class QrobustSession:
         self.pair_loads: Counter[str] = Counter()
         self._evaluator = None
         self._datasets = None
+        self._fp32_cache: dict = {}  # declared pairs on the same weights share one FP32 model
         self._fingerprint_cache: tuple[tuple, dict] = ((None,), {})
         self.progress: Callable[[str, int, int], None] | None = None  # batch progress (the plugin sets it)
         self.announce: Callable[[str], None] | None = None  # a line per long phase (the plugin sets it)
@@ -98,7 +99,7 @@ class QrobustSession:
 
         declared = self.thresholds.pairs.get(name)
         if declared:
-            return build_pair(name, declared, Path(self.thresholds.path).parent, self.datasets)
+            return build_pair(name, declared, Path(self.thresholds.path).parent, self.datasets, self._fp32_cache)
         return load_pair(name)
 
     @property
@@ -135,13 +136,22 @@ class QrobustSession:
             self._evaluator.progress = self.progress
         return self._evaluator
 
+    def group_of(self, name: str):
+        """Which FP32 model a pair shares with others (None: its own): a registered pair's ``group``, a
+        declared pair's architecture/builder and weights."""
+        from qrobust.models import pair_entry
+        from qrobust.models.declared import fp32_key
+
+        spec = self.thresholds.pairs.get(name)
+        if spec is not None:
+            return ("declared", *fp32_key(spec, Path(self.thresholds.path).parent))
+        group = pair_entry(name).group
+        return None if group is None else ("registered", group)
+
     def _load_with_group(self, name: str) -> None:
         """Build ``name`` and the planned pairs of its group, so one FP32 forward serves all of them."""
-        from qrobust.models import pair_entry
-
-        group = pair_entry(name).group if name not in self.thresholds.pairs else None
-        mates = [p for p in self.plan.pairs if group is not None and p not in self.thresholds.pairs
-                 and pair_entry(p).group == group] or [name]
+        group = self.group_of(name)
+        mates = [p for p in self.plan.pairs if group is not None and self.group_of(p) == group] or [name]
         for mate in mates:
             if mate != name:
                 try:

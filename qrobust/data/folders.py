@@ -3,64 +3,167 @@
 An image folder has one subfolder per class (sorted names give the labels) and optional bounding boxes
 in a JSON file; a ``builder`` (``module:function``) returns a torch Dataset of (pixels in [0, 1], label)
 items. Paths are relative to the thresholds file.
+
+Images are read the way a user's own evaluation reads them: torchvision's eval transform by default
+(resize the short side to ``resize`` = crop / 0.875, then centre-crop ``resolution``), or ``resize:
+stretch`` to squash the whole image to ``resolution``. Only regular files are read (a FIFO named
+``.png`` would block forever), images above ``MAX_PIXELS`` are refused before decoding, 16-bit images
+keep their range, and boxes are checked against each image's size. Every problem is one line naming
+the file.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from qrobust._files import MiB, check_regular_file, read_bounded
 from qrobust.data.datasets import Batch, StreamingSet
-from qrobust.errors import invalid
+from qrobust.errors import InvalidArgument, invalid, show
 from qrobust.registry import import_object
 
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)  # image decoding threads of a folder dataset
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+MAX_PIXELS = 64_000_000  # 8000 x 8000: more is a mistake or a decompression bomb (Pillow's own limit is ~179 M)
+MAX_IMAGE_BYTES = 256 * MiB
+MAX_BOXES_BYTES = 64 * MiB
+CROP_RATIO = 0.875  # torchvision's eval transform: Resize(256) + CenterCrop(224)
 
 
-def _load_image(path: Path, resolution: tuple[int, int], mode: str = "RGB") -> tuple[torch.Tensor, tuple[int, int]]:
+@dataclass(frozen=True)
+class ImageReader:
+    """How a file becomes a (C, H, W) tensor in [0, 1]: decode, resize, centre crop."""
+
+    resolution: tuple[int, int]
+    resize: int | str | None = None  # short side before the crop; None: crop / 0.875; "stretch": no crop
+    channels: int = 3
+
+    @property
+    def short_side(self) -> int:
+        return self.resize if isinstance(self.resize, int) else round(max(self.resolution) / CROP_RATIO)
+
+    def geometry(self, width: int, height: int) -> tuple[float, float, int, int, int, int]:
+        """(scale x, scale y, resized width, resized height, crop left, crop top) for an image."""
+        out_h, out_w = self.resolution
+        if self.resize == "stretch":
+            return out_w / width, out_h / height, out_w, out_h, 0, 0
+        factor = self.short_side / min(width, height)
+        new_w, new_h = max(out_w, round(width * factor)), max(out_h, round(height * factor))
+        return new_w / width, new_h / height, new_w, new_h, (new_w - out_w) // 2, (new_h - out_h) // 2
+
+    def read(self, path: Path, channels: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The transformed pixels and the original (width, height)."""
+        pixels = decode(path, channels or self.channels)
+        height, width = pixels.shape[1:]
+        _, _, new_w, new_h, left, top = self.geometry(width, height)
+        x = F.interpolate(pixels[None], size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)[0]
+        out_h, out_w = self.resolution
+        return x[:, top:top + out_h, left:left + out_w].clamp_(0, 1), (width, height)
+
+    def box(self, box: list[float], width: int, height: int, where: str) -> list[int]:
+        """A box in the image's own pixels, checked against its size, mapped into the crop."""
+        x0, y0, x1, y1 = box
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise invalid("boxes", where, f"box {box} is not inside the {width}x{height} image "
+                                          "([x0, y0, x1, y1], 0 <= x0 < x1 <= width, 0 <= y0 < y1 <= height)")
+        sx, sy, _, _, left, top = self.geometry(width, height)
+        out_h, out_w = self.resolution
+        mapped = [min(max(round(x0 * sx) - left, 0), out_w), min(max(round(y0 * sy) - top, 0), out_h),
+                  min(max(round(x1 * sx) - left, 0), out_w), min(max(round(y1 * sy) - top, 0), out_h)]
+        if mapped[2] <= mapped[0] or mapped[3] <= mapped[1]:
+            raise invalid("boxes", where, f"box {box} falls outside the {out_w}x{out_h} centre crop")
+        return mapped
+
+
+def decode(path: Path, channels: int) -> torch.Tensor:
+    """(C, H, W) float pixels in [0, 1] of a regular image file, bit depth respected (16-bit PNGs keep
+    their 65,536 levels; a plain convert("RGB") would clip them to white)."""
     from PIL import Image
 
+    check_regular_file(path, "image", MAX_IMAGE_BYTES)
     try:
         with Image.open(path) as img:
-            rgb = img.convert(mode)
-    except OSError as exc:
-        raise invalid("image", str(path), f"cannot be read ({exc})") from None
-    channels = len(mode)
-    pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).reshape(rgb.height, rgb.width, channels)
-    x = pixels.permute(2, 0, 1).float().div_(255).unsqueeze(0)
-    x = F.interpolate(x, size=resolution, mode="bilinear", antialias=True, align_corners=False)
-    return x[0].clamp_(0, 1), (rgb.width, rgb.height)
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                raise invalid("image", str(path), f"{width}x{height} pixels, over the limit of {MAX_PIXELS} "
+                                                  "(a decompression bomb or a mistake)")
+            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+                array = np.asarray(img, dtype=np.float64)
+                top = {"F": 1.0, "I": 2.0**32 - 1}.get(img.mode, 65535.0)
+                grey = torch.from_numpy(array / top).float().clamp_(0, 1)[None]
+                return grey if channels == 1 else grey.expand(3, -1, -1).clone()
+            converted = img.convert("L" if channels == 1 else "RGB")
+            array = np.asarray(converted, dtype=np.uint8)
+    except InvalidArgument:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+        raise invalid("image", str(path), f"cannot be read ({type(exc).__name__}: {show(str(exc), 120)})") from None
+    pixels = torch.from_numpy(array.copy()).float().div_(255)
+    return pixels[None] if pixels.dim() == 2 else pixels.permute(2, 0, 1)
 
 
 def _saliency_path(saliency_root: Path, rel: Path) -> Path:
     for candidate in (saliency_root / rel, (saliency_root / rel).with_suffix(".png")):
         if candidate.is_file():
             return candidate
-    raise invalid("saliency", str(saliency_root), f"has no map for {rel.as_posix()!r} (same path, or .png)")
+    raise invalid("saliency", str(saliency_root), f"has no map for {show(rel.as_posix())} (same path, or .png)")
 
 
-def folder_dataset(name: str, root: Path, resolution: tuple[int, int], boxes_file: Path | None = None,
+def list_images(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names (sorted subfolders) and (image file, label) pairs; only regular files count."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    files = []
+    for label, name in enumerate(classes):
+        for f in sorted((root / name).rglob("*")):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                try:
+                    regular = stat.S_ISREG(f.stat().st_mode)
+                except OSError:
+                    regular = False
+                if not regular:
+                    raise invalid("image", str(f), "not a regular file (a FIFO, device or broken link)")
+                files.append((f, label))
+    return classes, files
+
+
+def read_boxes(path: Path, rels: list[str]) -> dict[str, list[float]]:
+    """``{relative path: [x0, y0, x1, y1]}`` with a box for every image; each entry checked for shape."""
+    try:
+        boxes = json.loads(read_bounded(path, "boxes", MAX_BOXES_BYTES).decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise invalid("boxes", str(path), f"is not valid JSON ({show(str(exc), 120)})") from None
+    if not isinstance(boxes, dict):
+        raise invalid("boxes", str(path), f"must map each image's relative path to [x0, y0, x1, y1], got "
+                                          f"{type(boxes).__name__}")
+    for rel in rels:
+        if rel not in boxes:
+            raise invalid("boxes", str(path), f"has no box for {show(rel)}")
+        box = boxes[rel]
+        if (not isinstance(box, list) or len(box) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+            raise invalid("boxes", f"{path}: {show(rel)}", f"expected [x0, y0, x1, y1] as four finite numbers, "
+                                                           f"got {show(box)}")
+    return boxes
+
+
+def folder_dataset(name: str, root: Path, reader: ImageReader, boxes_file: Path | None = None,
                    saliency_root: Path | None = None, workers: int = DEFAULT_WORKERS) -> StreamingSet:
-    """Images under ``root/<class>/``, class = subfolder (sorted), resized to ``resolution``, streamed.
+    """Images under ``root/<class>/``, class = subfolder (sorted), read by ``reader``, streamed.
 
     ``saliency_root`` holds a ground-truth saliency map (greyscale) per image at the same relative path.
     """
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    files = [(f, label) for label, c in enumerate(classes) for f in sorted((root / c).rglob("*"))
-             if f.suffix.lower() in IMAGE_SUFFIXES]
+    classes, files = list_images(root)
     if not files:
         raise invalid("dataset", name, f"no images under {root} (one subfolder per class expected)")
-    boxes = None
-    if boxes_file is not None:
-        boxes = json.loads(boxes_file.read_text(encoding="utf-8"))
-        for f, _ in files:
-            rel = f.relative_to(root).as_posix()
-            if rel not in boxes:
-                raise invalid("boxes", str(boxes_file), f"has no box for {rel!r}")
+    rels = [f.relative_to(root).as_posix() for f, _ in files]
+    boxes = read_boxes(boxes_file, rels) if boxes_file is not None else None
     if saliency_root is not None:
         for f, _ in files:
             _saliency_path(saliency_root, f.relative_to(root))
@@ -69,15 +172,13 @@ def folder_dataset(name: str, root: Path, resolution: tuple[int, int], boxes_fil
         images, labels, out_boxes, maps = [], [], [], []
         for i in indices.tolist():
             path, label = files[i]
-            x, (w, h) = _load_image(path, resolution)
+            x, (w, h) = reader.read(path)
             images.append(x)
             labels.append(label)
             if saliency_root is not None:
-                maps.append(_load_image(_saliency_path(saliency_root, path.relative_to(root)), resolution, "L")[0][0])
+                maps.append(reader.read(_saliency_path(saliency_root, path.relative_to(root)), channels=1)[0][0])
             if boxes is not None:
-                x0, y0, x1, y1 = boxes[path.relative_to(root).as_posix()]
-                sy, sx = resolution[0] / h, resolution[1] / w
-                out_boxes.append([round(x0 * sx), round(y0 * sy), round(x1 * sx), round(y1 * sy)])
+                out_boxes.append(reader.box(boxes[rels[i]], w, h, f"{boxes_file}: {show(rels[i])}"))
         return Batch(torch.stack(images), torch.tensor(labels), indices.clone(), indices.clone(),
                      torch.tensor(out_boxes) if boxes is not None else None,
                      torch.stack(maps) if saliency_root is not None else None)
@@ -96,12 +197,16 @@ def builder_dataset(name: str, spec: str, num_classes: int) -> StreamingSet:
     return StreamingSet(name, len(dataset), num_classes, load)
 
 
+def reader_of(spec: dict) -> ImageReader:
+    return ImageReader(tuple(spec["resolution"]), spec.get("resize"), int(spec.get("channels", 3)))
+
+
 def build_dataset(name: str, spec: dict, base: Path, seed: int = 0):
     """The dataset a ``datasets:`` entry describes, subsampled (seeded) to ``max_samples`` when given."""
     if "folder" in spec:
         boxes = base / spec["boxes"] if spec.get("boxes") else None
         saliency = base / spec["saliency"] if spec.get("saliency") else None
-        data = folder_dataset(name, base / spec["folder"], tuple(spec["resolution"]), boxes, saliency,
+        data = folder_dataset(name, base / spec["folder"], reader_of(spec), boxes, saliency,
                               spec.get("workers", DEFAULT_WORKERS))
     else:
         data = builder_dataset(name, spec["builder"], int(spec["num_classes"]))

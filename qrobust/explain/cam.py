@@ -32,8 +32,23 @@ class CamOutputs:
     activations: torch.Tensor  # (N, C, h, w) float activations at the target layer (detached)
 
 
+INPUT = ":input"  # a layer spec ending in this names the tensor a module receives, not the one it returns
+
+
+def split_layer(spec: str) -> tuple[str, bool]:
+    """``("avgpool", True)`` for ``"avgpool:input"``: the module name and whether its input is meant.
+
+    A block's output is not always some module's output: in an int8 graph the residual add and ReLU
+    that end a ResNet block are functions, and the tensor they produce is what the next module
+    (``avgpool``) receives."""
+    if spec and spec.endswith(INPUT):
+        return spec[: -len(INPUT)], True
+    return spec, False
+
+
 def resolve_layer(model: nn.Module, name: str) -> nn.Module:
     """The submodule called ``name`` (inside the graph of an int8 model); errors list the names there are."""
+    name = split_layer(name)[0]
     root = layer_root(model)
     if name:
         try:
@@ -46,14 +61,24 @@ def resolve_layer(model: nn.Module, name: str) -> nn.Module:
 
 
 class _Capture(contextlib.AbstractContextManager):
-    """Forward hook keeping the target layer's output; removed on exit whatever happens."""
+    """Hook keeping the target layer's output (or its input); removed on exit whatever happens.
 
-    def __init__(self, layer: nn.Module):
+    The module's output is kept as computed and a copy travels on: an in-place op downstream (the
+    ``out += identity`` of torchvision's BasicBlock on ``bn2``'s output) would otherwise change the kept
+    tensor after the hook, and gradients are taken with respect to the value the hook saw.
+    """
+
+    def __init__(self, layer: nn.Module, on_input: bool = False):
         self.output: torch.Tensor | None = None
-        self._handle = layer.register_forward_hook(self._hook)
+        self._handle = (layer.register_forward_pre_hook(self._pre_hook) if on_input
+                        else layer.register_forward_hook(self._hook))
 
     def _hook(self, module, inputs, output):
         self.output = output
+        return output.clone() if isinstance(output, torch.Tensor) else None
+
+    def _pre_hook(self, module, inputs):
+        self.output = inputs[0] if inputs else None
 
     def __exit__(self, *exc):
         self._handle.remove()
@@ -118,7 +143,7 @@ def compute_cams(model: nn.Module, x: torch.Tensor, target_layer: str, methods, 
             f"{names} needs gradients, and a real int8 model has none: compute it on the pair's fake-quant twin "
             "(a fake-* preset with the same bit widths) or use the gradient-free eigencam")
     layer = resolve_layer(model, target_layer)
-    with _Capture(layer) as capture:
+    with _Capture(layer, on_input=split_layer(target_layer)[1]) as capture:
         if needs_grad:
             with torch.enable_grad():
                 logits = model(x.detach().requires_grad_(True))  # a graph even for frozen weights

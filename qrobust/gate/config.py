@@ -466,7 +466,7 @@ def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Th
     for name, spec in datasets.items():
         validate_dataset(v, name, v.mapping(spec, v.join("datasets", name)), base)
     for name, spec in declared_pairs.items():
-        validate_pair(v, name, v.mapping(spec, v.join("pairs", name)), base, set(datasets))
+        validate_pair(v, name, v.mapping(spec, v.join("pairs", name)), base, datasets)
     cam = v.mapping(raw.get("cam"), "cam")
     v.keys(cam, "cam", ("method",))
     sweep = _sweep(v, raw)

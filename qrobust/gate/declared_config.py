@@ -1,18 +1,21 @@
 """Validation of the ``pairs:`` and ``datasets:`` sections of a thresholds file (specs, not models).
 
 What can be checked without building a model is checked here, when pytest starts: keys, paths, numbers,
-references between sections. Building and probing the models happens later, once per pair.
+references between sections, that a builder imports, that a folder's class count, resolution and
+channels fit the pair gated on it. Building and probing the models happens later, once per pair.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
-from qrobust.errors import show
+from qrobust.errors import QrobustWarning, show
 from qrobust.registry import did_you_mean
 
 PAIR_KEYS = {"arch", "builder", "weights", "trust", "num_classes", "preset", "preprocess", "dataset", "calibration",
              "target_layer", "quantized_target_layer"}
-DATASET_KEYS = {"folder", "builder", "resolution", "boxes", "saliency", "num_classes", "max_samples", "workers"}
+DATASET_KEYS = {"folder", "builder", "resolution", "resize", "channels", "boxes", "saliency", "num_classes",
+                "max_samples", "workers"}
 
 
 def _one_of(v, spec: dict, key: str, options: tuple[str, str]) -> str:
@@ -50,20 +53,44 @@ def validate_dataset(v, name: str, spec: dict, base: Path) -> None:
         if "resolution" not in spec:
             v.fail(f"{key}.resolution", "an image folder needs the model resolution [height, width]")
         _resolution(v, spec["resolution"], f"{key}.resolution")
+        resize = spec.get("resize")
+        if resize is not None and resize != "stretch":
+            v.whole(resize, f"{key}.resize", minimum=min(spec["resolution"]))
+        if spec.get("channels", 3) not in (1, 3):
+            v.fail(f"{key}.channels", f"expected 1 (greyscale) or 3 (RGB), got {show(spec['channels'])}")
         if "boxes" in spec:
             _existing(v, base, spec["boxes"], f"{key}.boxes")
         if "saliency" in spec:
             _existing(v, base, spec["saliency"], f"{key}.saliency", directory=True)
         if "workers" in spec:
             v.whole(spec["workers"], f"{key}.workers", minimum=0)
-    elif "num_classes" not in spec:
-        v.fail(f"{key}.num_classes", "a builder dataset needs its class count")
+    else:
+        if "num_classes" not in spec:
+            v.fail(f"{key}.num_classes", "a builder dataset needs its class count")
+        _importable(v, spec["builder"], f"{key}.builder")
     for whole in ("num_classes", "max_samples"):
         if whole in spec:
             v.whole(spec[whole], f"{key}.{whole}", minimum=1)
 
 
-def validate_pair(v, name: str, spec: dict, base: Path, datasets: set[str]) -> None:
+def _importable(v, target: str, key: str) -> None:
+    from qrobust.errors import InvalidArgument
+    from qrobust.registry import import_object
+
+    try:
+        import_object(target, key)
+    except InvalidArgument as exc:
+        v.fail(key, str(exc).split(": ", 1)[1])
+
+
+def _folder_classes(base: Path, spec: dict) -> int | None:
+    """The class count of a folder dataset (its subfolders), or None for other datasets."""
+    if "folder" not in spec:
+        return None
+    return sum(1 for p in (base / spec["folder"]).iterdir() if p.is_dir())
+
+
+def validate_pair(v, name: str, spec: dict, base: Path, datasets: dict[str, dict]) -> None:
     from qrobust.data import DATASETS
     from qrobust.quant import PRESETS
 
@@ -71,12 +98,16 @@ def validate_pair(v, name: str, spec: dict, base: Path, datasets: set[str]) -> N
     v.keys(spec, key, PAIR_KEYS)
     source = _one_of(v, spec, key, ("arch", "builder"))
     if source == "arch":
-        from qrobust.models.archs import TORCHVISION_ARCHS
-        if spec["arch"] not in TORCHVISION_ARCHS:
-            v.fail(f"{key}.arch", f"unknown architecture {show(spec['arch'])}{did_you_mean(spec['arch'], TORCHVISION_ARCHS)}")
+        from qrobust.models.archs import classification_archs
+        known = classification_archs()
+        if spec["arch"] not in known:
+            v.fail(f"{key}.arch", f"unknown architecture {show(spec['arch'])}{did_you_mean(spec['arch'], known)} "
+                                  "(any name of torchvision.models.list_models(module=torchvision.models))")
         if "weights" not in spec:
             v.fail(f"{key}.weights", "needs a checkpoint path, 'hub' (torch hub cache, never downloaded) or 'random' "
                                      "(explicit opt-in, for latency and pipeline checks only)")
+    else:
+        _importable(v, spec["builder"], f"{key}.builder")
     weights = spec.get("weights")
     if weights is not None and weights not in ("hub", "random"):
         _existing(v, base, weights, f"{key}.weights")
@@ -101,6 +132,8 @@ def validate_pair(v, name: str, spec: dict, base: Path, datasets: set[str]) -> N
         ref = spec[ref_key] if ref_key == "dataset" else v.mapping(spec["calibration"], f"{key}.calibration").get("dataset")
         if ref not in datasets and ref not in DATASETS:
             v.fail(f"{key}.{ref_key}", f"unknown dataset {show(ref)} (declared: {', '.join(sorted(datasets)) or 'none'})")
+        if ref in datasets:
+            _fits(v, f"{key}.{ref_key}", spec, pre, ref, datasets[ref], base, classes=ref_key == "dataset")
     if "preset" in spec:
         if spec["preset"] not in PRESETS:
             v.fail(f"{key}.preset", f"unknown preset {show(spec['preset'])}{did_you_mean(spec['preset'], PRESETS)} "
@@ -112,5 +145,24 @@ def validate_pair(v, name: str, spec: dict, base: Path, datasets: set[str]) -> N
         v.keys(cal, f"{key}.calibration", {"dataset", "samples"})
         if "samples" in cal:
             v.whole(cal["samples"], f"{key}.calibration.samples", minimum=1)
+        if cal.get("dataset") == spec["dataset"]:
+            warnings.warn(f"{v.path}: {key}.calibration: calibrates on the gated dataset {show(spec['dataset'])}: the "
+                          "twin's ranges then fit the very samples it is judged on; calibrate on another split",
+                          QrobustWarning, stacklevel=2)
     elif source == "arch":
         v.fail(f"{key}.preset", "an arch pair needs a quantization preset")
+
+
+def _fits(v, key: str, pair: dict, pre: dict, name: str, dataset: dict, base: Path, classes: bool) -> None:
+    """A declared dataset's resolution, channels and (for the gated one) class count fit the pair."""
+    if "resolution" in dataset and list(dataset["resolution"]) != list(pre["resolution"]):
+        v.fail(key, f"dataset {show(name)} has resolution {dataset['resolution']} but the pair's preprocess "
+                    f"expects {pre['resolution']}")
+    channels = dataset.get("channels", 3) if "folder" in dataset else None
+    if channels is not None and channels != len(pre["mean"]):
+        v.fail(key, f"dataset {show(name)} gives {channels}-channel images but the pair's preprocess has "
+                    f"{len(pre['mean'])} channel(s) (set channels: {len(pre['mean'])} on the dataset)")
+    count = _folder_classes(base, dataset) if classes else None
+    count = dataset.get("num_classes", count) if classes else None
+    if count is not None and count > pair["num_classes"]:
+        v.fail(key, f"dataset {show(name)} has {count} classes but the pair has num_classes: {pair['num_classes']}")

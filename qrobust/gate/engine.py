@@ -24,6 +24,7 @@ from qrobust.data import ImageSet, StreamingSet, load_dataset
 from qrobust.data.perturbations import PERTURBATIONS, perturb
 from qrobust.errors import ModelOutputError, invalid
 from qrobust.explain.cam import compute_cams
+from qrobust.explain.layers import match_twin_layer
 from qrobust.metrics.classification import PairMetrics
 from qrobust.metrics.saliency import CamAgreement
 from qrobust.metrics.stats import Estimate, poisson_weights
@@ -190,6 +191,12 @@ class Evaluator:
                 raise ModelOutputError(f"pair {pair.name!r}: {model} model returned NaN/Inf on clean input "
                                        f"for {int(bad.sum())} of {len(x)} probe samples "
                                        f"(first ids {batch.ids[bad][:5].tolist()})")
+        if pair.target_layer is not None and not pair.twin_layer_given:
+            # the twin's CAM tensor must be FP32's: settle the structural guess with this batch
+            layer, error = match_twin_layer(pair.fp32, pair.quantized, pair.target_layer, x.to(self.device),
+                                            x.to(self.twin_device(pair)))
+            pair.quantized_target_layer = layer
+            pair.metadata["cam_layer_match_error"] = error
 
     # ---- evaluation ----------------------------------------------------------------------------------
     def evaluate(self, pair: str, perturbation: str, level: float, cam: bool = False) -> CaseResult:
@@ -238,12 +245,15 @@ class Evaluator:
         lead = group[0]
         data = self.dataset(lead.dataset)
         states = {p.name: PairMetrics(p.num_classes, self.seed, self.replicates, self.f1_average) for p in group}
+        # pairs without a CAM layer get no CAM metrics (their CAM checks skip, with the reason)
+        cam_pairs = [p for p in group if p.target_layer and self._listed(self.cam_cases, p.name, perturbation, level)]
+        fp_layer = cam_pairs[0].target_layer if cam_pairs else None
+        if any(p.target_layer != fp_layer for p in cam_pairs):
+            raise invalid("target_layer", sorted({p.target_layer for p in cam_pairs}),
+                          f"pairs sharing {lead.name!r}'s FP32 model must name one CAM layer")
         cam_states = {p.name: CamAgreement(self.cam_methods[p.name], self.seed, self.replicates,
-                                           capacity=math.ceil(0.05 * len(data)))
-                      for p in group if self._listed(self.cam_cases, p.name, perturbation, level)}
+                                           capacity=math.ceil(0.05 * len(data))) for p in cam_pairs}
         fp_methods = sorted({cam.method for cam in cam_states.values()})
-        if fp_methods and lead.target_layer is None:
-            raise invalid("target_layer", None, f"pair {lead.name!r} declares no CAM target layer")
         normalize = lead.preprocess.normalize
         fp_label = fp32_label(self.group_of(lead))
         batch_size = self.batch_size_for(lead)
@@ -256,7 +266,7 @@ class Evaluator:
             x = normalize(pixels)
             weights = poisson_weights(self.seed, batch.groups, self.replicates)
             x_fp = x.to(self.device)
-            fp_cams = compute_cams(lead.fp32, x_fp, lead.target_layer, fp_methods) if fp_methods else None
+            fp_cams = compute_cams(lead.fp32, x_fp, fp_layer, fp_methods) if fp_methods else None
             with torch.inference_mode():
                 fp_logits = (fp_cams.logits if fp_cams else lead.fp32(x_fp)).cpu()
             self.forward_passes[fp_label] += 1

@@ -37,7 +37,7 @@ class Metric:
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("top1_delta", False, "accuracy", "top-1 accuracy, FP32 minus quantized", 0.005, 0.01, counted=True),
     Metric("top5_delta", False, "accuracy", "top-5 accuracy, FP32 minus quantized", 0.005, 0.01, counted=True),
-    Metric("f1_delta", False, "accuracy", "F1 (macro by default), FP32 minus quantized", 0.005),
+    Metric("f1_delta", False, "accuracy", "F1 (macro by default), FP32 minus quantized", 0.005, 0.01),
     Metric("agreement", True, "accuracy", "fraction of samples with the same top-1 class", 0.005, 0.98, counted=True),
     Metric("kl_mean", False, "confidence", "mean KL(P_fp32 || P_quant), nats", 0.005, 0.02),
     Metric("kl_p95", False, "confidence", "95th percentile of per-sample KL, nats", 0.01, 0.05),

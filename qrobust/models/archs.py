@@ -12,13 +12,22 @@ from torch import nn
 
 from qrobust.errors import invalid
 from qrobust.models.checkpoints import load_checkpoint
+from qrobust.registry import did_you_mean
 
-# The seed papers' architectures -> default CAM target layer (the last convolutional block's output).
+# The seed papers' architectures -> default CAM target layer (the last convolutional block's output);
+# any other torchvision classification architecture works too, with target_layer set for CAM checks.
 TORCHVISION_ARCHS = {
     "vgg16": "features.29", "resnet18": "layer4", "resnet50": "layer4", "densenet121": "features.norm5",
     "mobilenet_v2": "features.18", "mobilenet_v3_large": "features.16", "squeezenet1_0": "features.12",
     "squeezenet1_1": "features.12", "efficientnet_b0": "features.8", "shufflenet_v2_x1_0": "conv5",
 }
+
+
+def classification_archs() -> list[str]:
+    """Every torchvision classification architecture by name (``torchvision.models.list_models``)."""
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
 
 
 def hub_cache_file(arch: str) -> Path:
@@ -34,8 +43,9 @@ def build_arch(arch: str, num_classes: int = 1000, weights: str | None = None, t
     (torchvision's file, only if already in the torch hub cache) or "random"."""
     import torchvision
 
-    if arch not in TORCHVISION_ARCHS:
-        raise invalid("arch", arch, f"unknown architecture (known: {', '.join(TORCHVISION_ARCHS)})")
+    if arch not in classification_archs():
+        raise invalid("arch", arch, f"unknown architecture{did_you_mean(arch, classification_archs())} "
+                                    "(torchvision.models.list_models(module=torchvision.models) lists them)")
     if weights is None:
         raise invalid("weights", None, f"{arch} needs weights: a checkpoint path, 'hub' (torch hub cache) or "
                                        "'random' (explicit opt-in, for latency and pipeline checks only)")

@@ -8,6 +8,8 @@ and loading one warns. Every failure is one line naming the path, its size and s
 from __future__ import annotations
 
 import hashlib
+import pickle
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from qrobust._files import sha256_file
-from qrobust.errors import InvalidArgument
+from qrobust.errors import InvalidArgument, show
 
 
 def _describe(path: Path) -> str:
@@ -79,13 +81,14 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> dict | nn.Module:
         with warnings.catch_warnings():  # torch's note on non-default pickle protocols is not the user's concern
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             obj = torch.load(path, map_location="cpu", weights_only=not trust)
-    except Exception as exc:  # noqa: BLE001 - truncated, corrupt, or refused by the safe unpickler
-        message = _first_line(exc)
-        if not trust and ("weights_only" in message or "Unsupported global" in message):
-            raise InvalidArgument(f"checkpoint {_describe(path)}: refused: it is not a plain tensor checkpoint and "
-                                  "unpickling it could run code; set trust: true for this file only if you trust "
-                                  "its origin") from None
-        raise InvalidArgument(f"checkpoint {_describe(path)}: cannot be read: {message}") from None
+    except pickle.UnpicklingError as exc:  # the safe unpickler refused an object: torch's own wording varies
+        if trust:
+            raise InvalidArgument(f"checkpoint {_describe(path)}: cannot be read: {_first_line(exc)}") from None
+        raise InvalidArgument(f"checkpoint {_describe(path)}: refused: it holds Python objects, not just tensors "
+                              "(a whole-module pickle, or a payload), and unpickling it could run code; set "
+                              "trust: true for this file only if you trust its origin") from None
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt: one line for the user
+        raise InvalidArgument(f"checkpoint {_describe(path)}: cannot be read: {_first_line(exc)}") from None
     if trust:
         warnings.warn(f"loaded trusted pickle {path} (it may have run code)", stacklevel=2)
         if isinstance(obj, nn.Module):
@@ -93,6 +96,10 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> dict | nn.Module:
     return _state_dict_of(obj, path)
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
+    """The first line of an exception's message, without terminal colour codes, bounded."""
+    text = ANSI.sub("", str(exc)).strip().splitlines()
+    return show(text[0] if text else type(exc).__name__, 200).strip("'")

@@ -18,41 +18,77 @@ from qrobust.models.pair import ModelPair, Preprocess
 from qrobust.registry import import_object
 
 
-def build_pair(name: str, spec: dict, base: Path, datasets: dict) -> ModelPair:
-    """The ModelPair a ``pairs:`` entry describes (validated already by qrobust.gate.config)."""
-    from qrobust.models.archs import TORCHVISION_ARCHS, build_arch
+def fp32_key(spec: dict, base: Path) -> tuple:
+    """What determines a declared pair's FP32 model: pairs with the same key share one FP32 object (so
+    one FP32 forward per perturbed batch serves all of them)."""
+    weights = spec.get("weights")
+    path = str((base / weights).resolve()) if weights not in (None, "hub", "random") else weights
+    return spec.get("arch") or spec.get("builder"), path, int(spec["num_classes"]), bool(spec.get("trust", False))
+
+
+def _fp32(spec: dict, base: Path, name: str):
+    """The FP32 model (and the user's own twin, from a tuple builder) of a ``pairs:`` entry."""
+    from qrobust.models.archs import build_arch
     from qrobust.models.checkpoints import load_checkpoint
+
+    weights = spec.get("weights")
+    weights_path = None if weights in (None, "hub", "random") else base / weights
+    if "arch" in spec:
+        return build_arch(spec["arch"], int(spec["num_classes"]), str(weights_path or weights),
+                          spec.get("trust", False)), None
+    built = import_object(spec["builder"], f"pairs.{name}.builder")()
+    fp32, quantized = built if isinstance(built, tuple) else (built, None)
+    if not isinstance(fp32, torch.nn.Module) or (quantized is not None and not isinstance(quantized, torch.nn.Module)):
+        raise invalid(f"pairs.{name}.builder", spec["builder"], "must return an nn.Module or an (fp32, twin) tuple "
+                                                              f"of them, got {type(built).__name__}")
+    if weights_path is not None:
+        if quantized is not None:
+            raise invalid(f"pairs.{name}.weights", weights, "the builder returned an (fp32, twin) tuple: its twin "
+                                                            "was built before qrobust could load these weights; "
+                                                            "load them inside the builder, or return the FP32 "
+                                                            "model alone and set a preset")
+        state = load_checkpoint(weights_path, trust=spec.get("trust", False))
+        fp32.load_state_dict(state.state_dict() if isinstance(state, torch.nn.Module) else state)
+    return fp32, quantized
+
+
+def build_pair(name: str, spec: dict, base: Path, datasets: dict, fp32_cache: dict | None = None) -> ModelPair:
+    """The ModelPair a ``pairs:`` entry describes (validated already by qrobust.gate.declared_config).
+
+    ``fp32_cache`` (key: ``fp32_key``) shares the FP32 model between pairs declared on the same weights."""
+    from qrobust.models.archs import TORCHVISION_ARCHS
     from qrobust.quant import PRESETS, quantize_model, quantized_module_names
 
     pre = spec["preprocess"]
     preprocess = Preprocess(tuple(pre["resolution"]), tuple(pre["mean"]), tuple(pre["std"]))
-    weights = spec.get("weights")
-    weights_path = None if weights in (None, "hub", "random") else base / weights
-    if "arch" in spec:
-        fp32 = build_arch(spec["arch"], int(spec["num_classes"]), str(weights_path or weights), spec.get("trust", False))
-        quantized = None
+    key = fp32_key(spec, base)
+    cache = {} if fp32_cache is None else fp32_cache
+    cached = cache.get(key)
+    if cached is not None and cached[1] is None:  # an FP32 model alone (no user twin): share it
+        fp32, quantized = cached[0], None
     else:
-        built = import_object(spec["builder"], f"pairs.{name}.builder")()
-        fp32, quantized = built if isinstance(built, tuple) else (built, None)
-        if weights_path is not None:
-            state = load_checkpoint(weights_path, trust=spec.get("trust", False))
-            fp32.load_state_dict(state.state_dict() if isinstance(state, torch.nn.Module) else state)
+        fp32, quantized = _fp32(spec, base, name)
+        cache.setdefault(key, (fp32, quantized))
     fp32.eval()
+    calibration = None
     if quantized is None:
         config = PRESETS.get(spec["preset"])
         cal = spec["calibration"]
         data = datasets[cal["dataset"]].subset(int(cal.get("samples", 128)), 0)
+        calibration = {"dataset": cal["dataset"], "samples": len(data)}
         quantized = quantize_model(fp32, config, (preprocess.normalize(b.images) for b in data.batches(32)))
     else:
         config = PRESETS.get(spec.get("preset") or ("int8-x86" if quantized_module_names(quantized) else "fake-w8a8"))
     target = spec.get("target_layer") or TORCHVISION_ARCHS.get(spec.get("arch", ""))
+    weights = spec.get("weights")
     metadata = {"recipe": config.summary(), "declared": True, "weights_source": str(weights),
-                "random_weights": weights == "random", "weights_fingerprint": tensor_fingerprint(fp32.state_dict())}
-    if weights_path is not None:
-        metadata["weights"] = {str(weights_path): sha256_file(weights_path)}
+                "random_weights": weights == "random", "weights_fingerprint": tensor_fingerprint(fp32.state_dict()),
+                "calibration": calibration if calibration else "the builder's own twin"}
+    if weights not in (None, "hub", "random"):
+        metadata["weights"] = {str(base / weights): sha256_file(base / weights)}
     try:
         return ModelPair(name, fp32, quantized, config, preprocess, num_classes=int(spec["num_classes"]),
                          dataset=spec["dataset"], target_layer=target,
                          quantized_target_layer=spec.get("quantized_target_layer"), metadata=metadata)
     except InvalidArgument as exc:
-        raise invalid(f"pairs.{name}", spec, str(exc)) from None
+        raise invalid(f"pairs.{name}", name, str(exc)) from None

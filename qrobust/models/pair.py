@@ -53,6 +53,7 @@ class ModelPair:
     target_layer: str | None = None  # CAM layer of the FP32 model
     quantized_target_layer: str | None = None  # its name in the twin when it differs (FX fuses conv+ReLU)
     metadata: dict = field(default_factory=dict)
+    twin_layer_given: bool = field(init=False, default=False)  # False: derived, refined by the first probe
 
     @property
     def kind(self) -> str:
@@ -64,6 +65,7 @@ class ModelPair:
             raise invalid("config", self.config, "must be a QuantConfig (see qrobust.get_preset)")
         self.fp32.eval()
         self.quantized.eval()
+        self.twin_layer_given = self.quantized_target_layer is not None
         if self.quantized_target_layer is None and self.target_layer is not None:
             from qrobust.quant.convert import twin_layer_name
 

@@ -334,9 +334,18 @@ def test_ground_truth_saliency_maps_are_compared_with_both_cams(pytester):
     (("boxes: boxes.json}", "boxes: boxes.json, workers: two}", 1), "datasets.photos.workers: expected a number"),
     (("std: [0.25, 0.25, 0.25]", "std: [0.25, 0, 0.25]", 1), "pairs.user-int8.preprocess.std[1]: must be >="),
     (("resolution: [32, 32], boxes", "resolution: [32], boxes", 1), "datasets.photos.resolution: expected [height, width]"),
+    (("builder: \"usermodels:build\"", "builder: \"usermodels:biuld\"", 1), "pairs.user-int8.builder: cannot import (AttributeError"),
+    (("builder: \"usermodels:build\"", "builder: \"nomodule:build\"", 1), "pairs.user-int8.builder: cannot import (ModuleNotFoundError"),
+    (("resolution: [32, 32], boxes", "resolution: [40, 40], boxes", 1), "pairs.user-int8.dataset: dataset 'photos' has resolution [40, 40] but the pair's preprocess expects [32, 32]"),
+    (("boxes: boxes.json}", "boxes: boxes.json, channels: 1}", 1), "pairs.user-int8.dataset: dataset 'photos' gives 1-channel images but the pair's preprocess has 3 channel(s)"),
+    (("boxes: boxes.json}", "boxes: boxes.json, channels: 2}", 1), "datasets.photos.channels: expected 1 (greyscale) or 3 (RGB), got 2"),
+    (("boxes: boxes.json}", "boxes: boxes.json, resize: 16}", 1), "datasets.photos.resize: must be >= 32"),
+    (("    num_classes: 2\n    preset: int8-x86", "    num_classes: 1\n    preset: int8-x86", 1), "pairs.user-int8.dataset: dataset 'photos' has 2 classes but the pair has num_classes: 1"),
 ])
 def test_declared_sections_are_validated(pytester, edit, message):
     make_folder(pytester.path)
+    pytester.makepyfile(usermodels=BUILDER)
+    pytester.syspathinsert()
     (pytester.path / "weights.pt").write_bytes(b"")
     old, new, count = edit
     pytester.makefile(".yaml", thresholds=DECLARED.replace(old, new, count))
