@@ -1,7 +1,6 @@
 """A user's own pairs: never a silent pass, one broken pair fails alone, CAM-less pairs skip CAM checks,
 data read as a user's eval reads it, FP32 shared, refusals that name the fix."""
 import json
-import textwrap
 import warnings
 
 import numpy as np
@@ -201,5 +200,5 @@ def test_boxes_are_checked_against_each_image_and_mapped_into_the_crop(tmp_path)
 def test_warnings_stay_one_line():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        warnings.warn("qrobust: one line", QrobustWarning)
+        warnings.warn("qrobust: one line", QrobustWarning, stacklevel=1)
     assert "\n" not in str(caught[0].message)
