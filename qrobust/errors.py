@@ -6,6 +6,8 @@ Cyrillic ``е`` cannot pass for a Latin ``e``) and elides long values.
 """
 from __future__ import annotations
 
+import reprlib
+
 SHOW_LIMIT = 80
 
 
@@ -33,12 +35,24 @@ class QrobustWarning(UserWarning):
     """Something a gate can run with but a user should change (calibrating on the gated split, ...)."""
 
 
+def _bounded_repr(limit: int) -> reprlib.Repr:
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 3, 6, 6, 6, 6
+    r.maxstring = r.maxother = r.maxlong = limit
+    return r
+
+
 def show(value, limit: int = SHOW_LIMIT) -> str:
-    """A one-line, printable, bounded repr of ``value`` for messages."""
+    """A one-line, printable, bounded repr of ``value`` for messages.
+
+    Built with ``reprlib`` (bounded depth and length), so a YAML alias bomb's billion-element value or a
+    megabyte key costs nothing to describe; then made ASCII, so control characters and look-alikes show.
+    """
     try:
-        text = repr(value) if isinstance(value, str) and value.isascii() else ascii(value)
+        text = _bounded_repr(limit).repr(value)
     except Exception:  # noqa: BLE001 - a hostile __repr__ must not hide the real error
         text = f"<{type(value).__name__}>"
+    text = text if text.isascii() and text.isprintable() else ascii(text)[1:-1]
     if len(text) > limit:
         text = f"{text[:limit - 20]}...({len(text)} chars)"
     return text

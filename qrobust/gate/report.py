@@ -180,12 +180,14 @@ def render_html(report: dict) -> str:
             charts.append(f"<div class='block'><h3>{html.escape(pair)} — {html.escape(pert)}</h3>{''.join(svgs)}</div>")
     env_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(json.dumps(v))}</td></tr>" for k, v in env.items())
     failed = summary["fail"] or summary["inconclusive"]
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>qrobust report</title><style>
+    run = html.escape(str(report.get("run_id", "")))
+    return f"""<!doctype html><html><head><meta charset="utf-8"><meta name="qrobust-run" content="{run}">
+<title>qrobust report</title><style>
 body{{font-family:sans-serif;margin:2em;color:#222}} table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}} tr.fail td{{background:#fdd}}
 tr.inconclusive td{{background:#ffd}} tr.xfail td{{background:#eef}} .block{{display:inline-block;vertical-align:top;
 margin:6px;border:1px solid #eee}} .block h3{{font-size:13px;margin:4px}} img{{image-rendering:pixelated}}
-</style></head><body><h1>qrobust gate: {"FAILED" if failed else "PASSED"}</h1>
+</style></head><body><h1>qrobust gate: {"FAILED" if failed else "PASSED"}</h1><p>run {run}</p>
 <p>{summary['total']} checks: {summary['pass']} pass, {summary['fail']} fail, {summary['inconclusive']} inconclusive,
 {summary['xfail']} expected failures (known-bad configurations the gate must catch). Decision mode:
 <b>{html.escape(str(env.get('decision')))}</b>. Deltas are FP32 minus quantized (positive = quantized worse);
@@ -237,17 +239,19 @@ def _overlay_section(overlays: list[dict]) -> str:
 def write_report(directory: str | Path, report: dict, overlays: list[dict] = (),
                  baseline: tuple[Path, str] | None = None) -> tuple[Path, Path]:
     """report.json and report.html (and a baseline file, when given as (path, text)) written as one set:
-    every file is staged first, then renamed, so a failure leaves the previous set in place; all carry
-    the run id. Temporary files of killed runs are removed first."""
+    every file is staged first, then renamed, report.json last, so a failure leaves the previous set in
+    place; all carry the run id (a run killed between renames leaves files whose ids differ from
+    report.json's). Temporary files of killed runs are removed first."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     remove_stale(directory)
     json_path, html_path = directory / "report.json", directory / "report.html"
     html_text = render_html(report).replace("<h2>Environment</h2>",
                                             _overlay_section(list(overlays)) + "<h2>Environment</h2>")
-    files = {json_path: json.dumps(report, indent=1, sort_keys=True), html_path: html_text}
+    files = {html_path: html_text}
     if baseline is not None:
         remove_stale(baseline[0].parent)
         files[baseline[0]] = baseline[1]
+    files[json_path] = json.dumps(report, indent=1, sort_keys=True)  # renamed last: the set's commit mark
     write_set(files)
     return json_path, html_path

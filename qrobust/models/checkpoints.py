@@ -17,8 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qrobust._files import sha256_file
+from qrobust._files import MiB, check_regular_file, sha256_file
 from qrobust.errors import InvalidArgument, show
+
+
+MAX_CHECKPOINT_BYTES = 16 * 1024 * MiB  # 16 GiB: above any vision model's weights
 
 
 def _describe(path: Path) -> str:
@@ -60,8 +63,9 @@ def _state_dict_of(obj, path: Path) -> dict:
 def load_checkpoint(path: str | Path, trust: bool = False) -> dict | nn.Module:
     """A state dict (always, for untrusted files), or a module from a trusted TorchScript/full pickle."""
     path = Path(path)
-    if not path.is_file():
-        raise InvalidArgument(f"checkpoint={str(path)!r}: no such file")
+    if not path.exists():
+        raise InvalidArgument(f"checkpoint={show(str(path), 200)}: no such file")
+    check_regular_file(path, "checkpoint", MAX_CHECKPOINT_BYTES)  # a FIFO would block torch.load forever
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file

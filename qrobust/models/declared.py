@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from qrobust._files import sha256_file
-from qrobust.errors import InvalidArgument, invalid
+from qrobust.errors import InvalidArgument, invalid, show
 from qrobust.models.checkpoints import tensor_fingerprint
 from qrobust.models.pair import ModelPair, Preprocess
 from qrobust.registry import import_object
@@ -48,7 +48,12 @@ def _fp32(spec: dict, base: Path, name: str):
                                                             "load them inside the builder, or return the FP32 "
                                                             "model alone and set a preset")
         state = load_checkpoint(weights_path, trust=spec.get("trust", False))
-        fp32.load_state_dict(state.state_dict() if isinstance(state, torch.nn.Module) else state)
+        try:
+            fp32.load_state_dict(state.state_dict() if isinstance(state, torch.nn.Module) else state)
+        except RuntimeError as exc:  # torch lists every mismatched key over hundreds of lines
+            first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+            raise invalid(f"pairs.{name}.weights", weights, f"does not fit the builder's model: "
+                                                            f"{show(first, 200)}") from None
     return fp32, quantized
 
 

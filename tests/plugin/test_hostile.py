@@ -91,3 +91,156 @@ def test_a_writer_killed_at_random_points_never_leaves_a_partial_report(tmp_path
         proc.wait()
         report = json.loads(target.read_text())  # always a whole JSON document
         assert report["version"] == 0 or len(report["payload"]) == 2_000_000
+
+
+# ---- round 2: hostile thresholds files, images, boxes, report writes (issue 12) ------------------------------
+from test_plugin import SUITE, thresholds  # noqa: E402
+
+
+def usage_line(pytester, *args) -> str:
+    result = pytester.runpytest_subprocess(*args, timeout=120)
+    errors = [line for line in result.stderr.lines if line.startswith("ERROR:")]
+    assert result.ret == pytest.ExitCode.USAGE_ERROR and len(errors) == 1, result.stderr.str()
+    assert "Traceback" not in result.stderr.str() + result.stdout.str()
+    return errors[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_or_a_device_as_thresholds_file_is_refused_at_once(pytester):
+    os.mkfifo(pytester.path / "fifo.yaml")
+    pytester.makepyfile(test_gate=SUITE)
+    assert "thresholds file" in usage_line(pytester, "--qrobust-thresholds", "fifo.yaml") and "not a regular file"
+    (pytester.path / "zero.yaml").symlink_to("/dev/zero")
+    assert "not a regular file" in usage_line(pytester, "--qrobust-thresholds", "zero.yaml")
+
+
+# a billion laughs under a tolerance key: nine levels of nine references, 9**9 leaves if expanded
+BOMB = "defaults: {top1_delta: [&a [x, x, x, x, x, x, x, x, x], " + ", ".join(
+    f"&{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(8)) + "]}\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("? [a, b]\n: 1\n", "a key must be a plain value, not a sequence (line 1)"),
+    ("latency: {pairs: 5}\ngate: {lenet5-digits-int8-x86: {}}\n", "latency.pairs: expected a list of pair names, got int 5"),
+    ("bitwidth: {pairs: [lenet5-digits-asym4], level: abc, tolerances: {kl_mean: 0.02}}\n",
+     "bitwidth.level: expected a number, got the string 'abc'"),
+    ("defaults: " + "[" * 20000 + "]" * 20000 + "\n", "nested more than 64 levels deep"),
+    ("".join("  " * i + f"k{i}:\n" for i in range(1000)) + "  " * 1000 + "v: 1\n", "nested more than 64 levels deep"),
+    (BOMB, "defaults.top1_delta: expected a number, got list [["),
+    ('defaults: {"top1_delta\\n::notice title=x::forged": 0.1}\n', r"defaults.'top1_delta\n::notice title=x::forged': unknown key"),
+    ('defaults: {"\\x1b[31mred": 0.1}\n', r"'\x1b[31mred': unknown key"),
+    ("defaults:\n  ? " + "k" * 1_000_000 + "\n  : 0.1\n", "kkkk...kkkk"),
+    ("d\u0435faults: {}\n", "did you mean 'defaults'? (yours has U+0435 CYRILLIC SMALL LETTER IE)"),
+    ("gate: {lenet5-digits-int8-x86: {}}\n" + "#" * (5 * 2**20), "over the limit of 4194304 bytes"),
+])
+def test_hostile_thresholds_are_one_printable_line(pytester, text, message):
+    (pytester.path / "thresholds.yaml").write_bytes(text.encode("utf-8"))
+    pytester.makepyfile(test_gate=SUITE)
+    start = time.perf_counter()
+    line = usage_line(pytester)
+    assert message in line, line
+    assert line.isprintable() and len(line) < 600 and time.perf_counter() - start < 60
+
+
+def test_a_fifo_among_the_images_and_a_decompression_bomb_are_named(tmp_path):
+    from PIL import Image
+
+    from qrobust.data.folders import ImageReader, folder_dataset
+
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "ok.png")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "a" / "stuck.png")
+        with pytest.raises(InvalidArgument, match=r"image='.*stuck.png': not a regular file"):
+            folder_dataset("d", tmp_path, ImageReader((8, 8)))
+        os.unlink(tmp_path / "a" / "stuck.png")
+    Image.new("1", (9000, 9000)).save(tmp_path / "a" / "bomb.png")  # 10 kB on disk, 81 M pixels decoded
+    data = folder_dataset("d", tmp_path, ImageReader((8, 8)))
+    with pytest.raises(InvalidArgument, match=r"bomb.png'.*9000x9000 pixels, over the limit of 64000000"):
+        list(data.batches(2))
+
+
+@pytest.mark.parametrize("boxes, message", [
+    ('{"a/ok.png": [1, 2, 3]}', "expected [x0, y0, x1, y1] as four finite numbers, got [1, 2, 3]"),
+    ('{"a/ok.png": ["0", 0, 4, 4]}', "expected [x0, y0, x1, y1] as four finite numbers"),
+    ('{"a/ok.png": [0, 0, NaN, 4]}', "expected [x0, y0, x1, y1] as four finite numbers, got [0, 0, nan, 4]"),
+    ("not json", "is not valid JSON"),
+    ("[1, 2]", "must map each image's relative path to [x0, y0, x1, y1], got list"),
+    ('{"a/other.png": [0, 0, 4, 4]}', "has no box for 'a/ok.png'"),
+])
+def test_malformed_boxes_name_the_file(tmp_path, boxes, message):
+    from PIL import Image
+
+    from qrobust.data.folders import ImageReader, folder_dataset
+
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "ok.png")
+    (tmp_path / "boxes.json").write_text(boxes)
+    with pytest.raises(InvalidArgument, match=r"boxes.json") as info:
+        folder_dataset("d", tmp_path, ImageReader((8, 8)), tmp_path / "boxes.json")
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_checkpoint_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "weights.pt")
+    with pytest.raises(InvalidArgument, match="checkpoint .*weights.pt': not a regular file"):
+        load_checkpoint(tmp_path / "weights.pt")
+
+
+@pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, "geteuid") else False, reason="root writes anywhere")
+def test_an_unwritable_report_fails_the_run_with_the_reason(pytester):
+    pytester.makefile(".yaml", thresholds=thresholds())
+    pytester.makepyfile(test_gate=SUITE)
+    (pytester.path / "locked").mkdir()
+    os.chmod(pytester.path / "locked", 0o500)
+    result = pytester.runpytest("--qrobust-report", "locked/report")
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(["*qrobust: FAILED: report not written: *Permission*"])
+
+
+def test_a_report_that_cannot_be_written_fails_the_run_with_the_reason(pytester):
+    """A file where the report directory should be: the same failure root or not."""
+    pytester.makefile(".yaml", thresholds=thresholds())
+    pytester.makepyfile(test_gate=SUITE)
+    (pytester.path / "blocked").write_text("a file, not a folder")
+    result = pytester.runpytest("--qrobust-report", "blocked/report")
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(["*qrobust: FAILED: report not written: *"])
+    assert (pytester.path / "blocked").read_text() == "a file, not a folder"  # nothing lost
+
+
+SET_WRITER = """
+import sys, json
+from pathlib import Path
+from qrobust._files import write_set
+root, payload = Path(sys.argv[1]), "x" * 2_000_000
+i = 0
+while True:
+    i += 1
+    write_set({root / "report.html": f"<!-- run {i} -->" + payload,
+               root / "report.json": json.dumps({"run": i, "payload": payload})})
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_a_killed_report_writer_leaves_whole_files_and_its_leftovers_are_removed(tmp_path):
+    from qrobust._files import remove_stale, write_set
+
+    write_set({tmp_path / "report.json": json.dumps({"run": 0, "payload": ""}), tmp_path / "report.html": "<!-- run 0 -->"})
+    rng = np.random.default_rng(1)
+    runs = set()
+    for _ in range(8):
+        proc = subprocess.Popen([sys.executable, "-c", SET_WRITER, str(tmp_path)])
+        time.sleep(float(rng.uniform(0.3, 1.5)))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        report = json.loads((tmp_path / "report.json").read_text())  # always a whole document
+        html_run = int((tmp_path / "report.html").read_text()[len("<!-- run "):].split(" ")[0])
+        assert html_run in (report["run"], report["run"] + 1), (report["run"], html_run)
+        runs.add(report["run"])
+    assert len(runs) > 1  # the writer got through some sets before each kill
+    # report.json is renamed last: a kill between the renames can leave the html one run ahead; each file
+    # is whole and carries its run id. Leftover temporaries of killed writers are removed by the next write:
+    remove_stale(tmp_path)
+    assert not list(tmp_path.glob(".*.tmp"))
