@@ -80,3 +80,24 @@ def test_int8_twins_compute_exactly_whatever_the_engine_of_one_recipe_or_the_thr
     assert torch.equal(_twin_outputs("int8-fbgemm", 2), reference)
     assert torch.equal(_twin_outputs("int8-x86", 1), reference)
     assert torch.equal(_twin_outputs("int8-qnnpack", 1), _twin_outputs("int8-qnnpack", 2))
+
+
+def test_twins_calibrated_with_one_or_two_threads_are_identical():
+    """Calibration runs on one thread: the observed ranges, and so the twin, do not depend on the
+    session's thread count (before, 5 of EfficientNet-Lite0's scales moved between 1 and 2 threads)."""
+    from qrobust.models.lenet import lenet5_digits
+    from qrobust.models.zoo import digits_calibration
+    from qrobust.quant import get_preset, quantize_model
+
+    previous = torch.get_num_threads()
+    states = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            twin = quantize_model(lenet5_digits(), get_preset("int8-x86"), digits_calibration())
+            states.append(twin.state_dict())
+            assert torch.get_num_threads() == threads  # restored after calibration
+    finally:
+        torch.set_num_threads(previous)
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0] if isinstance(states[0][k], torch.Tensor))
