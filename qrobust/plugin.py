@@ -115,6 +115,18 @@ def pytest_configure(config):
         session.progress, session.announce = progress, progress.line
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """With ``-n N`` (xdist's ``load`` distribution), send whole evaluation units to workers so each case
+    is evaluated once (qrobust.scheduling); other ``--dist`` modes are left to xdist."""
+    session = config.stash.get(SESSION_KEY, None)
+    if session is None or config.getoption("dist") != "load":
+        return None
+    from qrobust.scheduling import UnitScheduling, evaluation_units
+
+    return UnitScheduling(config, log, evaluation_units(session))
+
+
 def _is_worker(config) -> bool:
     return hasattr(config, "workerinput")
 

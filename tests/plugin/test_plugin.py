@@ -349,4 +349,9 @@ def test_xdist_gives_the_same_verdicts_and_report_as_serial(gate):
     b = json.loads((gate.path / "parallel" / "report.json").read_text())
     strip = lambda cases: [{k: v for k, v in c.items() if k != "details"} for c in cases]  # noqa: E731
     assert strip(a["cases"]) == strip(b["cases"])
+    # whole evaluation units per worker (qrobust.scheduling): no case is evaluated twice
+    assert a["forward_passes"]["perturbed_batches"] == b["forward_passes"]["perturbed_batches"]
+    models = lambda report: {k: v for k, v in report["forward_passes"]["forward_passes"].items() if k != "probe"}  # noqa: E731
+    assert models(a) == models(b)  # each worker probes the pairs it builds; the evaluation passes are the same
+    assert len(b["forward_passes"]["pair_loads_per_process"]) == 2  # both workers had work
     assert all(count == 1 for loads in b["forward_passes"]["pair_loads_per_process"] for count in loads.values())

@@ -1,0 +1,31 @@
+"""Evaluation units for pytest-xdist: ids map to units, and whole units travel to one worker."""
+import pytest
+
+pytest.importorskip("xdist")
+
+from qrobust.scheduling import bracket_id, evaluation_units  # noqa: E402
+
+
+def test_bracket_ids():
+    assert bracket_id("suites/test_a.py::test_top1_delta[lenet5-digits-int8-x86-awgn-0.1]") == \
+        "lenet5-digits-int8-x86-awgn-0.1"
+    assert bracket_id("test_a.py::TestX::test_y[a-b]") == "a-b"
+    assert bracket_id("test_a.py::test_plain") is None and bracket_id("test_a[x].py::test_y") is None
+
+
+def test_units_join_the_pairs_of_one_fp32_model_on_one_level(tmp_path):
+    from qrobust.cli import BUILTIN_THRESHOLDS
+    from qrobust.session import Options, QrobustSession
+
+    session = QrobustSession(Options(thresholds=str(BUILTIN_THRESHOLDS)))
+    units = evaluation_units(session)
+    # LeNet twins share the FP32 forward: one unit per perturbed level for all of them
+    assert units["lenet5-digits-int8-x86-awgn-0.1"] == units["lenet5-digits-w8a8-awgn-0.1"]
+    assert units["lenet5-digits-int8-x86-awgn-0.1"] != units["lenet5-digits-int8-x86-awgn-0.2"]
+    # level 0 of every perturbation is one clean pass, the bit sweep's clean cases too
+    assert units["lenet5-digits-int8-x86-awgn-0"] == units["lenet5-digits-int8-x86-jpeg-0"] == \
+        units["lenet5-digits-asym4-awgn-0"]
+    assert units["efficientnet-lite0-int8-tuned-awgn-0.1"] == units["efficientnet-lite0-int8-x86-awgn-0.1"]
+    assert units["efficientnet-lite0-int8-tuned-awgn-0.1"] != units["lenet5-digits-int8-x86-awgn-0.1"]
+    # latency and explanations run where the pair's clean unit runs
+    assert units["lenet5-digits-int8-x86"] == units["lenet5-digits-int8-x86-awgn-0"]
