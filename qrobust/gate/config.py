@@ -23,7 +23,7 @@ Schema (every section optional; a file must gate something)::
       my-pair: {}
       other-pair:
         tolerances: {...}
-        perturbations: {awgn: {tolerances: {...}, at: {...}}}   # only: restrict to these perturbations
+        perturbations: {awgn: {levels: [0, 0.1], tolerances: {...}, at: {...}}}   # only these (levels: a subset)
         metrics: [agreement, kl_mean]                           # only: check just these metrics
         xfail: "why this configuration is known to fail"        # strict expected failure
     cam: {method: auto}          # auto: eigencam for real int8 twins, gradcampp for fake-quant ones
@@ -76,7 +76,7 @@ class GateEntry:
     """A gated pair's overrides; ``perturbations`` None means the whole sweep."""
 
     tolerances: Mapping[str, float] = field(default_factory=dict)
-    perturbations: Mapping[str, SweepEntry] | None = None  # levels unused: only tolerances / at
+    perturbations: Mapping[str, SweepEntry] | None = None  # only these, at these levels (a subset of the sweep's)
     metrics: tuple[str, ...] | None = None
     xfail: str | None = None
 
@@ -355,9 +355,15 @@ def _gate(v: _Validator, raw: dict, sweep: dict[str, SweepEntry]) -> dict[str, G
                 if name not in sweep:
                     v.fail(pkey, f"not in the perturbations sweep ({', '.join(sweep)})")
                 pspec = v.mapping(pspec, pkey)
-                v.keys(pspec, pkey, ("tolerances", "at"))
-                only[name] = SweepEntry(sweep[name].levels, _frozen(v.tolerances(pspec.get("tolerances"), f"{pkey}.tolerances")),
-                                        _frozen(v.at(pspec.get("at"), f"{pkey}.at", sweep[name].levels)))
+                v.keys(pspec, pkey, ("levels", "tolerances", "at"))
+                levels = sweep[name].levels
+                if "levels" in pspec:  # a subset of the sweep's levels for this pair
+                    levels = v.levels(pspec["levels"], f"{pkey}.levels", v.perturbation(name, pkey))
+                    extra = [lv for lv in levels if lv not in sweep[name].levels]
+                    if extra:
+                        v.fail(f"{pkey}.levels", f"{extra} not in the sweep's levels {list(sweep[name].levels)}")
+                only[name] = SweepEntry(levels, _frozen(v.tolerances(pspec.get("tolerances"), f"{pkey}.tolerances")),
+                                        _frozen(v.at(pspec.get("at"), f"{pkey}.at", levels)))
             if not only:
                 v.fail(f"{key}.perturbations", "is empty: name the perturbations to keep, or leave the key out")
         gate[pair] = GateEntry(_frozen(v.tolerances(spec.get("tolerances"), f"{key}.tolerances")),

@@ -39,7 +39,7 @@ def gate_cases(thresholds: Thresholds) -> list[CaseSpec]:
             if entry.perturbations is not None and name not in entry.perturbations:
                 continue
             own = entry.perturbations.get(name) if entry.perturbations is not None else None
-            for level in sweep.levels:
+            for level in own.levels if own else sweep.levels:
                 tolerances = {**thresholds.defaults, **sweep.tolerances, **sweep.at.get(level, {}),
                               **entry.tolerances, **(own.tolerances if own else {}),
                               **(own.at.get(level, {}) if own else {})}

@@ -110,6 +110,13 @@ def test_a_multi_metric_check_records_each_verdict(gate):
     assert verdicts == {"top1_delta": "pass", "kl_mean": "fail"}  # 3 bits: accuracy holds, confidence does not
 
 
+def test_a_pair_can_take_a_subset_of_the_sweep_levels(gate):
+    extra_pair = "  lenet5-digits-w8a8: {perturbations: {awgn: {levels: [0.1]}}}\n"
+    gate.makefile(".yaml", thresholds=thresholds() + extra_pair)
+    ids = [line for line in gate.runpytest("--collect-only", "-q").stdout.lines if "w8a8" in line]
+    assert len(ids) == 3 and all(line.endswith("[lenet5-digits-w8a8-awgn-0.1]") for line in ids)
+
+
 def test_metrics_restriction_generates_only_those_checks(gate):
     extra_pair = "  lenet5-digits-w8a8: {metrics: [kl_mean]}\n"
     gate.makefile(".yaml", thresholds=thresholds() + extra_pair)
@@ -170,6 +177,8 @@ MALFORMED = [
     ("gate: {lenet5-digits-int8-x86: {metrics: [kl_men]}}\n", "gate.lenet5-digits-int8-x86.metrics[0]: not a per-case metric: 'kl_men'; did you mean 'kl_mean'?"),
     ("gate: {lenet5-digits-int8-x86: {metrics: []}}\n", "gate.lenet5-digits-int8-x86.metrics: expected a non-empty list"),
     ("gate: {lenet5-digits-int8-x86: {tolerances: {kl_mean: '1e-2'}}}\n", "gate.lenet5-digits-int8-x86.tolerances.kl_mean: expected a number, got the string"),
+    ("perturbations: {awgn: {levels: [0, 0.1]}}\ngate: {lenet5-digits-int8-x86: {perturbations: {awgn: {levels: [0, 0.3]}}}}\n",
+     "gate.lenet5-digits-int8-x86.perturbations.awgn.levels: [0.3] not in the sweep's levels [0.0, 0.1]"),
     ("batch_size: 0\n", "batch_size: must be >= 1, got 0"),
     ("batch_size: 2.5\n", "batch_size: expected a whole number, got 2.5"),
     ("max_samples: many\n", "max_samples: expected a number, got the string 'many'"),
