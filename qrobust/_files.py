@@ -109,3 +109,10 @@ def remove_stale(directory: str | Path) -> list[Path]:
         except OSError:
             pass
     return removed
+
+
+def append_text(path: Path, text: str) -> None:
+    """Append to a file others write too (a CI step summary), in one write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(text)

@@ -80,7 +80,8 @@ class OptionSpec:
     @property
     def metavar(self) -> str:
         return {"thresholds": "PATH", "pairs": "A,B", "device": "DEV", "seed": "N", "report": "DIR",
-                "decision": "MODE", "max-samples": "N", "save-baseline": "PATH", "baseline": "PATH"}[self.name]
+                "decision": "MODE", "max-samples": "N", "save-baseline": "PATH", "baseline": "PATH",
+                "markdown": "PATH"}[self.name]
 
 
 OPTIONS = (
@@ -97,6 +98,8 @@ OPTIONS = (
     OptionSpec("save-baseline", "save every case's values to this JSON file after the run", parse_path, is_path=True),
     OptionSpec("baseline", "compare every case with this saved baseline; a regression beyond its margin fails",
                parse_path, is_path=True),
+    OptionSpec("markdown", "write a Markdown summary (for a PR comment) to this file; $GITHUB_STEP_SUMMARY gets it "
+                           "too when set", parse_path, is_path=True),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
 FLAGS = {

@@ -256,21 +256,35 @@ class _Collector:
         self.gate_reports = 0
         self.worker_outputs: list[dict] = []
 
+    @pytest.hookimpl(tryfirst=True)  # before junitxml reads the properties (it does, from the teardown report)
     def pytest_runtest_logreport(self, report):
-        if report.when != "call":
-            return
-        if "qrobust" in report.keywords:
+        if report.when == "call" and "qrobust" in report.keywords:
             self.gate_reports += 1
+        kept = []
         for name, value in report.user_properties:
             if name != CASE_PROPERTY:
+                kept.append((name, value))
                 continue
             record = json.loads(value)
-            if getattr(report, "wasxfail", None) is not None and report.skipped:
-                record["verdict"] = "xfail"
-            elif report.failed and "XPASS(strict)" in str(report.longrepr):  # a strict xfail that passed
-                record["verdict"] = "fail"
-                record["note"] = "XPASS(strict): a known-bad configuration was not caught"
-            self.records.append(record)
+            if report.when == "call":
+                if getattr(report, "wasxfail", None) is not None and report.skipped:
+                    record["verdict"] = "xfail"
+                elif report.failed and "XPASS(strict)" in str(report.longrepr):  # a strict xfail that passed
+                    record["verdict"] = "fail"
+                    record["note"] = "XPASS(strict): a known-bad configuration was not caught"
+                self.records.append(record)
+            kept += junit_properties(record)
+        report.user_properties = kept  # JUnit gets flat properties, not the transport's JSON blob
+
+
+def junit_properties(record: dict) -> list[tuple[str, object]]:
+    """One flat property per field of a check, for CI systems that show JUnit properties (prefixed with
+    the metric when one test checks several)."""
+    interval = record["interval"] or [None, None]
+    fields = {"metric": record["metric"], "value": record["value"], "tolerance": record["tolerance"],
+              "direction": record["direction"], "verdict": record["verdict"], "interval_low": interval[0],
+              "interval_high": interval[1], "n": record["n"], "fragile": record.get("fragile", False)}
+    return [(f"qrobust_{name}", "" if value is None else value) for name, value in fields.items()]
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node, error):
@@ -279,6 +293,7 @@ class _Collector:
             self.worker_outputs.append(json.loads(output))
 
 
+@pytest.hookimpl(tryfirst=True)  # before junitxml writes its file
 def pytest_sessionfinish(session, exitstatus):
     config = session.config
     qsession = config.stash.get(SESSION_KEY, None)
@@ -297,7 +312,9 @@ def pytest_sessionfinish(session, exitstatus):
     outputs = [qsession.worker_output()] + collector.worker_outputs
     judged = [r for r in collector.records if r["verdict"] not in ("xfail", "measured")]
     try:
-        qsession.finish(collector.records, outputs, option(config, "report"), verbose=config.option.verbose > 0)
+        qsession.finish(collector.records, outputs, option(config, "report"), verbose=config.option.verbose > 0,
+                        markdown=_markdown_paths(config), command=["pytest", *map(str, config.invocation_params.args)])
+        _suite_properties(config, qsession)
     except Exception as exc:  # noqa: BLE001 - a report that cannot be written must fail the run, visibly
         from qrobust.errors import show
 
@@ -308,6 +325,29 @@ def pytest_sessionfinish(session, exitstatus):
                                  "(all skipped?): a gate that checks nothing does not pass")
     if qsession.problems and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _markdown_paths(config) -> list[str]:
+    """Where the Markdown summary goes: --qrobust-markdown, and $GITHUB_STEP_SUMMARY when set (appended)."""
+    paths = [p for p in (option(config, "markdown"),) if p]
+    if os.environ.get("GITHUB_STEP_SUMMARY"):
+        paths.append(os.environ["GITHUB_STEP_SUMMARY"])
+    return paths
+
+
+def _suite_properties(config, qsession) -> None:
+    """JUnit testsuite properties, written by the controller (so they are there under -n too)."""
+    from _pytest.junitxml import xml_key
+
+    xml = config.stash.get(xml_key, None)
+    if xml is None or qsession.report is None:
+        return
+    env = qsession.report["environment"]
+    for name in ("run_id", "qrobust_version"):
+        xml.add_global_property(f"qrobust_{name}", qsession.report[name])
+    for name in ("torch", "cpu_capability", "seed", "decision", "thresholds_sha256"):
+        xml.add_global_property(f"qrobust_{name}", env[name])
+    xml.add_global_property("qrobust_report", str(qsession.report_paths[1]))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

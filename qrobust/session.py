@@ -15,7 +15,8 @@ from qrobust.gate.baseline import (
 )
 from qrobust.gate.config import Thresholds, load_thresholds
 from qrobust.gate.plan import GatePlan, make_plan
-from qrobust.gate.report import build_report, environment, worst_cases, write_report
+from qrobust._files import append_text
+from qrobust.gate.report import build_report, environment, render_markdown, worst_cases, write_report
 from qrobust.metrics.catalog import CAM_METRICS
 
 
@@ -66,6 +67,8 @@ class QrobustSession:
         self.announce: Callable[[str], None] | None = None  # a line per long phase (the plugin sets it)
         self.problems: list[str] = []
         self.summary_lines: list[str] | None = None
+        self.report: dict | None = None
+        self.report_paths: tuple[Path, Path] | None = None
 
     def _bits_of(self, name: str) -> int | None:
         from qrobust.models import pair_entry
@@ -248,7 +251,8 @@ class QrobustSession:
                     for r, o in best]
         return out
 
-    def finish(self, records: list[dict], outputs: list[dict], report_dir: str, *, verbose: bool = False) -> None:
+    def finish(self, records: list[dict], outputs: list[dict], report_dir: str, *, verbose: bool = False,
+               markdown: list[str] = (), command: list[str] | None = None) -> None:
         """Merge every process's output, write the report set (and baseline), prepare the summary lines."""
         from qrobust.gate.engine import forwards_per_batch
 
@@ -268,7 +272,8 @@ class QrobustSession:
         forward_info = {"forward_passes": dict(forwards), "perturbed_batches": dict(batches),
                         "forwards_per_perturbed_batch": per_batch, "pair_loads_per_process": loads}
         run_id = uuid.uuid4().hex[:12]
-        report = build_report(records, env, forward_info, run_id)
+        report = build_report(records, env, forward_info, run_id, command)
+        self.report = report
         baseline = None
         if self.options.save_baseline:
             path = Path(self.options.save_baseline)
@@ -276,6 +281,9 @@ class QrobustSession:
                 raise ConfigError(f"{path}: baseline exists; pass --qrobust-overwrite-baseline to replace it")
             baseline = (path, json.dumps(baseline_document(report), indent=1, sort_keys=True))
         json_path, html_path = write_report(report_dir, report, overlays, baseline)
+        self.report_paths = (json_path, html_path)
+        for path in markdown:
+            append_text(Path(path), render_markdown(report, html_path))
         for reason in broken.values():
             self.problems.append(reason)
         self.summary_lines = summary_lines(report, per_batch, verbose=verbose)

@@ -10,17 +10,24 @@ from __future__ import annotations
 import html
 import json
 import platform
+import subprocess
+import sys
 from collections import defaultdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 from qrobust._files import remove_stale, write_set
 
 VERDICTS = ("pass", "fail", "inconclusive", "xfail", "measured")  # measured: reported, no tolerance set
+SCHEMA_ID = "urn:qrobust:report:1"
+SCHEMA_VERSION = 1
 
 REPORT_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
-    "required": ["run_id", "environment", "cases", "forward_passes", "summary"],
+    "$id": SCHEMA_ID,
+    "required": ["schema_version", "qrobust_version", "run_id", "timestamp", "command", "environment", "cases",
+                 "forward_passes", "summary"],
     "properties": {
         "environment": {
             "type": "object",
@@ -67,10 +74,64 @@ def summarize(cases: list[dict]) -> dict:
     return {"total": len(cases), **counts, "fragile": sum(bool(c.get("fragile")) for c in cases)}
 
 
-def build_report(cases: list[dict], env: dict, forward_passes: dict, run_id: str) -> dict:
+def build_report(cases: list[dict], env: dict, forward_passes: dict, run_id: str,
+                 command: list[str] | None = None) -> dict:
+    import qrobust
+
     cases = sorted(cases, key=lambda c: (c["pair"], c["perturbation"], c["level"], c["metric"], c["test"]))
-    return {"run_id": run_id, "environment": env, "summary": summarize(cases), "cases": cases,
-            "forward_passes": forward_passes}
+    return {"$schema": SCHEMA_ID, "schema_version": SCHEMA_VERSION, "qrobust_version": qrobust.__version__,
+            "run_id": run_id, "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": command or [Path(sys.argv[0]).name, *sys.argv[1:]], "git_commit": _git_commit(),
+            "environment": env, "summary": summarize(cases), "cases": cases, "forward_passes": forward_passes}
+
+
+def _git_commit() -> str | None:
+    """The commit of the working directory's repository, when there is one (provenance of the run)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def render_markdown(report: dict, html_path: Path | None = None) -> str:
+    """A PR-ready page: the verdict, each failure with its reason, the worst case per pair and metric,
+    fragile verdicts, and where the full report is."""
+    s = report["summary"]
+    failed = [c for c in report["cases"] if c["verdict"] in ("fail", "inconclusive")]
+    fragile = [c for c in report["cases"] if c.get("fragile") and c["verdict"] == "pass"]
+    lines = [f"## qrobust gate: {'FAILED' if failed else 'PASSED'}", "",
+             f"{s['total']} checks: {s['pass']} pass, {s['fail']} fail, {s['inconclusive']} inconclusive, "
+             f"{s['xfail']} expected failures caught, {s['fragile']} fragile "
+             f"(decision {report['environment']['decision']}, seed {report['environment']['seed']}, run {report['run_id']})", ""]
+    if failed:
+        lines += ["### Failures", "", "| check | value | tolerance | 95% interval | n | cause |", "|---|---|---|---|---|---|"]
+        lines += [_markdown_row(c) for c in failed[:50]]
+        if len(failed) > 50:
+            lines.append(f"| ... {len(failed) - 50} more in the HTML report | | | | | |")
+        lines.append("")
+    lines += ["### Worst case per pair and metric", "", "| pair | metric | worst | tolerance | at | verdict |",
+              "|---|---|---|---|---|---|"]
+    for (pair, metric), c in worst_cases(report["cases"]).items():
+        lines.append(f"| {_md(pair)} | {metric} | {_fmt(c['value'])} | {c['direction']} {_fmt(c['tolerance'])} | "
+                     f"{_md(c['perturbation'])} @ {c['level']:g} | {c['verdict']}{' (fragile)' if c.get('fragile') else ''} |")
+    if fragile:
+        lines += ["", f"{len(fragile)} passing verdicts are fragile (at most 2 samples or 0.1 interval widths from "
+                      "reversing): read them with their intervals."]
+    if html_path is not None:
+        lines += ["", f"Full report: `{html_path}`"]
+    return "\n".join(lines) + "\n"
+
+
+def _md(text: str) -> str:
+    return html.escape(str(text)).replace("|", "\\|")
+
+
+def _markdown_row(c: dict) -> str:
+    interval = "—" if c["interval"] is None else f"[{c['interval'][0]:.4g}, {c['interval'][1]:.4g}]"
+    cause = c.get("failed_by") or c["verdict"]
+    return (f"| {_md(c['pair'])} / {_md(c['perturbation'])} @ {c['level']:g} {c['metric']} | {_fmt(c['value'])} | "
+            f"{c['direction']} {_fmt(c['tolerance'])} | {interval} | {c['n']} | {cause} |")
 
 
 def worst_cases(cases: list[dict]) -> dict[tuple[str, str], dict]:
