@@ -7,6 +7,9 @@ plugin (which loads with every pytest run) stays light:
 
 Modules of earlier releases (``qrobust.pairs``, ``qrobust.quantize``, ...) still import, with a
 DeprecationWarning, until the next release (see ``qrobust._compat``).
+
+PYTEST_DONT_REWRITE: no assertions to rewrite here, and ``qrobust run`` imports this package before
+pytest starts.
 """
 from __future__ import annotations
 

@@ -120,6 +120,8 @@ class QrobustCheck:
             return f"{metric}: pair {case.pair!r} has no CAM target layer (set target_layer to gate CAM metrics)"
         if METRICS[metric].family == "saliency_gt":
             return f"{metric} needs ground-truth saliency maps; dataset {pair.dataset!r} has none"
+        if metric == "top5_delta" and pair.num_classes <= 5:
+            return f"top5_delta: pair {case.pair!r} has {pair.num_classes} classes, so every label is in its top 5"
         return f"{metric} was not computed for {case.id}"
 
     def _pair(self, name: str):

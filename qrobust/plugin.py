@@ -104,7 +104,7 @@ def pytest_configure(config):
     except (ConfigError, InvalidArgument) as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SESSION_KEY] = session
-    config.pluginmanager.register(_Collector(), COLLECTOR)
+    config.pluginmanager.register(_Collector(worker), COLLECTOR)
     if worker:  # share the cores between xdist workers instead of oversubscribing
         import torch
 
@@ -195,7 +195,7 @@ def pytest_generate_tests(metafunc):
         plan = _session(metafunc.config).plan
         if kind in ("latency", "explanations"):
             pairs = plan.latency_pairs if kind == "latency" else plan.explanation_pairs
-            metafunc.parametrize(fixture, pairs, ids=str)
+            metafunc.parametrize(fixture, list(pairs) or [_nothing_gated(metafunc, kind)], ids=str)
             continue
         cases = plan.cases if kind == "gate" else plan.bitwidth_cases
         declared = metafunc.definition.get_closest_marker("qrobust_metrics")
@@ -203,7 +203,16 @@ def pytest_generate_tests(metafunc):
             cases = [c for c in cases if set(declared.args) & set(c.tolerances)]
         params = [pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=c.xfail)] if c.xfail else [])
                   for c in cases]
-        metafunc.parametrize(fixture, params)
+        metafunc.parametrize(fixture, params or [_nothing_gated(metafunc, kind)])
+
+
+def _nothing_gated(metafunc, kind: str):
+    """One skipped parameter saying why a suite has nothing to check (not pytest's 'empty parameter set')."""
+    declared = metafunc.definition.get_closest_marker("qrobust_metrics")
+    what = f"the {kind} section" if kind in ("bitwidth", "latency", "explanations") else (
+        f"metric {', '.join(declared.args)}" if declared else "this test")
+    reason = f"the thresholds file gates no pair for {what}"
+    return pytest.param(None, id="nothing-gated", marks=pytest.mark.skip(reason=reason))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -251,13 +260,16 @@ def qrobust_evaluator(qrobust):
 class _Collector:
     """Controller-side plugin: gathers checks from test reports (local or from xdist workers)."""
 
-    def __init__(self):
+    def __init__(self, worker: bool = False):
+        self.worker = worker  # a worker's reports travel to the controller untouched
         self.records: list[dict] = []
         self.gate_reports = 0
         self.worker_outputs: list[dict] = []
 
     @pytest.hookimpl(tryfirst=True)  # before junitxml reads the properties (it does, from the teardown report)
     def pytest_runtest_logreport(self, report):
+        if self.worker:
+            return
         if report.when == "call" and "qrobust" in report.keywords:
             self.gate_reports += 1
         kept = []
@@ -276,21 +288,21 @@ class _Collector:
             kept += junit_properties(record)
         report.user_properties = kept  # JUnit gets flat properties, not the transport's JSON blob
 
-
-def junit_properties(record: dict) -> list[tuple[str, object]]:
-    """One flat property per field of a check, for CI systems that show JUnit properties (prefixed with
-    the metric when one test checks several)."""
-    interval = record["interval"] or [None, None]
-    fields = {"metric": record["metric"], "value": record["value"], "tolerance": record["tolerance"],
-              "direction": record["direction"], "verdict": record["verdict"], "interval_low": interval[0],
-              "interval_high": interval[1], "n": record["n"], "fragile": record.get("fragile", False)}
-    return [(f"qrobust_{name}", "" if value is None else value) for name, value in fields.items()]
-
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node, error):
         output = getattr(node, "workeroutput", {}).get("qrobust")
         if output:
             self.worker_outputs.append(json.loads(output))
+
+
+def junit_properties(record: dict) -> list[tuple[str, object]]:
+    """One flat property per field of a check, for CI systems that show JUnit properties (the set repeats
+    when one test checks several metrics)."""
+    interval = record["interval"] or [None, None]
+    fields = {"metric": record["metric"], "value": record["value"], "tolerance": record["tolerance"],
+              "direction": record["direction"], "verdict": record["verdict"], "interval_low": interval[0],
+              "interval_high": interval[1], "n": record["n"], "fragile": record.get("fragile", False)}
+    return [(f"qrobust_{name}", "" if value is None else value) for name, value in fields.items()]
 
 
 @pytest.hookimpl(tryfirst=True)  # before junitxml writes its file

@@ -6,7 +6,7 @@ here, in the dataclasses below, and in the metric catalogue (default tolerances)
 
 Schema (every section optional; a file must gate something)::
 
-    decision: point             # point | strict | lenient (default strict)
+    decision: point             # point (default) | strict | lenient
     seed: 0
     batch_size: 64
     max_samples: null           # a quick profile caps every dataset (seeded subsample)
@@ -134,7 +134,7 @@ class BaselineMargin:
 class Thresholds:
     path: str
     sha256: str
-    decision: str = "strict"
+    decision: str = "point"
     seed: int = 0
     batch_size: int = 64
     max_samples: int | None = None
@@ -479,7 +479,7 @@ def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Th
     defaults = raw.get("defaults")
     thresholds = Thresholds(
         path=str(path), sha256=hashlib.sha256(raw_bytes).hexdigest(),
-        decision=v.choice(raw.get("decision", "strict"), "decision", MODES),
+        decision=v.choice(raw.get("decision", "point"), "decision", MODES),
         seed=v.whole(raw.get("seed", 0), "seed"),
         batch_size=v.whole(raw.get("batch_size", 64), "batch_size", minimum=1),
         max_samples=None if raw.get("max_samples") is None else v.whole(raw["max_samples"], "max_samples", 1),

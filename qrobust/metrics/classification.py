@@ -155,7 +155,7 @@ class PairMetrics:
         self._require_samples()
         n, c = self.n, self.counts
         out: dict[str, Estimate] = {}
-        for k in (1, 5):
+        for k in (1, 5) if self.k > 5 else (1,):  # with <= 5 classes every label is in the top 5
             d = self.accuracy_delta(k)
             out[f"top{k}_delta"] = Estimate(d.delta, d.interval, n, {"b": d.b, "c": d.c, "mcnemar_p": d.p_value,
                                                                      "fp32_right": c[f"fp_top{k}"]})

@@ -7,12 +7,13 @@ see qrobust.models.checkpoints), a quantization ``preset`` calibrated on a ``cal
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 
 from qrobust._files import sha256_file
-from qrobust.errors import InvalidArgument, invalid, show
+from qrobust.errors import InvalidArgument, QrobustWarning, invalid, show
 from qrobust.models.checkpoints import tensor_fingerprint
 from qrobust.models.pair import ModelPair, Preprocess
 from qrobust.registry import import_object
@@ -79,7 +80,11 @@ def build_pair(name: str, spec: dict, base: Path, datasets: dict, fp32_cache: di
     if quantized is None:
         config = PRESETS.get(spec["preset"])
         cal = spec["calibration"]
-        data = datasets[cal["dataset"]].subset(int(cal.get("samples", 128)), 0)
+        wanted = int(cal.get("samples", 128))
+        data = datasets[cal["dataset"]].subset(wanted, 0)
+        if len(data) < wanted:
+            warnings.warn(f"pairs.{name}.calibration: asked for {wanted} samples, dataset {show(cal['dataset'])} has "
+                          f"{len(data)}: calibrating on all of them", QrobustWarning, stacklevel=2)
         calibration = {"dataset": cal["dataset"], "samples": len(data)}
         quantized = quantize_model(fp32, config, (preprocess.normalize(b.images) for b in data.batches(32)))
     else:

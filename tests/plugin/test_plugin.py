@@ -74,7 +74,8 @@ def test_clean_gate_passes_and_writes_a_schema_valid_report(gate):
     assert report["environment"]["weights"]["lenet5-digits-int8-x86"] and report["environment"]["thresholds_sha256"]
     assert set(report["forward_passes"]["forwards_per_perturbed_batch"].values()) == {1.0}
     assert "<svg" in (gate.path / "qrobust-report" / "report.html").read_text()
-    assert "qrobust_case" in (gate.path / "junit.xml").read_text()
+    junit = (gate.path / "junit.xml").read_text()
+    assert 'name="qrobust_metric" value="top1_delta"' in junit and "qrobust_case" not in junit
     ids = [line for line in gate.runpytest("--collect-only", "-q").stdout.lines if "::" in line]
     assert "test_gate.py::test_top1_delta[lenet5-digits-int8-x86-awgn-0.1]" in ids
 
