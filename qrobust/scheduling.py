@@ -42,12 +42,40 @@ def evaluation_units(session) -> dict[str, str]:
 
 
 class UnitScheduling(LoadScopeScheduling):
-    """Whole evaluation units to workers, one unit at a time as workers run low."""
+    """Whole evaluation units to workers, one unit at a time as workers run low, with group affinity: a
+    worker takes units of the model groups it has already built, and a fresh worker starts on a group no
+    other worker has, so models are built by as few workers as the work allows."""
 
     def __init__(self, config, log=None, units: dict[str, str] | None = None):
         super().__init__(config, log)
         self.units = units or {}
         self._scopes: dict[str, str] = {}
+        self._groups: dict[object, set[str]] = {}  # worker -> model groups it holds
+        self._index: dict[object, dict[str, int]] = {}  # worker -> nodeid -> collection index
+
+    @staticmethod
+    def _group(scope: str) -> str:
+        return scope.removeprefix("qrobust:").rsplit("|", 1)[0] if scope.startswith("qrobust:") else scope
+
+    def _pick(self, node) -> str:
+        """The next scope for ``node``: its own groups first, then a group nobody holds, then the first."""
+        held = self._groups.get(node, set())
+        taken = set().union(*(g for n, g in self._groups.items() if n is not node)) if self._groups else set()
+        for wanted in (lambda g: g in held, lambda g: g not in taken):
+            for scope in self.workqueue:
+                if wanted(self._group(scope)):
+                    return scope
+        return next(iter(self.workqueue))
+
+    def _assign_work_unit(self, node) -> None:
+        scope = self._pick(node)
+        work_unit = self.workqueue.pop(scope)
+        self._groups.setdefault(node, set()).add(self._group(scope))
+        self.assigned_work.setdefault(node, {})[scope] = work_unit
+        index = self._index.get(node)
+        if index is None:  # xdist uses list.index per test: quadratic in the collection's size
+            index = self._index[node] = {n: i for i, n in enumerate(self.registered_collections[node])}
+        node.send_runtest_some([index[n] for n, done in work_unit.items() if not done])
 
     def _split_scope(self, nodeid: str) -> str:
         scope = self._scopes.get(nodeid)
@@ -74,6 +102,8 @@ class UnitScheduling(LoadScopeScheduling):
         # xdist queues a crashed worker's finished units again (an empty assignment: a hang) and the
         # crashed test with them (it crashes the next worker too); requeue only unfinished work
         workload = self.assigned_work.pop(node)
+        self._groups.pop(node, None)
+        self._index.pop(node, None)
         crashed = next((n for unit in workload.values() for n, done in unit.items() if not done), None)
         if crashed is None:
             return None

@@ -29,3 +29,25 @@ def test_units_join_the_pairs_of_one_fp32_model_on_one_level(tmp_path):
     assert units["efficientnet-lite0-int8-tuned-awgn-0.1"] != units["lenet5-digits-int8-x86-awgn-0.1"]
     # latency and explanations run where the pair's clean unit runs
     assert units["lenet5-digits-int8-x86"] == units["lenet5-digits-int8-x86-awgn-0"]
+
+
+def test_workers_keep_to_the_model_groups_they_built():
+    from collections import OrderedDict
+
+    from qrobust.scheduling import UnitScheduling
+
+    sched = UnitScheduling.__new__(UnitScheduling)  # the choice alone; xdist's bookkeeping is not needed
+    sched.workqueue = OrderedDict((f"qrobust:{g}|{lv}", {}) for g, lv in
+                                  [("lite0", "clean"), ("lite0", "awgn@0.1"), ("lenet", "clean"), ("lenet", "awgn@0.1")])
+    sched._groups = {}
+    a, b = object(), object()
+    first = sched._pick(a)
+    sched._groups[a] = {sched._group(first)}
+    sched.workqueue.pop(first)
+    second = sched._pick(b)  # a fresh worker starts on a group nobody holds
+    assert (sched._group(first), sched._group(second)) == ("lite0", "lenet")
+    sched._groups[b] = {"lenet"}
+    sched.workqueue.pop(second)
+    assert sched._group(sched._pick(a)) == "lite0" and sched._group(sched._pick(b)) == "lenet"
+    sched.workqueue.pop("qrobust:lenet|awgn@0.1")
+    assert sched._pick(b) == "qrobust:lite0|awgn@0.1"  # nothing of its own left: it takes what remains
