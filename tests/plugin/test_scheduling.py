@@ -25,7 +25,7 @@ def test_units_join_the_pairs_of_one_fp32_model_on_one_level(tmp_path):
     # level 0 of every perturbation is one clean pass, the bit sweep's clean cases too
     assert units["lenet5-digits-int8-x86-awgn-0"] == units["lenet5-digits-int8-x86-jpeg-0"] == \
         units["lenet5-digits-asym4-awgn-0"]
-    assert units["efficientnet-lite0-int8-tuned-awgn-0.1"] == units["efficientnet-lite0-int8-x86-awgn-0.1"]
+    assert units["efficientnet-lite0-int8-tuned-awgn-0.05"] == units["efficientnet-lite0-int8-x86-awgn-0.05"]
     assert units["efficientnet-lite0-int8-tuned-awgn-0.1"] != units["lenet5-digits-int8-x86-awgn-0.1"]
     # latency and explanations run where the pair's clean unit runs
     assert units["lenet5-digits-int8-x86"] == units["lenet5-digits-int8-x86-awgn-0"]
