@@ -124,6 +124,7 @@ def test_state_dict_wrappers_and_missing_files(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", list(TORCHVISION_ARCHS))
 def test_every_seed_architecture_builds_quantizes_and_explains(arch):
     model = build_arch(arch, num_classes=70, weights="random")

@@ -26,13 +26,11 @@ def junit(path):
     return cases, props
 
 
-@pytest.mark.parametrize("workers", [[], ["-n", "2"]])
-def test_junit_has_flat_properties_and_suite_properties(pytester, workers):
-    if workers:
-        pytest.importorskip("xdist")
+def test_junit_has_flat_properties_and_suite_properties(pytester):
+    """(Under -n too: tests/plugin/test_plugin.py's xdist test reads the same properties.)"""
     pytester.makefile(".yaml", thresholds=thresholds(pair="lenet5-digits-asym2"))
     pytester.makepyfile(test_gate=SUITE)
-    pytester.runpytest_subprocess("-p", "no:cacheprovider", "--junitxml=junit.xml", *workers)
+    pytester.runpytest("-p", "no:cacheprovider", "--junitxml=junit.xml")
     cases, props = junit(pytester.path / "junit.xml")
     case = cases["test_top1_delta[lenet5-digits-asym2-awgn-0.1]"]
     assert case["qrobust_metric"] == "top1_delta" and case["qrobust_direction"] == "<="

@@ -348,13 +348,19 @@ def test_explanations_gate_runs_deletion_and_insertion(gate):
     assert {c["metric"] for c in cases} == {"deletion_auc_delta", "insertion_auc_delta"}
 
 
+@pytest.mark.slow
 def test_xdist_gives_the_same_verdicts_and_report_as_serial(gate):
     pytest.importorskip("xdist")
     gate.makefile(".yaml", thresholds=thresholds())
     serial = gate.runpytest_subprocess("--qrobust-report", "serial")
     serial.assert_outcomes(passed=12)
-    parallel = gate.runpytest_subprocess("-n", "2", "--qrobust-report", "parallel")
+    parallel = gate.runpytest_subprocess("-n", "2", "--qrobust-report", "parallel", "--junitxml=junit.xml")
     parallel.assert_outcomes(passed=12)
+    from test_outputs import junit  # JUnit properties survive -n: flat per check, suite ones from the controller
+
+    cases, props = junit(gate.path / "junit.xml")
+    assert cases["test_agreement[lenet5-digits-int8-x86-awgn-0.1]"]["qrobust_metric"] == "agreement"
+    assert props["qrobust_seed"] == "0"
     a = json.loads((gate.path / "serial" / "report.json").read_text())
     b = json.loads((gate.path / "parallel" / "report.json").read_text())
     strip = lambda cases: [{k: v for k, v in c.items() if k != "details"} for c in cases]  # noqa: E731
