@@ -15,9 +15,9 @@ from qrobust.gate.plan import CaseSpec
 from qrobust.gate.verdict import judge
 from qrobust.metrics.catalog import METRICS
 from qrobust.metrics.stats import Estimate
+from qrobust.plugin import CASE_PROPERTY, DIAGNOSIS_PROPERTY
 from qrobust.session import PairUnavailable, QrobustSession
 
-CASE_PROPERTY = "qrobust_case"
 
 
 class QrobustCheck:
@@ -53,7 +53,7 @@ class QrobustCheck:
             else:
                 missing.append(self._why_missing(case, metric))
         if failures:
-            pytest.fail("\n".join(failures), pytrace=False)
+            pytest.fail("\n".join(failures + self._diagnosis(case)), pytrace=False)
         if missing:
             pytest.skip("; ".join(missing))
 
@@ -113,6 +113,16 @@ class QrobustCheck:
             pytest.fail("\n".join(failures), pytrace=False)
 
     # ---- shared steps -----------------------------------------------------------------------------------
+    def _diagnosis(self, case: CaseSpec) -> list[str]:
+        """The failing case's worst layers (one line), also attached to its records for the report."""
+        try:
+            found = self._session.diagnose(case)
+        except Exception as exc:  # noqa: BLE001 - a diagnosis that cannot run must not hide the failure
+            return [f"(no per-layer diagnosis: {type(exc).__name__}: {exc})"[:300]]
+        self._node.user_properties.append((DIAGNOSIS_PROPERTY, json.dumps({"pair": case.pair, "perturbation":
+                                           case.perturbation, "level": case.level, **found})))
+        return [found["line"]] if found["line"] else []
+
     def _why_missing(self, case: CaseSpec, metric: str) -> str:
         """The one-line reason a metric of a case has no value (the check skips with it)."""
         pair = self._session.pair(case.pair)

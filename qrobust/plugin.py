@@ -21,7 +21,8 @@ import pytest
 from qrobust import _options as opts
 
 SESSION_KEY = pytest.StashKey["object"]()
-CASE_PROPERTY = "qrobust_case"
+CASE_PROPERTY = "qrobust_case"  # a check's record, on its test report (how records reach the controller)
+DIAGNOSIS_PROPERTY = "qrobust_diagnosis"  # a failing case's per-layer diagnosis
 COLLECTOR = "qrobust-collector"
 GATE_FIXTURES = {"qrobust_check", "qrobust_case", "qrobust_bitwidth_case", "qrobust_latency_pair",
                  "qrobust_explanation_pair"}
@@ -273,11 +274,17 @@ class _Collector:
         if report.when == "call" and "qrobust" in report.keywords:
             self.gate_reports += 1
         kept = []
+        diagnosis = next((json.loads(v) for n, v in report.user_properties if n == DIAGNOSIS_PROPERTY), None)
         for name, value in report.user_properties:
+            if name == DIAGNOSIS_PROPERTY:
+                kept.append(("qrobust_worst_layers", diagnosis["line"]))
+                continue
             if name != CASE_PROPERTY:
                 kept.append((name, value))
                 continue
             record = json.loads(value)
+            if diagnosis is not None and record["verdict"] in ("fail", "inconclusive"):
+                record["diagnosis"] = {k: diagnosis[k] for k in ("line", "layers", "samples")}
             if report.when == "call":
                 if getattr(report, "wasxfail", None) is not None and report.skipped:
                     record["verdict"] = "xfail"

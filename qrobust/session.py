@@ -62,6 +62,7 @@ class QrobustSession:
         self._evaluator = None
         self._datasets = None
         self._fp32_cache: dict = {}  # declared pairs on the same weights share one FP32 model
+        self._diagnoses: dict = {}  # (pair, perturbation, level) -> per-layer diagnosis of a failing case
         self._fingerprint_cache: tuple[tuple, dict] = ((None,), {})
         self.progress: Callable[[str, int, int], None] | None = None  # batch progress (the plugin sets it)
         self.announce: Callable[[str], None] | None = None  # a line per long phase (the plugin sets it)
@@ -174,6 +175,30 @@ class QrobustSession:
         except QrobustError as exc:
             self.broken.setdefault(case.pair, f"pair {case.pair} cannot be gated: {_one_line(exc)}")
             raise PairUnavailable(self.broken[case.pair]) from None
+
+    # ---- diagnosis of failing cases -------------------------------------------------------------------
+    def diagnose(self, case, *, candidates: int = 64, keep: int = 16) -> dict:
+        """Per-layer error of the twin on a failing case's most different samples (the largest KL among
+        its first ``candidates``); computed once per case. ``{"line": ..., "layers": [...], "samples": [...]}``."""
+        key = (case.pair, case.perturbation, case.level)
+        if key not in self._diagnoses:
+            import torch
+
+            from qrobust.metrics.classification import kl_per_sample
+            from qrobust.quant.diagnosis import describe, layer_errors
+
+            ev, pair = self.evaluator, self.pair(case.pair)
+            x, ids = ev.case_inputs(case.pair, case.perturbation, case.level, candidates)
+            x_fp, x_q = x.to(ev.device), x.to(ev.twin_device(pair))
+            with torch.inference_mode():
+                kl = kl_per_sample(pair.fp32(x_fp).cpu(), pair.quantized(x_q).cpu())
+            ev.forward_passes["diagnosis"] += 2
+            worst = kl.argsort(descending=True)[:keep]
+            rows = layer_errors(pair.fp32, pair.quantized, x_fp[worst.to(x_fp.device)], x_q[worst.to(x_q.device)])
+            ev.forward_passes["diagnosis"] += 2
+            self._diagnoses[key] = {"line": describe(rows), "layers": [r.as_dict() for r in rows],
+                                    "samples": ids[worst].tolist()}
+        return self._diagnoses[key]
 
     # ---- baselines -------------------------------------------------------------------------------------
     def baseline_value(self, pair: str, perturbation: str, level: float, metric: str) -> float | None:

@@ -1,6 +1,8 @@
 """Tiny models and data shared by qrobust's own tests (one place, so every test builds them the same way)."""
 from __future__ import annotations
 
+import textwrap
+
 import torch
 from torch import nn
 
@@ -40,3 +42,36 @@ def make_pair(name: str, fp32: nn.Module, quantized: nn.Module | None = None, k:
     if quantized is None:
         quantized = quantize_model(fp32, config, [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))])
     return ModelPair(name, fp32, quantized, config, PRE, num_classes=k, dataset=dataset, **kw)
+
+
+# ---- a gate on the built-in LeNet pairs, for plugin tests (pytester) ----------------------------------
+SUITE = """
+def test_top1_delta(qrobust_case, qrobust_check):
+    qrobust_check(qrobust_case, "top1_delta")
+
+def test_agreement(qrobust_case, qrobust_check):
+    qrobust_check(qrobust_case, "agreement")
+
+def test_kl_mean(qrobust_case, qrobust_check):
+    qrobust_check(qrobust_case, "kl_mean")
+"""
+
+BITWIDTH_SUITE = """
+def test_bitwidth(qrobust_bitwidth_case, qrobust_check):
+    qrobust_check(qrobust_bitwidth_case, list(qrobust_bitwidth_case.tolerances))
+"""
+
+
+def thresholds(pair="lenet5-digits-int8-x86", extra="", decision="point", tolerances=None):
+    tolerances = tolerances or "{top1_delta: 0.01, agreement: 0.98, kl_mean: 0.02}"
+    return textwrap.dedent(f"""\
+        decision: {decision}
+        max_samples: 120
+        replicates: 200
+        defaults: {tolerances}
+        perturbations:
+          awgn: {{levels: [0, 0.1]}}
+          occlusion_vertical: {{levels: [0, 2]}}
+        gate:
+          {pair}: {{}}
+        """) + extra

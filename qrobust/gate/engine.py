@@ -303,6 +303,23 @@ class Evaluator:
                            boxes=batch.boxes, model=lead.fp32, normalize=normalize).cpu()
         return perturb(perturbation, batch.images, level, ids=batch.ids, seed=self.seed, boxes=batch.boxes)
 
+    def case_inputs(self, pair: str, perturbation: str, level: float, count: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalized model inputs of a case's first ``count`` samples (as the gate fed them: the same
+        seeded perturbation), and their sample ids."""
+        lead = self._pair(pair)
+        spec = PERTURBATIONS.get(perturbation)
+        level = spec.check_level(level)
+        data = self.dataset(lead.dataset)
+        xs, ids, seen = [], [], 0
+        for batch in data.batches(self.batch_size_for(lead)):
+            pixels = batch.images if level == 0 else self._perturb(lead, batch, spec.name, level)
+            xs.append(lead.preprocess.normalize(pixels))
+            ids.append(batch.ids)
+            seen += len(batch.ids)
+            if seen >= count:
+                break
+        return torch.cat(xs)[:count], torch.cat(ids)[:count]
+
     def cached_results(self) -> list[CaseResult]:
         return list(self._cache.values())
 

@@ -256,12 +256,44 @@ intervals are 95%; dashed lines in the charts are tolerances.</p>
 <h2>Summary: the worst case of every pair and metric</h2><table><tr><th>pair</th><th>metric</th><th>checks</th>
 <th>failed</th><th>expected failures</th><th>worst value</th><th>at</th><th>tolerance</th></tr>
 {_summary_rows(cases)}</table>
+{_diagnosis_section(cases)}
 <h2>Metrics against perturbation level</h2>{''.join(charts)}
 <details{" open" if failed else ""}><summary><b>All {len(cases)} checks (failures first)</b></summary>
 <table><tr><th>pair</th><th>perturbation</th><th>level</th><th>metric</th><th>value</th><th>95% interval</th>
 <th>n</th><th>tolerance</th><th>verdict</th></tr>{''.join(rows)}</table></details>
 <h2>Environment</h2><table>{env_rows}</table>
 <h2>Forward passes</h2><pre>{html.escape(json.dumps(report['forward_passes'], indent=1))}</pre></body></html>"""
+
+
+def _diagnosis_section(cases: list[dict]) -> str:
+    """Per failing case, its worst layers and a bar per quantized layer (SQNR in dB, execution order)."""
+    seen, blocks = set(), []
+    for c in cases:
+        d = c.get("diagnosis")
+        key = (c["pair"], c["perturbation"], c["level"])
+        if not d or key in seen:
+            continue
+        seen.add(key)
+        layers = d["layers"]
+        worst = {w.split(" (")[0] for w in d["line"].removeprefix("worst layers: ").split("), ")}
+        bar_h, width = 12, 360
+        top = max([r["sqnr_db"] for r in layers if isinstance(r["sqnr_db"], (int, float))] + [1.0])
+        bars = []
+        for i, r in enumerate(layers):
+            value = r["sqnr_db"] if isinstance(r["sqnr_db"], (int, float)) else top
+            w = max(1.0, width * max(0.0, value) / top)
+            colour = "#d62728" if r["layer"] in worst else "#7f7f7f"
+            bars.append(f'<rect x="170" y="{i * bar_h}" width="{w:.0f}" height="{bar_h - 2}" fill="{colour}"/>'
+                        f'<text x="165" y="{i * bar_h + 9}" font-size="9" text-anchor="end">{html.escape(r["layer"])}</text>'
+                        f'<text x="{174 + w:.0f}" y="{i * bar_h + 9}" font-size="9">{value:.1f} dB</text>')
+        svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + 230}" height="{len(layers) * bar_h + 4}" '
+               f'role="img" aria-label="per-layer SQNR">{"".join(bars)}</svg>')
+        blocks.append(f"<div class='block'><h3>{html.escape(c['pair'])} — {html.escape(c['perturbation'])} @ "
+                      f"{c['level']:g}</h3><p>{html.escape(d['line'])}; SQNR per quantized layer on the "
+                      f"{len(d['samples'])} most different samples (red: where the error enters)</p>{svg}</div>")
+    if not blocks:
+        return ""
+    return "<h2>Diagnosis of failing cases: where the twin loses the signal</h2>" + "".join(blocks)
 
 
 def overlay_png(pixels, cam_map, size: int = 128) -> str:

@@ -95,7 +95,7 @@ def test_a_writer_killed_at_random_points_never_leaves_a_partial_report(tmp_path
 
 
 # ---- round 2: hostile thresholds files, images, boxes, report writes (issue 12) ------------------------------
-from test_plugin import SUITE, thresholds  # noqa: E402
+from helpers import SUITE, thresholds  # noqa: E402
 
 
 def usage_line(pytester, *args) -> str:

@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from test_plugin import SUITE, thresholds  # the shared LeNet gate file and suite
+from helpers import SUITE, thresholds
 
 pytestmark = pytest.mark.usefixtures("warm_pairs")
 

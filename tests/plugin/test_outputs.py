@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from qrobust.gate.report import REPORT_SCHEMA
-from test_plugin import SUITE, thresholds
+from helpers import SUITE, thresholds
 
 pytestmark = pytest.mark.usefixtures("warm")
 

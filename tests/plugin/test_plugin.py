@@ -1,42 +1,10 @@
 """The pytest plugin, run for real with pytester: options, verdicts, exit codes, report, baselines, xdist."""
 import json
-import textwrap
 
 import pytest
 
+from helpers import BITWIDTH_SUITE, SUITE, thresholds
 from qrobust.gate.report import REPORT_SCHEMA
-
-SUITE = """
-def test_top1_delta(qrobust_case, qrobust_check):
-    qrobust_check(qrobust_case, "top1_delta")
-
-def test_agreement(qrobust_case, qrobust_check):
-    qrobust_check(qrobust_case, "agreement")
-
-def test_kl_mean(qrobust_case, qrobust_check):
-    qrobust_check(qrobust_case, "kl_mean")
-"""
-
-BITWIDTH_SUITE = """
-def test_bitwidth(qrobust_bitwidth_case, qrobust_check):
-    qrobust_check(qrobust_bitwidth_case, list(qrobust_bitwidth_case.tolerances))
-"""
-
-
-def thresholds(pair="lenet5-digits-int8-x86", extra="", decision="point", tolerances=None):
-    tolerances = tolerances or "{top1_delta: 0.01, agreement: 0.98, kl_mean: 0.02}"
-    return textwrap.dedent(f"""\
-        decision: {decision}
-        max_samples: 120
-        replicates: 200
-        defaults: {tolerances}
-        perturbations:
-          awgn: {{levels: [0, 0.1]}}
-          occlusion_vertical: {{levels: [0, 2]}}
-        gate:
-          {pair}: {{}}
-        """) + extra
-
 
 @pytest.fixture(scope="module", autouse=True)
 def warm_pairs():
