@@ -112,6 +112,24 @@ class QrobustCheck:
         if failures:
             pytest.fail("\n".join(failures), pytrace=False)
 
+    def quantizer(self, pair_name: str, examples: int = 25) -> None:
+        """Quantizer properties of the twin's own quantizers (qrobust.quant.properties): fails with one
+        line per violating quantizer, naming the layer, the property and the drawn counterexample."""
+        from qrobust.quant.properties import check_twin, quantizers
+
+        try:
+            pair = self._session.built(pair_name)
+        except Exception as exc:  # noqa: BLE001 - a pair that cannot be built fails with one line
+            pytest.fail(f"pair {pair_name} cannot be built: {type(exc).__name__}: {exc}"[:300], pytrace=False)
+        failures = check_twin(pair.quantized, examples)
+        count = len(quantizers(pair.quantized))
+        case = CaseSpec(pair_name, "clean", 0.0, {"quantizer_violations": 0.0})
+        estimate = Estimate(float(len(failures)), None, count, {"violations": failures[:10]})
+        messages = self._decide(case, "quantizer_violations", estimate, 0.0)
+        if messages:
+            pytest.fail("\n".join([f"{pair_name}: {len(failures)} of {count} quantizers break a property"]
+                                   + [f"{pair_name} / {line}" for line in failures[:10]]), pytrace=False)
+
     # ---- shared steps -----------------------------------------------------------------------------------
     def _diagnosis(self, case: CaseSpec) -> list[str]:
         """The failing case's worst layers (one line), also attached to its records for the report."""

@@ -25,7 +25,7 @@ CASE_PROPERTY = "qrobust_case"  # a check's record, on its test report (how reco
 DIAGNOSIS_PROPERTY = "qrobust_diagnosis"  # a failing case's per-layer diagnosis
 COLLECTOR = "qrobust-collector"
 GATE_FIXTURES = {"qrobust_check", "qrobust_case", "qrobust_bitwidth_case", "qrobust_latency_pair",
-                 "qrobust_explanation_pair"}
+                 "qrobust_explanation_pair", "qrobust_quantizer_pair"}
 
 
 def pytest_addoption(parser):
@@ -190,12 +190,14 @@ def _session(config):
 
 def pytest_generate_tests(metafunc):
     for fixture, kind in (("qrobust_case", "gate"), ("qrobust_bitwidth_case", "bitwidth"),
-                          ("qrobust_latency_pair", "latency"), ("qrobust_explanation_pair", "explanations")):
+                          ("qrobust_latency_pair", "latency"), ("qrobust_explanation_pair", "explanations"),
+                          ("qrobust_quantizer_pair", "quantizer")):
         if fixture not in metafunc.fixturenames:
             continue
         plan = _session(metafunc.config).plan
-        if kind in ("latency", "explanations"):
-            pairs = plan.latency_pairs if kind == "latency" else plan.explanation_pairs
+        if kind in ("latency", "explanations", "quantizer"):
+            pairs = {"latency": plan.latency_pairs, "explanations": plan.explanation_pairs,
+                     "quantizer": plan.quantizer_pairs}[kind]
             metafunc.parametrize(fixture, list(pairs) or [_nothing_gated(metafunc, kind)], ids=str)
             continue
         cases = plan.cases if kind == "gate" else plan.bitwidth_cases
@@ -210,7 +212,7 @@ def pytest_generate_tests(metafunc):
 def _nothing_gated(metafunc, kind: str):
     """One skipped parameter saying why a suite has nothing to check (not pytest's 'empty parameter set')."""
     declared = metafunc.definition.get_closest_marker("qrobust_metrics")
-    what = f"the {kind} section" if kind in ("bitwidth", "latency", "explanations") else (
+    what = f"the {kind} section" if kind in ("bitwidth", "latency", "explanations", "quantizer") else (
         f"metric {', '.join(declared.args)}" if declared else "this test")
     reason = f"the thresholds file gates no pair for {what}"
     return pytest.param(None, id="nothing-gated", marks=pytest.mark.skip(reason=reason))

@@ -56,7 +56,8 @@ class QrobustSession:
             raise ConfigError(f"{options.save_baseline}: baseline exists; pass --qrobust-overwrite-baseline to "
                               "replace it")
         self.baseline = load_baseline(options.baseline) if options.baseline else None
-        self._pairs: dict = {}
+        self._pairs: dict = {}  # built and probed
+        self._built: dict = {}  # built (probed or not)
         self.broken: dict[str, str] = {}  # pair -> the one-line reason it cannot be gated
         self.pair_loads: Counter[str] = Counter()
         self._evaluator = None
@@ -88,14 +89,21 @@ class QrobustSession:
             if self.announce is not None:
                 self.announce(f"building pair {name}")
             try:
-                pair = self._build(name)
-                self.pair_loads[name] += 1
+                pair = self.built(name)
                 self.evaluator.add(pair)  # probes it: a pair that fails raises and is not added
                 self._pairs[name] = pair
             except Exception as exc:  # noqa: BLE001 - any failure of user code is one line, once per pair
                 self.broken[name] = f"pair {name} cannot be gated: {_one_line(exc)}"
                 raise PairUnavailable(self.broken[name]) from None
         return self._pairs[name]
+
+    def built(self, name: str):
+        """The pair as built, before (or whatever) its probe says: the quantizer-property checks read a
+        twin's parameters even when they are broken enough to fail the probe."""
+        if name not in self._built:
+            self._built[name] = self._build(name)
+            self.pair_loads[name] += 1
+        return self._built[name]
 
     def _build(self, name: str):
         from qrobust.models import load_pair

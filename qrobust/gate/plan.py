@@ -70,6 +70,7 @@ class GatePlan:
     bitwidth_cases: tuple[CaseSpec, ...] = ()
     latency_pairs: tuple[str, ...] = ()
     explanation_pairs: tuple[str, ...] = ()
+    quantizer_pairs: tuple[str, ...] = ()  # every gated pair: its quantizers' properties
     problems: tuple[str, ...] = field(default=())
 
     @property
@@ -95,6 +96,7 @@ def make_plan(thresholds: Thresholds, bits_of: Callable[[str], int | None], sele
         bitwidth_cases=tuple(c for c in bitwidth_cases(thresholds, bits_of) if keep(c.pair)),
         latency_pairs=tuple(p for p in thresholds.latency.pairs if keep(p)),
         explanation_pairs=tuple(p for p in thresholds.explanations.pairs if keep(p)),
+        quantizer_pairs=tuple(p for p in thresholds.gate if keep(p)),
     )
     empty = [c.pair for c in plan.cases if not c.tolerances]
     if empty:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FAMILIES = ("accuracy", "confidence", "cam", "saliency_gt", "explanation", "latency")
+FAMILIES = ("accuracy", "confidence", "cam", "saliency_gt", "explanation", "latency", "quantizer")
 CASE_FAMILIES = ("accuracy", "confidence", "cam", "saliency_gt")  # computed per pair x perturbation x level
 
 
@@ -60,6 +60,9 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("speedup", True, "latency", "FP32 latency / quantized latency, measured interleaved", 0.25),
     Metric("cam_speedup", True, "latency",
            "FP32 / quantized time of inference plus EigenCAM, measured interleaved", 0.25),
+    Metric("quantizer_violations", False, "quantizer",
+           "quantizers of the twin that break a quantizer property (qrobust.quant.properties)", 0.0, 0.0,
+           counted=False),
 )}
 
 

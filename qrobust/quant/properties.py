@@ -1,0 +1,170 @@
+"""Quantizer properties of a twin's own quantized layers, checked with Hypothesis (DESIGN "Quantizer math").
+
+For every quantizer in the twin (each layer's weights, per tensor or per channel, and each activation
+grid: a converted layer's output, an FX graph's input quantization, a fake-quant layer's input):
+
+* every scale is finite and > 0, every zero point a whole number on the integer grid;
+* 0.0 is exactly representable;
+* quantizing drawn values and dequantizing them again errs by at most scale / 2 inside the grid's range,
+  and saturates to the range's ends outside it;
+* per-channel parameters have one entry per output channel of the weight;
+* for real int8 layers, PyTorch's own quantize op (the one the kernels consume) gives the codes of the
+  reference math on the drawn values (a tie at exactly half a step may round either way).
+
+Each failure is one line naming the layer, the property and the drawn counterexample. Runs are
+derandomized and bounded (``examples`` draws per quantizer), so a gate's verdict does not change by chance.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qrobust.quant.convert import FakeQuantLayer, is_int8, layer_root
+from qrobust.quant.quantizer import QParams, dequantize, quantize
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """One quantizer of a twin: where it is, its parameters, and (for real int8) the torch dtype."""
+
+    where: str
+    qparams: QParams
+    dtype: torch.dtype | None = None  # torch.qint8 / torch.quint8 for a real int8 quantizer
+    channels: int | None = None  # the weight's output channels, for per-channel weights
+
+
+def _grid(dtype: torch.dtype) -> tuple[int, int]:
+    info = torch.iinfo({torch.qint8: torch.int8, torch.quint8: torch.uint8, torch.qint32: torch.int32}[dtype])
+    return info.min, info.max
+
+
+def _from_qtensor(where: str, q: torch.Tensor, channels: int | None = None) -> Quantizer:
+    lo, hi = _grid(q.dtype)
+    if q.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        qp = QParams(q.q_per_channel_scales().float(), q.q_per_channel_zero_points().long(), lo, hi,
+                     q.q_per_channel_axis())
+    else:
+        qp = QParams(torch.tensor(q.q_scale(), dtype=torch.float32), torch.tensor(q.q_zero_point()), lo, hi)
+    return Quantizer(where, qp, q.dtype, channels)
+
+
+def quantizers(twin: torch.nn.Module) -> list[Quantizer]:
+    """Every quantizer of a fake-quant or FX int8 twin."""
+    root, found = layer_root(twin), []
+    if is_int8(twin):
+        for name, module in root.named_modules():
+            weight = getattr(module, "weight", None)
+            if callable(weight) and hasattr(module, "scale") and hasattr(module, "zero_point"):
+                w = weight()
+                if isinstance(w, torch.Tensor) and w.is_quantized:
+                    found.append(_from_qtensor(f"{name}.weight", w, w.shape[0]))
+                    lo, hi = _grid(torch.quint8)
+                    found.append(Quantizer(f"{name}.output", QParams(torch.tensor(float(module.scale)),
+                                                                      torch.tensor(int(module.zero_point)), lo, hi),
+                                           torch.quint8))
+        buffers = dict(root.named_buffers()) | {k: v for k, v in vars(root).items() if isinstance(v, torch.Tensor)}
+        for name in sorted(buffers):  # FX's quantize_per_tensor arguments: <x>_scale_<n> / <x>_zero_point_<n>
+            match = re.fullmatch(r"(.*)scale_(\d+)", name)
+            zero = buffers.get(f"{match.group(1)}zero_point_{match.group(2)}") if match else None
+            if zero is not None:
+                lo, hi = _grid(torch.quint8)
+                found.append(Quantizer(f"graph.{name}", QParams(buffers[name].float().reshape(()),
+                                                                zero.long().reshape(()), lo, hi), torch.quint8))
+        return found
+    for name, module in root.named_modules():
+        if isinstance(module, FakeQuantLayer):
+            channels = module.layer.weight.shape[0]
+            found.append(Quantizer(f"{name}.weight", module.weight_qparams,
+                                   channels=channels if module.weight_qparams.axis is not None else None))
+            if module.act_qparams is not None:
+                found.append(Quantizer(f"{name}.input", module.act_qparams))
+    return found
+
+
+def _fail(q: Quantizer, prop: str, example) -> AssertionError:
+    return AssertionError(f"{q.where}: {prop} (counterexample: {example})")
+
+
+def check_parameters(q: Quantizer) -> None:
+    """The properties that need no drawn values."""
+    qp = q.qparams
+    scales = qp.scale.double().reshape(-1)
+    bad = (~torch.isfinite(scales)) | (scales <= 0)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise _fail(q, "scale must be finite and > 0", f"scale[{i}] = {float(scales[i])!r}")
+    zeros = qp.zero_point.reshape(-1)
+    off = (zeros < qp.q_min) | (zeros > qp.q_max)
+    if zeros.is_floating_point():
+        off |= zeros != zeros.round()
+    if off.any():
+        i = int(off.nonzero()[0])
+        raise _fail(q, f"zero point must be a whole number in [{qp.q_min}, {qp.q_max}]", f"zero_point[{i}] = {zeros[i].item()!r}")
+    if q.channels is not None and qp.axis is not None and scales.numel() != q.channels:
+        raise _fail(q, "per-channel parameters need one entry per output channel",
+                    f"{scales.numel()} scales for {q.channels} channels")
+    per_slice = QParams(qp.scale, qp.zero_point, qp.q_min, qp.q_max, None if qp.axis is None else 0)
+    zero = torch.zeros(scales.numel() if qp.axis is not None else 1)
+    back = dequantize(quantize(zero, per_slice), per_slice)
+    if not torch.equal(back, zero):
+        raise _fail(q, "0.0 must be exactly representable", f"0.0 -> {back.tolist()[:4]}")
+
+
+def check_drawn_values(q: Quantizer, examples: int = 25) -> None:
+    """Round trip inside the range, saturation outside it, and PyTorch's quantize op equal to the
+    reference, on values Hypothesis draws around each channel's range (derandomized)."""
+    qp = q.qparams
+    scales, zeros = qp.scale.double().reshape(-1), qp.zero_point.reshape(-1)
+    channels = scales.numel()
+
+    @settings(max_examples=examples, derandomize=True, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.integers(0, channels - 1), st.floats(-1.5, 1.5, allow_nan=False), st.integers(0, 3))
+    def drawn(channel, position, snap):
+        s, z = float(scales[channel]), int(zeros[channel])
+        low, high = s * (qp.q_min - z), s * (qp.q_max - z)
+        value = low + (high - low) * (position + 1.5) / 3  # spans one range width beyond each end
+        if snap:  # also exactly on the grid, and on a half step (ties round half to even)
+            value = s * (round(value / s) + (0.5 if snap == 2 else 0.0))
+        single = QParams(torch.tensor(s, dtype=torch.float32), torch.tensor(z), qp.q_min, qp.q_max)
+        x = torch.tensor([value], dtype=torch.float32)
+        code = quantize(x, single)
+        back = float(dequantize(code, single))
+        lo32, hi32 = float(dequantize(torch.tensor([qp.q_min]), single)), float(dequantize(torch.tensor([qp.q_max]), single))
+        slack = 4 * torch.finfo(torch.float32).eps * max(abs(float(x)), abs(back))  # float32 rounding at a tie
+        if lo32 <= float(x) <= hi32 and abs(back - float(x)) > s / 2 + slack + 1e-12:
+            raise _fail(q, "round trip must err by at most scale / 2 inside the range",
+                        f"channel {channel}: x = {float(x)!r} -> {back!r}, scale {s!r}")
+        if float(x) > hi32 and back != hi32 or float(x) < lo32 and back != lo32:
+            raise _fail(q, "values outside the range must saturate to its ends",
+                        f"channel {channel}: x = {float(x)!r} -> {back!r}, range [{lo32!r}, {hi32!r}]")
+        if q.dtype is not None and math.isfinite(s) and s > 0:
+            theirs = torch.quantize_per_tensor(x, s, z, q.dtype).int_repr().long()
+            ratio = float(x) / s
+            tie = abs(abs(ratio - math.floor(ratio)) - 0.5) < 1e-5
+            if int(theirs) != int(code) and not (tie and abs(int(theirs) - int(code)) == 1):
+                raise _fail(q, "PyTorch's quantize op must give the reference codes",
+                            f"channel {channel}: x = {float(x)!r}, scale {s!r}, zero point {z}: torch {int(theirs)}, "
+                            f"reference {int(code)}")
+
+    drawn()
+
+
+def check_twin(twin: torch.nn.Module, examples: int = 25) -> list[str]:
+    """Every property of every quantizer of ``twin``; returns the failures (one line each)."""
+    failures = []
+    found = quantizers(twin)
+    if not found:
+        return ["no quantizer found in the twin (neither fake-quant layers nor converted int8 modules)"]
+    for q in found:
+        try:
+            check_parameters(q)
+            check_drawn_values(q, examples)
+        except AssertionError as exc:
+            failures.append(str(exc).splitlines()[0])
+    return failures
