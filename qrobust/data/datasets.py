@@ -74,6 +74,9 @@ class ImageSet:
         return ImageSet(self.name, self.images[pick], self.labels[pick], self.ids[pick], self.groups[pick],
                         self.num_classes, boxes)
 
+    def sample_name(self, sample_id: int) -> str:
+        return str(sample_id)
+
     def batches(self, batch_size: int) -> Iterator[Batch]:
         check_int("batch_size", batch_size, minimum=1)
         for start in range(0, len(self), batch_size):
@@ -92,11 +95,12 @@ class StreamingSet:
     """
 
     def __init__(self, name: str, length: int, num_classes: int, load, indices: torch.Tensor | None = None,
-                 workers: int = 0):
+                 workers: int = 0, names=None):
         if length < 1:
             raise invalid("dataset", name, "is empty: a gate on no samples proves nothing")
         check_int("workers", workers, minimum=0)
         self.name, self.num_classes, self._load = name, num_classes, load
+        self._names = names  # sample id -> a name users recognise (a folder image's relative path)
         self._length, self.workers = length, workers
         self.indices = torch.arange(length) if indices is None else indices
 
@@ -107,7 +111,11 @@ class StreamingSet:
         pick = subset_positions(len(self), max_samples, seed)
         if pick is None:
             return self
-        return StreamingSet(self.name, self._length, self.num_classes, self._load, self.indices[pick], self.workers)
+        return StreamingSet(self.name, self._length, self.num_classes, self._load, self.indices[pick], self.workers,
+                            self._names)
+
+    def sample_name(self, sample_id: int) -> str:
+        return self._names(sample_id) if self._names is not None else str(sample_id)
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
         check_int("batch_size", batch_size, minimum=1)

@@ -183,7 +183,7 @@ def folder_dataset(name: str, root: Path, reader: ImageReader, boxes_file: Path 
                      torch.tensor(out_boxes) if boxes is not None else None,
                      torch.stack(maps) if saliency_root is not None else None)
 
-    return StreamingSet(name, len(files), len(classes), load, workers=workers)
+    return StreamingSet(name, len(files), len(classes), load, workers=workers, names=lambda i: rels[i])
 
 
 def builder_dataset(name: str, spec: str, num_classes: int) -> StreamingSet:

@@ -289,6 +289,8 @@ class Evaluator:
         for pair in group:
             st = states[pair.name]
             estimates = st.results() if st.n else {}
+            for row in st.flipped:  # shared by the agreement and top-k records of the case
+                row["sample"] = data.sample_name(row["id"])
             cam = cam_states.get(pair.name)
             if cam is not None:
                 estimates.update(cam.results())

@@ -256,13 +256,33 @@ intervals are 95%; dashed lines in the charts are tolerances.</p>
 <h2>Summary: the worst case of every pair and metric</h2><table><tr><th>pair</th><th>metric</th><th>checks</th>
 <th>failed</th><th>expected failures</th><th>worst value</th><th>at</th><th>tolerance</th></tr>
 {_summary_rows(cases)}</table>
-{_diagnosis_section(cases)}
+{_diagnosis_section(cases)}{_flipped_section(cases)}
 <h2>Metrics against perturbation level</h2>{''.join(charts)}
 <details{" open" if failed else ""}><summary><b>All {len(cases)} checks (failures first)</b></summary>
 <table><tr><th>pair</th><th>perturbation</th><th>level</th><th>metric</th><th>value</th><th>95% interval</th>
 <th>n</th><th>tolerance</th><th>verdict</th></tr>{''.join(rows)}</table></details>
 <h2>Environment</h2><table>{env_rows}</table>
 <h2>Forward passes</h2><pre>{html.escape(json.dumps(report['forward_passes'], indent=1))}</pre></body></html>"""
+
+
+def _flipped_section(cases: list[dict], per_case: int = 5, max_cases: int = 10) -> str:
+    """A few samples whose top-1 changed, per failing accuracy case, with both models' top-3."""
+    rows, seen = [], set()
+    for c in cases:
+        key = (c["pair"], c["perturbation"], c["level"])
+        flipped = c["details"].get("flipped") if c["verdict"] in ("fail", "inconclusive") else None
+        if not flipped or key in seen or len(seen) >= max_cases:
+            continue
+        seen.add(key)
+        for f in flipped[:per_case]:
+            tops = {m: ", ".join(f"{cls} ({p:.2f})" for cls, p in f[m]) for m in ("fp32", "quantized")}
+            rows.append(f"<tr><td>{html.escape(c['pair'])} / {html.escape(c['perturbation'])} @ {c['level']:g}</td>"
+                        f"<td>{html.escape(str(f.get('sample', f['id'])))}</td><td>{f['label']}</td>"
+                        f"<td>{html.escape(tops['fp32'])}</td><td>{html.escape(tops['quantized'])}</td></tr>")
+    if not rows:
+        return ""
+    return ("<h2>Samples whose prediction changed (failing accuracy cases)</h2><table><tr><th>case</th><th>sample</th>"
+            f"<th>label</th><th>FP32 top-3 (probability)</th><th>quantized top-3</th></tr>{''.join(rows)}</table>")
 
 
 def _diagnosis_section(cases: list[dict]) -> str:

@@ -238,7 +238,7 @@ def tolerance_message(record: dict) -> str:
     ci = "no interval" if record["interval"] is None else \
         f"95% CI [{_format(record['interval'][0])}, {_format(record['interval'][1])}]"
     extra = ", ".join(f"{k}={_format(v)}" if isinstance(v, float) else f"{k}={v}"
-                      for k, v in record["details"].items() if len(str(v)) < 80)
+                      for k, v in record["details"].items() if isinstance(v, (int, float, str)) and len(str(v)) < 80)
     parts = [f"{ci}, n={record['n']}" + (f", {extra}" if extra else "")]
     if record["margin"] is not None:
         parts.append(f"margin {record['margin']:+.4g}")

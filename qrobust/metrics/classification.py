@@ -17,6 +17,7 @@ from qrobust.metrics.stats import (
 )
 
 F1_AVERAGES = ("macro", "micro", "weighted")
+FLIPPED_KEPT = 20  # samples whose prediction changed, kept per case for the report (memory stays bounded)
 
 
 def kl_per_sample(fp32_logits: torch.Tensor, quant_logits: torch.Tensor) -> torch.Tensor:
@@ -97,6 +98,7 @@ class PairMetrics:
         self.kl_hist = LogHistogram()
         self.nonfinite = {"fp32": 0, "quantized": 0}
         self.nonfinite_ids: list[int] = []
+        self.flipped: list[dict] = []  # the first FLIPPED_KEPT samples whose top-1 changed, with both top-3
 
     def update(self, fp_logits: torch.Tensor, q_logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor,
                groups: torch.Tensor, weights: torch.Tensor | None = None) -> None:
@@ -126,6 +128,7 @@ class PairMetrics:
             self.counts[f"b{suffix}"] += int((fp_right & ~q_right).sum())
             self.counts[f"c{suffix}"] += int((~fp_right & q_right).sum())
         self.counts["agree"] += int((fp_pred == q_pred).sum())
+        self._keep_flipped(fp_logits, q_logits, labels, ids, fp_pred != q_pred)
         for model, pred in (("fp", fp_pred), ("q", q_pred)):
             right = pred == labels
             for name, cls, mask in (("tp", labels, right), ("fp", pred, ~right), ("fn", labels, ~right)):
@@ -136,6 +139,19 @@ class PairMetrics:
         self.kl_max = max(self.kl_max, float(kl.max()))
         self.kl_hist.add(kl)
         self.boot_weight += weights.sum(dim=1)
+
+    def _keep_flipped(self, fp_logits, q_logits, labels, ids, flipped) -> None:
+        room = FLIPPED_KEPT - len(self.flipped)
+        if room <= 0 or not flipped.any():
+            return
+        rows = flipped.nonzero()[:room, 0]
+        k = min(3, fp_logits.shape[1])
+        tops = {m: torch.softmax(logits[rows].double(), 1).topk(k, dim=1) for m, logits in (("fp32", fp_logits),
+                                                                                             ("quantized", q_logits))}
+        for j, row in enumerate(rows.tolist()):
+            self.flipped.append({"id": int(ids[row]), "label": int(labels[row]), **{
+                m: [[int(c), round(float(p), 4)] for c, p in zip(t.indices[j].tolist(), t.values[j].tolist())]
+                for m, t in tops.items()}})
 
     # ---- results -----------------------------------------------------------------------------------
     def _require_samples(self) -> None:
@@ -158,7 +174,8 @@ class PairMetrics:
         for k in (1, 5) if self.k > 5 else (1,):  # with <= 5 classes every label is in the top 5
             d = self.accuracy_delta(k)
             out[f"top{k}_delta"] = Estimate(d.delta, d.interval, n, {"b": d.b, "c": d.c, "mcnemar_p": d.p_value,
-                                                                     "fp32_right": c[f"fp_top{k}"]})
+                                                                     "fp32_right": c[f"fp_top{k}"],
+                                                                     "flipped": list(self.flipped)})
             out[f"top{k}_fp32"] = Estimate(c[f"fp_top{k}"] / n, wilson_interval(c[f"fp_top{k}"], n), n, {})
             out[f"top{k}_quant"] = Estimate(c[f"q_top{k}"] / n, wilson_interval(c[f"q_top{k}"], n), n, {})
         f1_fp, f1_q = float(self._f1(self.class_counts["fp"])), float(self._f1(self.class_counts["q"]))
@@ -168,7 +185,8 @@ class PairMetrics:
         out["f1_quant"] = Estimate(f1_q, None, n, {"average": self.f1_average})
         out["f1_delta"] = Estimate(f1_fp - f1_q, percentile_interval(boot), n, {"average": self.f1_average})
         agree = c["agree"]
-        out["agreement"] = Estimate(agree / n, wilson_interval(agree, n), n, {"flips": n - agree})
+        out["agreement"] = Estimate(agree / n, wilson_interval(agree, n), n, {"flips": n - agree,
+                                                                              "flipped": list(self.flipped)})
         out["flip_rate"] = Estimate(1 - agree / n, tuple(1 - v for v in reversed(wilson_interval(agree, n))), n,
                                     {"flips": n - agree})
         out["kl_mean"] = self.kl.estimate()

@@ -202,3 +202,20 @@ def test_warnings_stay_one_line():
         warnings.simplefilter("always")
         warnings.warn("qrobust: one line", QrobustWarning, stacklevel=1)
     assert "\n" not in str(caught[0].message)
+
+
+def test_a_failing_case_lists_the_folder_images_whose_prediction_changed(user):
+    text = README_SHAPED.replace("preset: int8-x86", "preset: fake-asym1").replace(
+        "gate:\n", "defaults: {agreement: 1.0}\nperturbations: {awgn: {levels: [0]}}\ngate:\n")
+    user.makefile(".yaml", thresholds=text)
+    user.makepyfile(test_gate="""
+        def test_agreement(qrobust_case, qrobust_check):
+            qrobust_check(qrobust_case, "agreement")
+    """)
+    user.runpytest("-p", "no:cacheprovider").assert_outcomes(failed=1)
+    (case,) = json.loads((user.path / "qrobust-report" / "report.json").read_text())["cases"]
+    flipped = case["details"]["flipped"]
+    assert flipped and len(flipped) == case["details"]["flips"] <= 20
+    assert all(f["sample"].split("/")[0] in ("bright", "dark") and f["sample"].endswith(".png") for f in flipped)
+    assert all(len(f["fp32"]) == len(f["quantized"]) == 2 for f in flipped)  # top-3 of a 2-class model: 2
+    assert "Samples whose prediction changed" in (user.path / "qrobust-report" / "report.html").read_text()
