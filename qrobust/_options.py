@@ -81,7 +81,7 @@ class OptionSpec:
     def metavar(self) -> str:
         return {"thresholds": "PATH", "pairs": "A,B", "device": "DEV", "seed": "N", "report": "DIR",
                 "decision": "MODE", "max-samples": "N", "save-baseline": "PATH", "baseline": "PATH",
-                "markdown": "PATH"}[self.name]
+                "markdown": "PATH", "sensitivity": "N"}[self.name]
 
 
 OPTIONS = (
@@ -98,6 +98,8 @@ OPTIONS = (
     OptionSpec("save-baseline", "save every case's values to this JSON file after the run", parse_path, is_path=True),
     OptionSpec("baseline", "compare every case with this saved baseline; a regression beyond its margin fails",
                parse_path, is_path=True),
+    OptionSpec("sensitivity", "on a failing case, requantize the pair with each of its N worst layers kept in FP32 "
+                              "and suggest a keep_fp32 list (off by default: it costs N+ calibrations)", _whole(0)),
     OptionSpec("markdown", "write a Markdown summary (for a PR comment) to this file; $GITHUB_STEP_SUMMARY gets it "
                            "too when set", parse_path, is_path=True),
 )

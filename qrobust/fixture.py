@@ -46,14 +46,16 @@ class QrobustCheck:
                 self._decide(case, metric, Estimate(float("nan"), None, result.n, {"error": message}), tolerance)
             pytest.fail(message, pytrace=False)
         context = {k: result.estimates[k].value for k in ("top1_fp32", "top1_quant")}
-        failures, missing = [], []
+        failures, missing, failed = [], [], []
         for metric, tolerance in tolerances.items():
             if metric in result.estimates:
-                failures += self._decide(case, metric, result.metric(metric), tolerance, context)
+                messages = self._decide(case, metric, result.metric(metric), tolerance, context)
+                failures += messages
+                failed += [(metric, tolerance, result.metric(metric).value)] if messages else []
             else:
                 missing.append(self._why_missing(case, metric))
         if failures:
-            pytest.fail("\n".join(failures + self._diagnosis(case)), pytrace=False)
+            pytest.fail("\n".join(failures + self._diagnosis(case, failed)), pytrace=False)
         if missing:
             pytest.skip("; ".join(missing))
 
@@ -131,15 +133,24 @@ class QrobustCheck:
                                    + [f"{pair_name} / {line}" for line in failures[:10]]), pytrace=False)
 
     # ---- shared steps -----------------------------------------------------------------------------------
-    def _diagnosis(self, case: CaseSpec) -> list[str]:
-        """The failing case's worst layers (one line), also attached to its records for the report."""
+    def _diagnosis(self, case: CaseSpec, failed: list[tuple[str, float, float]]) -> list[str]:
+        """The failing case's worst layers (one line) and, with --qrobust-sensitivity, a fix to try; both
+        attached to its records for the report."""
+        from qrobust.gate.sensitivity import describe
+
+        session = self._session
         try:
-            found = self._session.diagnose(case)
+            found = dict(session.diagnose(case))
+            lines = [found["line"]] if found["line"] else []
+            if session.options.sensitivity and failed:
+                metric, tolerance, value = failed[0]
+                found["sensitivity"] = {"metric": metric, **session.sensitivity(case, metric, tolerance, value)}
+                lines.append(describe(found["sensitivity"], metric))
         except Exception as exc:  # noqa: BLE001 - a diagnosis that cannot run must not hide the failure
             return [f"(no per-layer diagnosis: {type(exc).__name__}: {exc})"[:300]]
         self._node.user_properties.append((DIAGNOSIS_PROPERTY, json.dumps({"pair": case.pair, "perturbation":
                                            case.perturbation, "level": case.level, **found})))
-        return [found["line"]] if found["line"] else []
+        return lines
 
     def _why_missing(self, case: CaseSpec, metric: str) -> str:
         """The one-line reason a metric of a case has no value (the check skips with it)."""

@@ -98,7 +98,7 @@ def pytest_configure(config):
         report=option(config, "report"), decision=option(config, "decision"),
         max_samples=option(config, "max-samples"), save_baseline=option(config, "save-baseline"),
         overwrite_baseline=config.getoption("qrobust_overwrite_baseline"), baseline=option(config, "baseline"),
-        baseline_any_env=config.getoption("qrobust_baseline_any_env"))
+        baseline_any_env=config.getoption("qrobust_baseline_any_env"), sensitivity=option(config, "sensitivity") or 0)
     worker = _is_worker(config)
     try:
         session = QrobustSession(options, worker=worker)
@@ -286,7 +286,8 @@ class _Collector:
                 continue
             record = json.loads(value)
             if diagnosis is not None and record["verdict"] in ("fail", "inconclusive"):
-                record["diagnosis"] = {k: diagnosis[k] for k in ("line", "layers", "samples")}
+                record["diagnosis"] = {k: diagnosis[k] for k in ("line", "layers", "samples", "sensitivity")
+                                       if k in diagnosis}
             if report.when == "call":
                 if getattr(report, "wasxfail", None) is not None and report.skipped:
                     record["verdict"] = "xfail"

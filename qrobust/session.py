@@ -35,6 +35,7 @@ class Options:
     overwrite_baseline: bool = False
     baseline: str | None = None
     baseline_any_env: bool = False
+    sensitivity: int = 0  # try this many worst layers in FP32 on a failing case (0: off)
 
 
 class PairUnavailable(QrobustError):
@@ -64,6 +65,7 @@ class QrobustSession:
         self._datasets = None
         self._fp32_cache: dict = {}  # declared pairs on the same weights share one FP32 model
         self._diagnoses: dict = {}  # (pair, perturbation, level) -> per-layer diagnosis of a failing case
+        self._sensitivity: dict = {}  # (pair, perturbation, level, metric) -> the sensitivity pass's result
         self._fingerprint_cache: tuple[tuple, dict] = ((None,), {})
         self.progress: Callable[[str, int, int], None] | None = None  # batch progress (the plugin sets it)
         self.announce: Callable[[str], None] | None = None  # a line per long phase (the plugin sets it)
@@ -207,6 +209,27 @@ class QrobustSession:
             self._diagnoses[key] = {"line": describe(rows), "layers": [r.as_dict() for r in rows],
                                     "samples": ids[worst].tolist()}
         return self._diagnoses[key]
+
+    def sensitivity(self, case, metric: str, tolerance: float, value: float) -> dict:
+        """The sensitivity pass (qrobust.gate.sensitivity) for a failing metric of a case; once per case."""
+        key = (case.pair, case.perturbation, case.level, metric)
+        if key not in self._sensitivity:
+            from qrobust.gate.engine import Evaluator
+            from qrobust.gate.sensitivity import suggest_keep_fp32, with_twin
+
+            ev, pair = self.evaluator, self.pair(case.pair)
+
+            def evaluate(twin) -> float:
+                trial = Evaluator([with_twin(pair, twin)], seed=ev.seed, batch_size=ev.batch_size,
+                                  max_samples=ev.max_samples, replicates=ev.replicates, f1_average=ev.f1_average,
+                                  datasets=ev._datasets, device=str(ev.device))
+                cam = metric in ("cam_rmse", "cam_sim", "cam_cc", "cam_kld")
+                return trial.evaluate(pair.name, case.perturbation, case.level, cam=cam).metric(metric).value
+
+            layers = self.diagnose(case)["layers"]
+            self._sensitivity[key] = suggest_keep_fp32(pair, evaluate, metric, tolerance, value, layers,
+                                                       top=self.options.sensitivity, progress=self.announce)
+        return self._sensitivity[key]
 
     # ---- baselines -------------------------------------------------------------------------------------
     def baseline_value(self, pair: str, perturbation: str, level: float, metric: str) -> float | None:

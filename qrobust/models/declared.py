@@ -8,6 +8,7 @@ see qrobust.models.checkpoints), a quantization ``preset`` calibrated on a ``cal
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -76,7 +77,7 @@ def build_pair(name: str, spec: dict, base: Path, datasets: dict, fp32_cache: di
         fp32, quantized = _fp32(spec, base, name)
         cache.setdefault(key, (fp32, quantized))
     fp32.eval()
-    calibration = None
+    calibration, requantize = None, None
     if quantized is None:
         config = PRESETS.get(spec["preset"])
         cal = spec["calibration"]
@@ -87,6 +88,10 @@ def build_pair(name: str, spec: dict, base: Path, datasets: dict, fp32_cache: di
                           f"{len(data)}: calibrating on all of them", QrobustWarning, stacklevel=2)
         calibration = {"dataset": cal["dataset"], "samples": len(data)}
         quantized = quantize_model(fp32, config, (preprocess.normalize(b.images) for b in data.batches(32)))
+
+        def requantize(keep: tuple[str, ...]) -> torch.nn.Module:
+            kept = replace(config, keep_fp32=config.keep_fp32 + tuple(keep))
+            return quantize_model(fp32, kept, (preprocess.normalize(b.images) for b in data.batches(32)))
     else:
         config = PRESETS.get(spec.get("preset") or ("int8-x86" if quantized_module_names(quantized) else "fake-w8a8"))
     target = spec.get("target_layer") or TORCHVISION_ARCHS.get(spec.get("arch", ""))
@@ -99,6 +104,7 @@ def build_pair(name: str, spec: dict, base: Path, datasets: dict, fp32_cache: di
     try:
         return ModelPair(name, fp32, quantized, config, preprocess, num_classes=int(spec["num_classes"]),
                          dataset=spec["dataset"], target_layer=target,
-                         quantized_target_layer=spec.get("quantized_target_layer"), metadata=metadata)
+                         quantized_target_layer=spec.get("quantized_target_layer"), metadata=metadata,
+                         requantize=requantize)
     except InvalidArgument as exc:
         raise invalid(f"pairs.{name}", name, str(exc)) from None

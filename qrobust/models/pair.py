@@ -53,6 +53,9 @@ class ModelPair:
     target_layer: str | None = None  # CAM layer of the FP32 model
     quantized_target_layer: str | None = None  # its name in the twin when it differs (FX fuses conv+ReLU)
     metadata: dict = field(default_factory=dict)
+    # rebuild the twin with the recipe and calibration data, these FP32 module names kept in float (the
+    # sensitivity pass uses it to try fixes); None when only the twin itself is known
+    requantize: Callable[[tuple[str, ...]], nn.Module] | None = None
     twin_layer_given: bool = field(init=False, default=False)  # False: derived, refined by the first probe
 
     @property

@@ -6,6 +6,7 @@ once per process and shared: every twin of one FP32 model shares its forwards.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
@@ -40,11 +41,15 @@ def _lenet_pair(preset: str) -> ModelPair:
     config = PRESETS.get(preset)
     fp32 = lenet5_digits()
     quantized = quantize_model(fp32, config, digits_calibration())
+
+    def requantize(keep: tuple[str, ...]) -> nn.Module:
+        return quantize_model(fp32, replace(config, keep_fp32=config.keep_fp32 + tuple(keep)), digits_calibration())
+
     return ModelPair(
         f"lenet5-digits-{preset.removeprefix('fake-')}", fp32, quantized, config, DIGITS_PREPROCESS,
         num_classes=10, dataset="digits-test",
         # the second conv block's ReLU output (FX fuses conv+ReLU: the int8 graph calls it features.3)
-        target_layer="features.4",
+        target_layer="features.4", requantize=requantize,
         metadata=provenance(config, fp32, LENET5_WEIGHTS, {"dataset": "digits-train", "samples": DIGITS_CALIBRATION}),
     )
 
@@ -90,12 +95,17 @@ def _lite0_pair(suffix: str) -> ModelPair:
     config = get_preset(preset, keep_fp32=keep)
     fp32 = lite0_fp32()
     photos = builtin.calibration_photos(IMAGENET_PREPROCESS.resolution[0])
-    quantized = quantize_model(fp32, config, IMAGENET_PREPROCESS.normalize(photos).split(16))
+    batches = IMAGENET_PREPROCESS.normalize(photos).split(16)
+    quantized = quantize_model(fp32, config, batches)
+
+    def requantize(keep: tuple[str, ...]) -> nn.Module:
+        return quantize_model(fp32, replace(config, keep_fp32=config.keep_fp32 + tuple(keep)), batches)
+
     return ModelPair(
         f"efficientnet-lite0-{suffix}", fp32, quantized, config, IMAGENET_PREPROCESS,
         num_classes=1000, dataset=LITE0_DATASET,
         # the head's ReLU6 (in an int8 twin that folds ReLU6, the fused head conv: see quant.twin_layer_name)
-        target_layer="_act1",
+        target_layer="_act1", requantize=requantize,
         metadata=provenance(config, fp32, lite0_weights_path(),
                             {"dataset": "calibration-photos", "samples": len(photos)}),
     )
