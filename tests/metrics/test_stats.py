@@ -154,3 +154,10 @@ def test_decision_for_a_minimum_tolerance_and_nan():
     assert nan.verdict == "fail" and not nan.passed
     with pytest.raises(InvalidArgument, match="mode='loose'"):
         decide(0.5, None, 0.5, True, mode="loose")
+
+
+def test_paired_interval_is_newcombes_method_10_with_his_continuity_corrected_phi():
+    """Newcombe (1998) worked example, also R biostatUZH::confIntPairedProportion: [0.0115, 0.2265]."""
+    d = paired_delta(14 + 5, 14 + 0, 5, 0, 41)  # table [[14, 5], [0, 22]]
+    assert d.delta == pytest.approx(5 / 41)
+    assert d.interval == pytest.approx((0.0115, 0.2265), abs=5e-5)
