@@ -45,7 +45,7 @@ class QrobustCheck:
             for metric, tolerance in tolerances.items():
                 self._decide(case, metric, Estimate(float("nan"), None, result.n, {"error": message}), tolerance)
             pytest.fail(message, pytrace=False)
-        context = {k: result.estimates[k].value for k in ("top1_fp32", "top1_quant")}
+        context = {k: result.estimates[k].value for k in ("top1_fp32", "top1_quant", "logit_sqnr_db")}
         failures, missing, failed = [], [], []
         for metric, tolerance in tolerances.items():
             if metric in result.estimates:

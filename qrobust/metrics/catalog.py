@@ -41,6 +41,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("agreement", True, "accuracy", "fraction of samples with the same top-1 class", 0.005, 0.98, counted=True),
     Metric("kl_mean", False, "confidence", "mean KL(P_fp32 || P_quant), nats", 0.005, 0.02),
     Metric("kl_p95", False, "confidence", "95th percentile of per-sample KL, nats", 0.01, 0.05),
+    Metric("logit_sqnr_db", True, "confidence", "mean per-sample SQNR of the twin's logits against FP32's, dB", 1.0),
+    Metric("logit_cosine", True, "confidence", "mean per-sample cosine similarity of the logits", 0.001),
     Metric("cam_rmse", False, "cam", "RMSE between FP32 and quantized CAMs on [0, 1]", 0.01),
     Metric("cam_sim", True, "cam", "histogram intersection of the sum-normalized CAMs", 0.01),
     Metric("cam_cc", True, "cam", "Pearson correlation of the CAMs", 0.02),

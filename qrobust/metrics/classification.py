@@ -27,6 +27,17 @@ def kl_per_sample(fp32_logits: torch.Tensor, quant_logits: torch.Tensor) -> torc
     return (log_p.exp() * (log_p - log_q)).sum(dim=1).clamp_min(0.0)
 
 
+SQNR_CAP_DB = 120.0  # identical logits would be +inf dB; float32 logits carry about 140 dB anyway
+
+
+def logit_sqnr_db(fp32_logits: torch.Tensor, quant_logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample 20 log10(||f|| / ||f - q||) of the logits, capped at SQNR_CAP_DB: it moves with a
+    changed recipe long before the top-1 class does."""
+    f, q = fp32_logits.double(), quant_logits.double()
+    ratio = f.norm(dim=1) / (f - q).norm(dim=1).clamp_min(1e-300)
+    return (20 * torch.log10(ratio.clamp_min(1e-300))).clamp(max=SQNR_CAP_DB)
+
+
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     """Whether the label is among the top ``k`` logits (k capped at the class count)."""
     k = min(k, logits.shape[1])
@@ -94,6 +105,8 @@ class PairMetrics:
         self.boot_counts = {m: {c: zeros(replicates, num_classes) for c in ("tp", "fp", "fn")} for m in ("fp", "q")}
         self.boot_weight = zeros(replicates)
         self.kl = BootstrapMean(replicates)
+        self.sqnr = BootstrapMean(replicates)  # per-sample logit SQNR, dB
+        self.cosine = BootstrapMean(replicates)  # per-sample logit cosine similarity
         self.kl_max = 0.0
         self.kl_hist = LogHistogram()
         self.nonfinite = {"fp32": 0, "quantized": 0}
@@ -136,6 +149,8 @@ class PairMetrics:
                 self.boot_counts[model][name].index_add_(1, cls[mask], weights[:, mask])
         kl = kl_per_sample(fp_logits, q_logits)
         self.kl.update(kl, weights)
+        self.sqnr.update(logit_sqnr_db(fp_logits, q_logits), weights)
+        self.cosine.update(F.cosine_similarity(fp_logits.double(), q_logits.double(), dim=1), weights)
         self.kl_max = max(self.kl_max, float(kl.max()))
         self.kl_hist.add(kl)
         self.boot_weight += weights.sum(dim=1)
@@ -195,4 +210,6 @@ class PairMetrics:
                                  (self.kl_hist.value_at_rank(lo_rank), self.kl_hist.value_at_rank(hi_rank)), n,
                                  {"resolution": "log histogram, 200 bins per decade"})
         out["kl_max"] = Estimate(self.kl_max, None, n, {})
+        out["logit_sqnr_db"] = self.sqnr.estimate({"cap_db": SQNR_CAP_DB})
+        out["logit_cosine"] = self.cosine.estimate()
         return out

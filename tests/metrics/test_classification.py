@@ -129,3 +129,20 @@ def test_log_histogram_quantiles():
 def test_bad_average_is_refused():
     with pytest.raises(InvalidArgument, match="average='samples'"):
         PairMetrics(3, f1_average="samples")
+
+
+def test_logit_sqnr_and_cosine_match_numpy_and_are_batch_invariant():
+    from qrobust.metrics.classification import SQNR_CAP_DB, logit_sqnr_db
+
+    fp, q = logits(50, 6, 3), logits(50, 6, 3) + 0.1 * logits(50, 6, 4)
+    expected = 20 * np.log10(np.linalg.norm(fp.numpy(), axis=1) / np.linalg.norm((fp - q).numpy(), axis=1))
+    assert np.allclose(logit_sqnr_db(fp, q).numpy(), expected)
+    assert float(logit_sqnr_db(fp, fp).max()) == SQNR_CAP_DB  # identical logits: capped, never inf
+    y = torch.zeros(50, dtype=torch.long)
+    one = feed(PairMetrics(6, replicates=100), fp, q, y, 50).results()
+    many = feed(PairMetrics(6, replicates=100), fp, q, y, 7).results()
+    cosine = (fp * q).sum(1) / (fp.norm(dim=1) * q.norm(dim=1))
+    assert one["logit_cosine"].value == pytest.approx(float(cosine.double().mean()), rel=1e-6)
+    assert one["logit_sqnr_db"].value == pytest.approx(float(expected.mean()), rel=1e-6)
+    assert many["logit_sqnr_db"].value == pytest.approx(one["logit_sqnr_db"].value, rel=1e-9)
+    assert many["logit_sqnr_db"].interval == pytest.approx(one["logit_sqnr_db"].interval)
