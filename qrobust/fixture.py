@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from qrobust.gate.plan import CaseSpec
 from qrobust.gate.verdict import judge
@@ -127,10 +128,28 @@ class QrobustCheck:
         count = len(quantizers(pair.quantized))
         case = CaseSpec(pair_name, "clean", 0.0, {"quantizer_violations": 0.0})
         estimate = Estimate(float(len(failures)), None, count, {"violations": failures[:10]})
-        messages = self._decide(case, "quantizer_violations", estimate, 0.0)
+        messages = []
+        if self._decide(case, "quantizer_violations", estimate, 0.0):
+            messages = [f"{pair_name}: {len(failures)} of {count} quantizers break a property"] + [
+                f"{pair_name} / {line}" for line in failures[:10]]
+        messages += self._coverage(case, pair)
         if messages:
-            pytest.fail("\n".join([f"{pair_name}: {len(failures)} of {count} quantizers break a property"]
-                                   + [f"{pair_name} / {line}" for line in failures[:10]]), pytrace=False)
+            pytest.fail("\n".join(messages), pytrace=False)
+
+    def _coverage(self, case: CaseSpec, pair) -> list[str]:
+        """The share of MACs the twin quantizes, gated by ``quantized_fraction`` where the thresholds set it."""
+        from qrobust.quant.coverage import mac_coverage
+
+        session = self._session
+        h, w = pair.preprocess.resolution
+        device = next(pair.fp32.parameters()).device
+        coverage = mac_coverage(pair.fp32, pair.quantized, torch.zeros(1, pair.preprocess.channels, h, w, device=device))
+        entry = session.thresholds.gate.get(case.pair)
+        configured = {**session.thresholds.defaults, **(entry.tolerances if entry else {})}
+        estimate = Estimate(coverage["fraction"], None, coverage["total"],
+                            {"quantized_layers": coverage["quantized"],
+                             "float_layers": [r["layer"] for r in coverage["layers"] if not r["quantized"]][:20]})
+        return self._decide(case, "quantized_fraction", estimate, self._tolerance(configured, "quantized_fraction"))
 
     # ---- shared steps -----------------------------------------------------------------------------------
     def _diagnosis(self, case: CaseSpec, failed: list[tuple[str, float, float]]) -> list[str]:

@@ -486,7 +486,8 @@ def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Th
         replicates=v.whole(raw.get("replicates", 1000), "replicates", minimum=10),
         f1_average=v.choice(raw.get("f1_average", "macro"), "f1_average", F1_AVERAGES),
         cam_method=v.choice(cam.get("method", "auto"), "cam.method", ("auto", *_cam_methods())),
-        defaults=_frozen(default_tolerances() if defaults is None else v.tolerances(defaults, "defaults", CASE_METRICS)),
+        defaults=_frozen(default_tolerances() if defaults is None
+                         else v.tolerances(defaults, "defaults", CASE_METRICS + ("quantized_fraction",))),
         sweep=_frozen(sweep), gate=_frozen(_gate(v, raw, sweep)), baseline=_frozen(_baseline(v, raw)),
         bitwidth=_bitwidth(v, raw), latency=_latency(v, raw), explanations=_explanations(v, raw),
         pairs=_frozen(declared_pairs), datasets=_frozen(datasets),

@@ -62,6 +62,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("speedup", True, "latency", "FP32 latency / quantized latency, measured interleaved", 0.25),
     Metric("cam_speedup", True, "latency",
            "FP32 / quantized time of inference plus EigenCAM, measured interleaved", 0.25),
+    Metric("quantized_fraction", True, "quantizer",
+           "share of the FP32 model's Conv/Linear multiply-accumulates that the twin computes quantized", 0.01),
     Metric("quantizer_violations", False, "quantizer",
            "quantizers of the twin that break a quantizer property (qrobust.quant.properties)", 0.0, 0.0,
            counted=False),
