@@ -29,6 +29,7 @@ class Context:
     boxes: torch.Tensor | None = None  # (N, 4) x0, y0, x1, y1 in pixels, end exclusive
     model: Callable[[torch.Tensor], torch.Tensor] | None = None  # FP32 model on normalized input (fgsm)
     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None
+    cache: dict | None = None  # the caller's memo for work that does not depend on the level (fgsm's gradient)
 
 
 @dataclass(frozen=True)
@@ -215,12 +216,18 @@ def fgsm(images, level, ctx):
 
     The loss is summed over the batch so each sample's gradient is independent of its batch mates.
     """
-    x = images.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        logits = ctx.model(ctx.normalize(x))
-        target = logits.argmax(dim=1).detach()
-        grad, = torch.autograd.grad(F.cross_entropy(logits, target, reduction="sum"), x)
-    return (images + level * grad.sign()).clamp_(0, 1).detach()
+    key = ("fgsm", tuple(ctx.ids.tolist()))
+    direction = ctx.cache.get(key) if ctx.cache is not None else None
+    if direction is None:  # the sign does not depend on epsilon: one gradient per batch serves every level
+        x = images.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            logits = ctx.model(ctx.normalize(x))
+            target = logits.argmax(dim=1).detach()
+            grad, = torch.autograd.grad(F.cross_entropy(logits, target, reduction="sum"), x)
+        direction = grad.sign().to(torch.int8)
+        if ctx.cache is not None:
+            ctx.cache[key] = direction
+    return (images + level * direction.to(images.dtype)).clamp_(0, 1).detach()
 
 
 def check_images(images) -> None:
@@ -238,8 +245,9 @@ def check_level(level) -> float:
 
 
 def perturb(name: str, images: torch.Tensor, level: float, ids=None, seed: int = 0, boxes=None,
-            model=None, normalize=None) -> torch.Tensor:
-    """Apply perturbation ``name`` at ``level``; ``ids`` default to 0..N-1 (pass real ids for datasets)."""
+            model=None, normalize=None, cache: dict | None = None) -> torch.Tensor:
+    """Apply perturbation ``name`` at ``level``; ``ids`` default to 0..N-1 (pass real ids for datasets).
+    ``cache`` keeps level-independent work (fgsm's gradient sign) between levels of the same samples."""
     spec = PERTURBATIONS.get(name)
     check_images(images)
     level = spec.check_level(level)
@@ -250,4 +258,4 @@ def perturb(name: str, images: torch.Tensor, level: float, ids=None, seed: int =
         raise invalid("model", model, f"perturbation {name!r} needs the FP32 model and its normalize")
     if level == 0:
         return images.clone()
-    return spec.fn(images, level, Context(ids, seed, boxes, model, normalize))
+    return spec.fn(images, level, Context(ids, seed, boxes, model, normalize, cache))

@@ -32,6 +32,21 @@ from qrobust.models.pair import ModelPair
 
 CLEAN = "clean"  # cache key of the unperturbed input (level 0 of every perturbation)
 MAX_BATCH_PIXELS = 8 * 224 * 224  # input pixels per batch (per channel): 8 ImageNet images, 392 digits
+MODEL_WORK_BYTES = 256 * 2**20  # fgsm's int8 gradient signs kept for the next level; beyond this, recomputed
+
+
+class BoundedCache(dict):
+    """A dict that stops taking tensors once they hold ``limit`` bytes (later entries are recomputed)."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit, self.used = limit, 0
+
+    def __setitem__(self, key, value):
+        size = value.numel() * value.element_size()
+        if key in self or self.used + size <= self.limit:
+            self.used += 0 if key in self else size
+            super().__setitem__(key, value)
 
 
 @dataclass
@@ -116,6 +131,7 @@ class Evaluator:
         self._subsets: dict[str, ImageSet | StreamingSet] = {}
         self._cache: dict[tuple[str, str, float], CaseResult] = {}
         self._loader = loader
+        self._model_work: dict[int, BoundedCache] = {}  # per FP32 model: fgsm's gradient signs by batch
         self.forward_passes: Counter[str] = Counter()
         self.perturbed_batches: Counter[str] = Counter()
         # progress(label, batches done, batches in all), called after every batch (the plugin draws it)
@@ -301,8 +317,14 @@ class Evaluator:
         """The perturbed pixels of ``batch`` (CPU), the same for every pair of the group."""
         if PERTURBATIONS.get(perturbation).needs_model:
             normalize = lead.preprocess.normalize
+            cache = self._model_work.setdefault(id(lead.fp32), BoundedCache(MODEL_WORK_BYTES))
+
+            def model(x):  # counted: the attack's gradient pass is model work too
+                self.forward_passes[f"{fp32_label(self.group_of(lead))} gradient"] += 1
+                return lead.fp32(x)
+
             return perturb(perturbation, batch.images.to(self.device), level, ids=batch.ids, seed=self.seed,
-                           boxes=batch.boxes, model=lead.fp32, normalize=normalize).cpu()
+                           boxes=batch.boxes, model=model, normalize=normalize, cache=cache).cpu()
         return perturb(perturbation, batch.images, level, ids=batch.ids, seed=self.seed, boxes=batch.boxes)
 
     def case_inputs(self, pair: str, perturbation: str, level: float, count: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

@@ -161,3 +161,13 @@ def test_lenet_int8_pair_over_every_perturbation():
         assert result.healthy and result.n == 200
         assert result.metric("agreement").value >= 0.9
         assert abs(result.metric("top1_delta").value) <= 0.05
+
+
+def test_fgsm_computes_the_fp32_gradient_once_per_batch_for_every_level():
+    ev = evaluator(make_pair("a", tiny()), batch_size=50)
+    first = ev.evaluate("a", "fgsm", 0.02)
+    assert ev.forward_passes["fp32[a] gradient"] == 2  # 100 samples, batches of 50
+    second = ev.evaluate("a", "fgsm", 0.05)
+    assert ev.forward_passes["fp32[a] gradient"] == 2  # reused: the sign does not depend on epsilon
+    fresh = evaluator(make_pair("a", tiny()), batch_size=50).evaluate("a", "fgsm", 0.05)
+    assert second.state.counts == fresh.state.counts and first.n == second.n == 100
