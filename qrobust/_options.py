@@ -1,4 +1,4 @@
-"""The ``--qrobust-*`` options and marker checks, parsed at the boundary (import-light: no torch).
+"""The ``--qrobust-*`` options, parsed at the boundary (import-light: neither torch nor pytest).
 
 Each parser raises ``argparse.ArgumentTypeError`` naming the bad value, so a bad option is one line when
 pytest starts, whether it came from the command line, the environment or the ini file.
@@ -6,12 +6,9 @@ pytest starts, whether it came from the command line, the environment or the ini
 from __future__ import annotations
 
 import argparse
-import math
 import re
 from dataclasses import dataclass
 from collections.abc import Callable
-
-import pytest
 
 from qrobust.errors import show
 
@@ -108,19 +105,3 @@ FLAGS = {
     "overwrite-baseline": "allow --qrobust-save-baseline to replace an existing file",
     "baseline-any-env": "compare with a baseline recorded in a different environment (torch, CPU, weights)",
 }
-
-
-def check_marker_metric(nodeid: str, marker: str, metric) -> None:
-    """A marker's metric must be in the catalogue; a typo is a usage error with the closest names."""
-    from qrobust.metrics.catalog import METRICS
-    from qrobust.registry import did_you_mean
-
-    if metric not in METRICS:
-        raise pytest.UsageError(f"{nodeid}: @pytest.mark.{marker}: unknown metric {show(metric)}"
-                                f"{did_you_mean(metric, METRICS)}")
-
-
-def check_marker_tolerance(nodeid: str, metric: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise pytest.UsageError(f"{nodeid}: @pytest.mark.qrobust_tolerance({metric}=...): expected a finite "
-                                f"number >= 0, got {show(value)}")

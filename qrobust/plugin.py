@@ -229,14 +229,35 @@ def pytest_collection_modifyitems(config, items):
                 raise pytest.UsageError(f"{item.nodeid}: qrobust_tolerance takes metric=tolerance keywords, "
                                         f"not positional values {marker.args!r}")
             for metric, value in marker.kwargs.items():
-                opts.check_marker_metric(item.nodeid, "qrobust_tolerance", metric)
-                opts.check_marker_tolerance(item.nodeid, metric, value)
+                _check_marker_metric(item.nodeid, "qrobust_tolerance", metric)
+                _check_marker_tolerance(item.nodeid, metric, value)
         for marker in item.iter_markers("qrobust_metrics"):
             if marker.kwargs or not marker.args:
                 raise pytest.UsageError(f"{item.nodeid}: qrobust_metrics takes metric names, e.g. "
                                         "@pytest.mark.qrobust_metrics('kl_mean')")
             for metric in marker.args:
-                opts.check_marker_metric(item.nodeid, "qrobust_metrics", metric)
+                _check_marker_metric(item.nodeid, "qrobust_metrics", metric)
+
+
+def _check_marker_metric(nodeid: str, marker: str, metric) -> None:
+    """A marker's metric must be in the catalogue; a typo is a usage error with the closest names."""
+    from qrobust.errors import show
+    from qrobust.metrics.catalog import METRICS
+    from qrobust.registry import did_you_mean
+
+    if metric not in METRICS:
+        raise pytest.UsageError(f"{nodeid}: @pytest.mark.{marker}: unknown metric {show(metric)}"
+                                f"{did_you_mean(metric, METRICS)}")
+
+
+def _check_marker_tolerance(nodeid: str, metric: str, value) -> None:
+    import math
+
+    from qrobust.errors import show
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise pytest.UsageError(f"{nodeid}: @pytest.mark.qrobust_tolerance({metric}=...): expected a finite "
+                                f"number >= 0, got {show(value)}")
 
 
 @pytest.fixture(scope="session")
