@@ -29,7 +29,8 @@ datasets:
 
 # Without a perturbations: section the gate sweeps seed 004's four families (awgn, brownian, vertical and
 # horizontal occlusion) at their default levels; without defaults: it applies the documented defaults
-# (top1_delta 0.01, top5_delta 0.01, f1_delta 0.01, agreement 0.98, kl_mean 0.02, kl_p95 0.05).
+# (top1_delta 0.01, top5_delta 0.01, f1_delta 0.01, agreement 0.98, kl_mean 0.02, kl_p95 0.05,
+# quantizer_violations 0).
 defaults:
   top1_delta: 0.01     # NNCF / Intel Neural Compressor default accuracy-drop budget
   agreement: 0.98

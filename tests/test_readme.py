@@ -54,7 +54,7 @@ def test_the_own_model_example_gates_a_checkpoint_and_a_folder(tmp_path):
     assert "checks:" in out and "building pair my-resnet-int8" in out and "Traceback" not in out
     report = __import__("json").loads((tmp_path / "qrobust-report" / "report.json").read_text())
     assert {c["perturbation"] for c in report["cases"]} == {"awgn", "brownian", "occlusion_vertical",
-                                                            "occlusion_horizontal"}
+                                                            "occlusion_horizontal", "clean"}  # clean: quantizer
     assert {c["metric"] for c in report["cases"]} >= {"top1_delta", "agreement", "kl_mean"}
     pair = report["environment"]["pairs"]["my-resnet-int8"]
     assert pair["cam"]["quantized_layer"] == "avgpool:input" and pair["samples"] == 12

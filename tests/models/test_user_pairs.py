@@ -56,7 +56,7 @@ def test_a_readme_shaped_file_gets_the_default_sweep_and_tolerances(user, recwar
     t = load_thresholds(user.path / "thresholds.yaml")
     assert list(t.sweep) == ["awgn", "brownian", "occlusion_vertical", "occlusion_horizontal"]
     assert t.defaults == {"top1_delta": 0.01, "top5_delta": 0.01, "f1_delta": 0.01, "agreement": 0.98,
-                          "kl_mean": 0.02, "kl_p95": 0.05}
+                          "kl_mean": 0.02, "kl_p95": 0.05, "quantizer_violations": 0.0}
     user.makepyfile(test_gate=SUITE)
     result = user.runpytest("-p", "no:cacheprovider", "-rs", "--qrobust-max-samples", "6")
     outcomes = result.parseoutcomes()
