@@ -3,7 +3,7 @@
 The public API, for conftest.py files and scripts; everything here is imported lazily, so the pytest
 plugin (which loads with every pytest run) stays light:
 
-    from qrobust import ModelPair, Preprocess, register_pair, get_preset, quantize_model
+    from qrobust import ModelPair, Preprocess, register_pair, get_preset, quantize_model, load_onnx
 
 Modules of earlier releases (``qrobust.pairs``, ``qrobust.quantize``, ...) still import, with a
 DeprecationWarning, until the next release (see ``qrobust._compat``).
@@ -26,6 +26,8 @@ _PUBLIC = {
     # quantization
     "QuantConfig": "qrobust.quant", "TensorSpec": "qrobust.quant", "PRESETS": "qrobust.quant",
     "get_preset": "qrobust.quant", "quantize_model": "qrobust.quant",
+    # runtimes
+    "load_onnx": "qrobust.runtimes", "RuntimeModel": "qrobust.runtimes",
     # data and perturbations
     "ImageSet": "qrobust.data", "StreamingSet": "qrobust.data", "DATASETS": "qrobust.data",
     "load_dataset": "qrobust.data", "perturb": "qrobust.data", "register_perturbation": "qrobust.data",

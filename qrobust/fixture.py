@@ -88,6 +88,7 @@ class QrobustCheck:
 
         from qrobust.explain.cam import compute_cams
         from qrobust.metrics.timing import interleaved_speedup
+        from qrobust.runtimes import runtime_name, same_runtime_fp32
 
         session = self._session
         config = session.thresholds.latency
@@ -100,17 +101,20 @@ class QrobustCheck:
         if benchmark is not None:  # pytest-benchmark's own table, of the quantized forward
             with torch.inference_mode():
                 benchmark.pedantic(pair.quantized, args=(x_q,), rounds=config.rounds, iterations=1, warmup_rounds=2)
-        timings = {"speedup": interleaved_speedup(pair.fp32, pair.quantized, x_fp, x_q, rounds=config.rounds)}
+        reference = same_runtime_fp32(pair.fp32, pair.quantized, x)  # like with like: the twin's runtime
+        x_ref = x_fp if reference is pair.fp32 else x_q
+        timings = {"speedup": interleaved_speedup(reference, pair.quantized, x_ref, x_q, rounds=config.rounds)}
         if pair.target_layer:  # seed 002 times inference plus EigenCAM on both models: one hooked forward each
             timings["cam_speedup"] = interleaved_speedup(
-                lambda v: compute_cams(pair.fp32, v, pair.target_layer, ["eigencam"]),
+                lambda v: compute_cams(reference, v, pair.target_layer, ["eigencam"]),
                 lambda v: compute_cams(pair.quantized, v, pair.quantized_target_layer, ["eigencam"]),
-                x_fp, x_q, rounds=config.rounds)
+                x_ref, x_q, rounds=config.rounds)
+        runtimes = {"fp32_runtime": runtime_name(reference), "quantized_runtime": runtime_name(pair.quantized)}
         case = CaseSpec(pair.name, "latency", float(config.batch), config.tolerances)
         failures = []
         for metric, s in timings.items():
             estimate = Estimate(s.speedup, s.interval, s.rounds, {"fp32_ms": s.fp32_ms, "quantized_ms": s.quantized_ms,
-                                                                    "batch": config.batch})
+                                                                    "batch": config.batch, **runtimes})
             failures += self._decide(case, metric, estimate, self._tolerance(case.tolerances, metric))
         if failures:
             pytest.fail("\n".join(failures), pytrace=False)
@@ -142,7 +146,7 @@ class QrobustCheck:
 
         session = self._session
         h, w = pair.preprocess.resolution
-        device = next(pair.fp32.parameters()).device
+        device = next(pair.fp32.parameters(), torch.zeros(())).device
         coverage = mac_coverage(pair.fp32, pair.quantized, torch.zeros(1, pair.preprocess.channels, h, w, device=device))
         entry = session.thresholds.gate.get(case.pair)
         configured = {**session.thresholds.defaults, **(entry.tolerances if entry else {})}

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qrobust.errors import UnsupportedError, invalid
-from qrobust.quant.convert import is_int8, layer_root
+from qrobust.quant.convert import layer_root
+from qrobust.runtimes.base import RuntimeModel, differentiable
 from qrobust.registry import Registry
 
 
@@ -119,8 +120,8 @@ def _check_targets(logits: torch.Tensor, targets) -> torch.Tensor:
     return targets
 
 
-def _activation(capture: _Capture, target_layer: str) -> torch.Tensor:
-    act = capture.output
+def _checked(act, target_layer: str) -> torch.Tensor:
+    """The layer's output as a float (N, C, h, w) tensor, or one line saying why it is not one."""
     if act is None:
         raise invalid("target_layer", target_layer, "was not called during the forward pass")
     if not isinstance(act, torch.Tensor) or act.dim() != 4:
@@ -134,28 +135,35 @@ def compute_cams(model: nn.Module, x: torch.Tensor, target_layer: str, methods, 
 
     ``targets`` default to the model's own top-1; pass the FP32 top-1 for a quantized twin so both maps
     explain the same class. The logits of that forward are returned too, so callers need no other pass.
+    A runtime model (ONNX Runtime) exposes the layer's tensor from the same call; it has no gradients.
     """
     methods = [m if isinstance(m, CamMethod) else method(m) for m in methods]
     needs_grad = any(m.uses_gradients for m in methods)
-    if needs_grad and is_int8(model):
+    if needs_grad and not differentiable(model):
         names = ", ".join(m.name for m in methods if m.uses_gradients)
+        where = f"an {model.runtime} model" if isinstance(model, RuntimeModel) else "a real int8 model"
         raise UnsupportedError(
-            f"{names} needs gradients, and a real int8 model has none: compute it on the pair's fake-quant twin "
-            "(a fake-* preset with the same bit widths) or use the gradient-free eigencam")
-    layer = resolve_layer(model, target_layer)
-    with _Capture(layer, on_input=split_layer(target_layer)[1]) as capture:
-        if needs_grad:
-            with torch.enable_grad():
-                logits = model(x.detach().requires_grad_(True))  # a graph even for frozen weights
-                targets = _check_targets(logits, targets)
-                act = _activation(capture, target_layer)
-                grads, = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), act)
-            act, grads = act.detach(), grads.detach()
-        else:
-            with torch.inference_mode():
-                logits = model(x)
-                targets = _check_targets(logits, targets)
-                act, grads = _activation(capture, target_layer), None
+            f"{names} needs gradients, and {where} has none: use the gradient-free eigencam (or compute "
+            "gradient maps on the pair's fake-quant twin, a fake-* preset with the same bit widths)")
+    if isinstance(model, RuntimeModel):
+        logits, acts = model.run(x, [target_layer])
+        targets = _check_targets(logits, targets)
+        act, grads = _checked(acts[target_layer], target_layer), None
+    else:
+        layer = resolve_layer(model, target_layer)
+        with _Capture(layer, on_input=split_layer(target_layer)[1]) as capture:
+            if needs_grad:
+                with torch.enable_grad():
+                    logits = model(x.detach().requires_grad_(True))  # a graph even for frozen weights
+                    targets = _check_targets(logits, targets)
+                    act = _checked(capture.output, target_layer)
+                    grads, = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), act)
+                act, grads = act.detach(), grads.detach()
+            else:
+                with torch.inference_mode():
+                    logits = model(x)
+                    targets = _check_targets(logits, targets)
+                    act, grads = _checked(capture.output, target_layer), None
     size = tuple(x.shape[-2:])
     maps = {m.name: postprocess(m.raw(act.float(), grads if m.uses_gradients else None), size) for m in methods}
     return CamOutputs(maps, targets, logits.detach(), act.float())

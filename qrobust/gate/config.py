@@ -453,6 +453,22 @@ def read_thresholds_file(path: str | Path) -> tuple[bytes, Any]:
         raise ConfigError(f"{path}: not valid YAML: {reason}") from None
 
 
+def _gradients_available(v: _Validator, thresholds: Thresholds) -> None:
+    """Attacks (fgsm) need the FP32 model's input gradients: a pair whose FP32 is an ONNX file has none."""
+    from qrobust.data.perturbations import PERTURBATIONS
+
+    for name, spec in thresholds.pairs.items():
+        entry = thresholds.gate.get(name)
+        if "fp32" not in spec or entry is None:
+            continue
+        used = entry.perturbations if entry.perturbations is not None else thresholds.sweep
+        attacks = [p for p in used if PERTURBATIONS.get(p).needs_model]
+        if attacks:
+            v.fail(v.join("gate", name), f"{', '.join(attacks)} needs the FP32 model's input gradients and this pair's "
+                                         "FP32 is an ONNX file: give the pair a torch FP32 (arch or builder) or list "
+                                         "its perturbations without it")
+
+
 def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Thresholds:
     """Parse and validate ``path``; raises ConfigError with ``file: key.path: reason``."""
     raw_bytes, raw = read_thresholds_file(path)
@@ -492,6 +508,7 @@ def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Th
         bitwidth=_bitwidth(v, raw), latency=_latency(v, raw), explanations=_explanations(v, raw),
         pairs=_frozen(declared_pairs), datasets=_frozen(datasets),
     )
+    _gradients_available(v, thresholds)
     if not thresholds.mentioned_pairs:
         v.fail("gate", "no pair is gated: list pairs under gate: (or bitwidth/latency/explanations pairs); "
                        "a gate that checks nothing does not pass")

@@ -12,13 +12,13 @@ from pathlib import Path
 from qrobust.errors import QrobustWarning, show
 from qrobust.registry import did_you_mean
 
-PAIR_KEYS = {"arch", "builder", "weights", "trust", "num_classes", "preset", "preprocess", "dataset", "calibration",
-             "target_layer", "quantized_target_layer"}
+PAIR_KEYS = {"arch", "builder", "fp32", "quantized", "providers", "weights", "trust", "num_classes", "preset",
+             "preprocess", "dataset", "calibration", "target_layer", "quantized_target_layer"}
 DATASET_KEYS = {"folder", "builder", "resolution", "resize", "channels", "boxes", "saliency", "num_classes",
                 "max_samples", "workers"}
 
 
-def _one_of(v, spec: dict, key: str, options: tuple[str, str]) -> str:
+def _one_of(v, spec: dict, key: str, options: tuple[str, ...]) -> str:
     present = [o for o in options if o in spec]
     if len(present) != 1:
         v.fail(key, f"needs exactly one of {' or '.join(options)}, got {present or 'neither'}")
@@ -96,7 +96,8 @@ def validate_pair(v, name: str, spec: dict, base: Path, datasets: dict[str, dict
 
     key = v.join("pairs", name)
     v.keys(spec, key, PAIR_KEYS)
-    source = _one_of(v, spec, key, ("arch", "builder"))
+    source = _one_of(v, spec, key, ("arch", "builder", "fp32"))
+    _onnx_models(v, spec, key, base)
     if source == "arch":
         from qrobust.models.archs import classification_archs
         known = classification_archs()
@@ -106,7 +107,7 @@ def validate_pair(v, name: str, spec: dict, base: Path, datasets: dict[str, dict
         if "weights" not in spec:
             v.fail(f"{key}.weights", "needs a checkpoint path, 'hub' (torch hub cache, never downloaded) or 'random' "
                                      "(explicit opt-in, for latency and pipeline checks only)")
-    else:
+    elif source == "builder":
         _importable(v, spec["builder"], f"{key}.builder")
     weights = spec.get("weights")
     if weights is not None and weights not in ("hub", "random"):
@@ -138,6 +139,12 @@ def validate_pair(v, name: str, spec: dict, base: Path, datasets: dict[str, dict
         if spec["preset"] not in PRESETS:
             v.fail(f"{key}.preset", f"unknown preset {show(spec['preset'])}{did_you_mean(spec['preset'], PRESETS)} "
                                     f"(known: {', '.join(PRESETS)})")
+        if "quantized" in spec:
+            v.fail(f"{key}.preset", "the pair gives its quantized model (quantized:); a preset would build another "
+                                    "one: remove one of the two")
+        if source == "fp32" and PRESETS.get(spec["preset"]).runtime != "onnxruntime":
+            v.fail(f"{key}.preset", f"{show(spec['preset'])} quantizes torch models and fp32: is an ONNX file: use an "
+                                    f"ONNX Runtime preset ({', '.join(PRESETS.names('onnxruntime'))})")
         if "calibration" not in spec:
             v.fail(f"{key}.calibration", "post-training quantization needs calibration data: "
                                          "{dataset: NAME, samples: N}, never the gated test split")
@@ -149,8 +156,28 @@ def validate_pair(v, name: str, spec: dict, base: Path, datasets: dict[str, dict
             warnings.warn(f"{v.path}: {key}.calibration: calibrates on the gated dataset {show(spec['dataset'])}: the "
                           "twin's ranges then fit the very samples it is judged on; calibrate on another split",
                           QrobustWarning, stacklevel=2)
-    elif source == "arch":
-        v.fail(f"{key}.preset", "an arch pair needs a quantization preset")
+    elif source != "builder" and "quantized" not in spec:
+        v.fail(f"{key}.preset", f"an {source} pair needs a quantization preset or its quantized model (quantized:)")
+
+
+def _onnx_models(v, spec: dict, key: str, base: Path) -> None:
+    """``fp32:`` / ``quantized:`` ONNX files, and ``providers`` only where ONNX Runtime runs something."""
+    for role in ("fp32", "quantized"):
+        if role in spec:
+            _existing(v, base, spec[role], f"{key}.{role}")
+            if not str(spec[role]).endswith(".onnx"):
+                v.fail(f"{key}.{role}", f"expected an .onnx file, got {show(spec[role])}")
+    if "fp32" in spec and "weights" in spec:
+        v.fail(f"{key}.weights", "an ONNX fp32 model carries its weights; remove weights:")
+    if "providers" in spec:
+        from qrobust.quant import PRESETS
+
+        preset = PRESETS.get(spec["preset"]) if spec.get("preset") in PRESETS else None
+        if not ("fp32" in spec or "quantized" in spec or (preset is not None and preset.runtime == "onnxruntime")):
+            v.fail(f"{key}.providers", "execution providers apply to ONNX models; this pair has none")
+        providers = spec["providers"]
+        if not isinstance(providers, list) or not providers or not all(isinstance(p, str) and p for p in providers):
+            v.fail(f"{key}.providers", f"expected a list of execution provider names, got {show(providers)}")
 
 
 def _fits(v, key: str, pair: dict, pre: dict, name: str, dataset: dict, base: Path, classes: bool) -> None:

@@ -22,13 +22,14 @@ import torch
 
 from qrobust.data import ImageSet, StreamingSet, load_dataset
 from qrobust.data.perturbations import PERTURBATIONS, perturb
-from qrobust.errors import ModelOutputError, invalid
+from qrobust.errors import ModelOutputError, UnsupportedError, invalid
 from qrobust.explain.cam import compute_cams
 from qrobust.explain.layers import match_twin_layer
 from qrobust.metrics.classification import PairMetrics
 from qrobust.metrics.saliency import CamAgreement
 from qrobust.metrics.stats import Estimate, poisson_weights
 from qrobust.models.pair import ModelPair
+from qrobust.runtimes.base import differentiable, runtime_name
 
 CLEAN = "clean"  # cache key of the unperturbed input (level 0 of every perturbation)
 MAX_BATCH_PIXELS = 8 * 224 * 224  # input pixels per batch (per channel): 8 ImageNet images, 392 digits
@@ -149,11 +150,12 @@ class Evaluator:
         pair.quantized.to(self.twin_device(pair))
         self.probe(pair)
         self.pairs[pair.name] = pair
-        self.cam_methods[pair.name] = self._method_overrides.get(
-            pair.name, "eigencam" if pair.kind == "int8" else "gradcampp")
+        gradients = pair.kind != "int8" and differentiable(pair.fp32)
+        self.cam_methods[pair.name] = self._method_overrides.get(pair.name, "gradcampp" if gradients else "eigencam")
 
     def twin_device(self, pair: ModelPair) -> torch.device:
-        """Real int8 kernels run on the CPU; fake-quant twins are plain float models on ``device``."""
+        """Real int8 kernels run on the CPU (an ONNX Runtime twin takes CPU tensors and places them on its
+        execution provider); fake-quant twins are plain float models on ``device``."""
         return torch.device("cpu") if pair.kind == "int8" else self.device
 
     def _pair(self, name: str) -> ModelPair:
@@ -207,7 +209,7 @@ class Evaluator:
                 raise ModelOutputError(f"pair {pair.name!r}: {model} model returned NaN/Inf on clean input "
                                        f"for {int(bad.sum())} of {len(x)} probe samples "
                                        f"(first ids {batch.ids[bad][:5].tolist()})")
-        if pair.target_layer is not None and not pair.twin_layer_given:
+        if pair.target_layer is not None and not pair.twin_layer_given and differentiable(pair.fp32):
             # the twin's CAM tensor must be FP32's: settle the structural guess with this batch
             layer, error = match_twin_layer(pair.fp32, pair.quantized, pair.target_layer, x.to(self.device),
                                             x.to(self.twin_device(pair)))
@@ -316,6 +318,9 @@ class Evaluator:
     def _perturb(self, lead: ModelPair, batch, perturbation: str, level: float) -> torch.Tensor:
         """The perturbed pixels of ``batch`` (CPU), the same for every pair of the group."""
         if PERTURBATIONS.get(perturbation).needs_model:
+            if not differentiable(lead.fp32):
+                raise UnsupportedError(f"{perturbation} needs the FP32 model's input gradients and pair {lead.name!r}'s "
+                                       f"FP32 runs on {runtime_name(lead.fp32)}: give the pair a torch FP32 model")
             normalize = lead.preprocess.normalize
             cache = self._model_work.setdefault(id(lead.fp32), BoundedCache(MODEL_WORK_BYTES))
 

@@ -25,7 +25,8 @@ def fp32_key(spec: dict, base: Path) -> tuple:
     one FP32 forward per perturbed batch serves all of them)."""
     weights = spec.get("weights")
     path = str((base / weights).resolve()) if weights not in (None, "hub", "random") else weights
-    return spec.get("arch") or spec.get("builder"), path, int(spec["num_classes"]), bool(spec.get("trust", False))
+    source = str((base / spec["fp32"]).resolve()) if "fp32" in spec else spec.get("arch") or spec.get("builder")
+    return source, path, int(spec["num_classes"]), bool(spec.get("trust", False)), tuple(spec.get("providers", ()))
 
 
 def _fp32(spec: dict, base: Path, name: str):
@@ -33,8 +34,12 @@ def _fp32(spec: dict, base: Path, name: str):
     from qrobust.models.archs import build_arch
     from qrobust.models.checkpoints import load_checkpoint
 
+    from qrobust.runtimes import load_onnx
+
     weights = spec.get("weights")
     weights_path = None if weights in (None, "hub", "random") else base / weights
+    if "fp32" in spec:
+        return load_onnx(base / spec["fp32"], providers=spec.get("providers"), trust=spec.get("trust", False)), None
     if "arch" in spec:
         return build_arch(spec["arch"], int(spec["num_classes"]), str(weights_path or weights),
                           spec.get("trust", False)), None
@@ -76,9 +81,18 @@ def build_pair(name: str, spec: dict, base: Path, datasets: dict, fp32_cache: di
     else:
         fp32, quantized = _fp32(spec, base, name)
         cache.setdefault(key, (fp32, quantized))
-    fp32.eval()
+    from qrobust.runtimes import RuntimeModel, load_onnx
+
+    if not isinstance(fp32, RuntimeModel):
+        fp32.eval()
     calibration, requantize = None, None
-    if quantized is None:
+    if "quantized" in spec:
+        if quantized is not None:
+            raise invalid(f"pairs.{name}.quantized", spec["quantized"], "the builder returned a twin already")
+        quantized = load_onnx(base / spec["quantized"], providers=spec.get("providers"), trust=spec.get("trust", False))
+        config = replace(PRESETS.get("ort-int8"), name="onnx-file",
+                         source=f"the ONNX file {spec['quantized']} (its recipe is whatever built it)")
+    elif quantized is None:
         config = PRESETS.get(spec["preset"])
         cal = spec["calibration"]
         wanted = int(cal.get("samples", 128))
@@ -88,6 +102,8 @@ def build_pair(name: str, spec: dict, base: Path, datasets: dict, fp32_cache: di
                           f"{len(data)}: calibrating on all of them", QrobustWarning, stacklevel=2)
         calibration = {"dataset": cal["dataset"], "samples": len(data)}
         quantized = quantize_model(fp32, config, (preprocess.normalize(b.images) for b in data.batches(32)))
+        if isinstance(quantized, RuntimeModel):
+            quantized.use_providers(spec.get("providers"))
 
         def requantize(keep: tuple[str, ...]) -> torch.nn.Module:
             kept = replace(config, keep_fp32=config.keep_fp32 + tuple(keep))
@@ -97,10 +113,14 @@ def build_pair(name: str, spec: dict, base: Path, datasets: dict, fp32_cache: di
     target = spec.get("target_layer") or TORCHVISION_ARCHS.get(spec.get("arch", ""))
     weights = spec.get("weights")
     metadata = {"recipe": config.summary(), "declared": True, "weights_source": str(weights),
-                "random_weights": weights == "random", "weights_fingerprint": tensor_fingerprint(fp32.state_dict()),
-                "calibration": calibration if calibration else "the builder's own twin"}
+                "random_weights": weights == "random", "calibration": calibration or "its own twin (not calibrated by qrobust)"}
+    if not isinstance(fp32, RuntimeModel):
+        metadata["weights_fingerprint"] = tensor_fingerprint(fp32.state_dict())
+    files = [base / spec[k] for k in ("fp32", "quantized") if k in spec]
     if weights not in (None, "hub", "random"):
-        metadata["weights"] = {str(base / weights): sha256_file(base / weights)}
+        files.append(base / weights)
+    if files:
+        metadata["weights"] = {str(f): sha256_file(f) for f in files}
     try:
         return ModelPair(name, fp32, quantized, config, preprocess, num_classes=int(spec["num_classes"]),
                          dataset=spec["dataset"], target_layer=target,

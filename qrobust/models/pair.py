@@ -64,15 +64,37 @@ class ModelPair:
         return self.config.kind
 
     def __post_init__(self):
+        from qrobust.runtimes import RuntimeModel
+
         if not isinstance(self.config, QuantConfig):
             raise invalid("config", self.config, "must be a QuantConfig (see qrobust.get_preset)")
-        self.fp32.eval()
-        self.quantized.eval()
+        for role in ("fp32", "quantized"):
+            model = getattr(self, role)
+            if not isinstance(model, nn.Module):
+                raise invalid(role, type(model).__name__, "must be an nn.Module (a torch.export program: pass "
+                                                          "program.module(); an ONNX file: qrobust.load_onnx(path))")
+            _inference_mode(model)
         self.twin_layer_given = self.quantized_target_layer is not None
+        if self.target_layer is not None and isinstance(self.fp32, RuntimeModel):
+            self.fp32.layer_for(self.target_layer)  # a name the FP32 ONNX graph does not have fails here
         if self.quantized_target_layer is None and self.target_layer is not None:
-            from qrobust.quant.convert import twin_layer_name
+            if isinstance(self.quantized, RuntimeModel):
+                reference = self.fp32 if isinstance(self.fp32, RuntimeModel) else None
+                self.quantized_target_layer = self.quantized.layer_for(self.target_layer, reference)
+                self.twin_layer_given = True  # a runtime graph is matched by name, not by probing its modules
+            else:
+                from qrobust.quant.convert import twin_layer_name
 
-            self.quantized_target_layer = twin_layer_name(self.fp32, self.quantized, self.target_layer)
+                self.quantized_target_layer = twin_layer_name(self.fp32, self.quantized, self.target_layer)
+
+
+def _inference_mode(model: nn.Module) -> None:
+    """``model.eval()``; a ``torch.export`` program's module refuses train/eval switches (it was traced in
+    one mode and stays in it), so it is used as exported."""
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass
 
 
 @dataclass(frozen=True)

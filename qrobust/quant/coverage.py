@@ -23,7 +23,12 @@ def quantized_layer_names(twin: nn.Module) -> set[str]:
 
 def mac_coverage(fp32: nn.Module, twin: nn.Module, x: torch.Tensor) -> dict:
     """``{"fraction": share of MACs quantized, "layers": [{"layer", "macs", "quantized"}], "quantized": k,
-    "total": n}`` for one sample of ``x`` (MACs per image)."""
+    "total": n}`` for one sample of ``x`` (MACs per image). A runtime twin (ONNX) counts its own graph's
+    Conv/Gemm/MatMul nodes, named as in the graph."""
+    from qrobust.runtimes import RuntimeModel
+
+    if isinstance(twin, RuntimeModel):
+        return _summary(twin.compute_layers())
     macs: dict[str, int] = {}
     handles = []
 
@@ -46,7 +51,11 @@ def mac_coverage(fp32: nn.Module, twin: nn.Module, x: torch.Tensor) -> dict:
         for handle in handles:
             handle.remove()
     quantized = quantized_layer_names(twin)
-    layers = [{"layer": name, "macs": m, "quantized": name in quantized} for name, m in macs.items()]
+    return _summary([{"layer": name, "macs": m, "quantized": name in quantized} for name, m in macs.items()])
+
+
+def _summary(layers: list[dict]) -> dict:
+    macs = {row["layer"]: row["macs"] for row in layers}
     total = sum(macs.values())
     done = sum(row["macs"] for row in layers if row["quantized"])
     return {"fraction": done / total if total else 0.0, "layers": layers,

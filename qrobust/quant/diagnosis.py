@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from qrobust.errors import UnsupportedError
 from qrobust.quant.convert import FakeQuantLayer, is_int8, layer_root
 
 
@@ -89,6 +90,10 @@ def _clip_fraction(code) -> float:
 
 def layer_errors(fp32: nn.Module, twin: nn.Module, x: torch.Tensor, x_twin: torch.Tensor | None = None) -> list[LayerError]:
     """Per quantized layer of ``twin``, in execution order, its error against FP32 on the batch ``x``."""
+    from qrobust.runtimes import RuntimeModel
+
+    if isinstance(twin, RuntimeModel) or isinstance(fp32, RuntimeModel):
+        raise UnsupportedError("per-layer diagnosis hooks torch modules; an onnxruntime model has none to hook")
     layers = _quantized_layers(twin)
     fp32_leaves = [n for n, m in fp32.named_modules() if n and not list(m.children())]
     fp_out, _ = _capture(fp32, fp32_leaves, x)

@@ -12,6 +12,7 @@ from qrobust.quant.quantizer import quant_range
 from qrobust.registry import Registry
 
 KINDS = ("fake", "int8")
+RUNTIMES = ("torch", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,22 @@ class QuantConfig:
     keep_fp32: tuple[str, ...] = ()
     fold_relu6: bool = False  # int8: clip Conv(+BN)+ReLU6 through the fused kernel's output range
     source: str = ""
+    runtime: str = "torch"  # what runs the twin: torch.ao kernels, or ONNX Runtime (qrobust.runtimes)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise invalid("kind", self.kind, "must be 'fake' or 'int8'")
-        if self.kind == "int8":
+        if self.runtime not in RUNTIMES:
+            raise invalid("runtime", self.runtime, f"must be one of {', '.join(RUNTIMES)}")
+        if self.runtime == "onnxruntime":
+            if self.kind != "int8" or self.engine is not None or self.fold_relu6:
+                raise invalid("runtime", self.runtime, "an ONNX Runtime recipe is kind 'int8', with no torch engine "
+                                                       "and no fold_relu6")
+            if self.weight.bits not in (7, 8) or not self.weight.signed or not self.weight.symmetric:
+                raise invalid("weight", self.weight, "ONNX Runtime takes signed symmetric 8-bit weights (7: reduce_range)")
+            if self.activation.bits != 8 or self.activation.signed:
+                raise invalid("activation", self.activation, "ONNX Runtime recipes here use unsigned 8-bit activations")
+        elif self.kind == "int8":
             if self.engine is None:
                 raise invalid("engine", None, "an int8 config needs a quantized engine")
             if self.weight.bits != 8 or not self.weight.signed or not self.weight.symmetric:
@@ -73,7 +85,8 @@ class QuantConfig:
     def summary(self) -> dict:
         return {"name": self.name, "kind": self.kind, "engine": self.engine,
                 "weight": self.weight.describe(), "activation": self.activation.describe(),
-                "keep_fp32": list(self.keep_fp32), "fold_relu6": self.fold_relu6, "source": self.source}
+                "keep_fp32": list(self.keep_fp32), "fold_relu6": self.fold_relu6, "source": self.source,
+                "runtime": self.runtime}
 
 
 PRESETS: Registry[QuantConfig] = Registry("quantization preset")
@@ -126,6 +139,13 @@ _add(QuantConfig("int8-x86-per-tensor-minmax", "int8", replace(_W_SYM_PC, per_ch
                  replace(_A_AFFINE, bits=7), engine="x86",
                  source="naive int8: per-tensor min/max weights and activations (known to hurt depthwise nets)"),
      "naive")
+# ONNX Runtime's static QDQ recipe (qrobust.runtimes.onnx_quantize): per-channel symmetric int8 weights at
+# 7 bits (reduce_range: exact on every x86-64 CPU, VNNI or not), uint8 affine activations
+for _observer in ("minmax", "percentile"):
+    _add(QuantConfig("ort-int8" if _observer == "minmax" else f"ort-int8-{_observer}", "int8",
+                     replace(_W_SYM_PC, bits=7), replace(_A_AFFINE, observer=_observer), runtime="onnxruntime",
+                     source=f"ONNX Runtime quantize_static, QDQ: per-channel symmetric weights (reduce_range), "
+                            f"uint8 activations calibrated by {_observer}"), "onnxruntime")
 
 
 def get_preset(name: str, **overrides) -> QuantConfig:

@@ -53,8 +53,23 @@ def _from_qtensor(where: str, q: torch.Tensor, channels: int | None = None) -> Q
     return Quantizer(where, qp, q.dtype, channels)
 
 
+def _from_graph(params: list[dict]) -> list[Quantizer]:
+    """Quantizers of a runtime twin's graph (ONNX QuantizeLinear/DequantizeLinear constants)."""
+    found = []
+    for p in params:
+        info = torch.iinfo({"uint8": torch.uint8, "int8": torch.int8}.get(str(p["zero_point"].dtype), torch.int32))
+        qp = QParams(torch.tensor(p["scale"]).float(), torch.tensor(p["zero_point"]).long(), info.min, info.max,
+                     p["axis"])
+        found.append(Quantizer(p["where"], qp, channels=p["channels"] if p["axis"] is not None else None))
+    return found
+
+
 def quantizers(twin: torch.nn.Module) -> list[Quantizer]:
-    """Every quantizer of a fake-quant or FX int8 twin."""
+    """Every quantizer of a fake-quant, FX int8 or ONNX Runtime (QDQ) twin."""
+    from qrobust.runtimes import RuntimeModel
+
+    if isinstance(twin, RuntimeModel):
+        return _from_graph(twin.quant_params())
     root, found = layer_root(twin), []
     if is_int8(twin):
         for name, module in root.named_modules():
@@ -160,7 +175,8 @@ def check_twin(twin: torch.nn.Module, examples: int = 25) -> list[str]:
     failures = []
     found = quantizers(twin)
     if not found:
-        return ["no quantizer found in the twin (neither fake-quant layers nor converted int8 modules)"]
+        return ["no quantizer found in the twin (neither fake-quant layers, converted int8 modules nor "
+                "QuantizeLinear/DequantizeLinear nodes)"]
     for q in found:
         try:
             check_parameters(q)

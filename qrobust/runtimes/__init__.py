@@ -1,0 +1,34 @@
+"""The runtime layer: what the gate needs of a model, whatever runs it.
+
+A model in a pair is either a torch ``nn.Module`` (eager, fake-quant, an FX int8 graph, a
+``torch.export`` program: the "torch" runtime, whose layers are reached with hooks) or a
+``RuntimeModel``: a deployment runtime's session behind the same call, exposing what that runtime can
+(logits; named intermediate tensors for gradient-free CAMs; no gradients). ONNX Runtime is the one
+implemented (``qrobust.runtimes.onnxrt``); its export and static quantization live in
+``qrobust.runtimes.onnx_quantize``. ONNX Runtime is an optional extra: ``pip install qrobust[onnx]``.
+"""
+from qrobust.runtimes.base import RuntimeModel, differentiable, runtime_name
+
+__all__ = ["RuntimeModel", "differentiable", "runtime_name", "load_onnx", "same_runtime_fp32"]
+
+
+def load_onnx(path, *, providers=None, trust: bool = False, custom_ops=()):
+    """An ONNX file as a model qrobust can gate (see ``qrobust.runtimes.onnxrt.OnnxModel``)."""
+    from qrobust.runtimes.onnxrt import OnnxModel
+
+    return OnnxModel.load(path, providers=providers, trust=trust, custom_ops=custom_ops)
+
+
+def same_runtime_fp32(fp32, twin, example):
+    """The FP32 model to time against ``twin``: on the twin's runtime where one can be had (an ONNX Runtime
+    twin's exported FP32, made once and kept on the twin), so a speedup compares like with like; else
+    ``fp32`` itself (torch twins; an FP32 that already runs on a runtime)."""
+    if not isinstance(twin, RuntimeModel) or isinstance(fp32, RuntimeModel):
+        return fp32
+    reference = getattr(twin, "fp32_reference", None)
+    if reference is None:
+        from qrobust.runtimes.onnx_quantize import export_onnx
+
+        reference = twin.fp32_reference = export_onnx(fp32, example)
+        reference.use_providers(twin.providers)
+    return reference
