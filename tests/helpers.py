@@ -75,3 +75,9 @@ def thresholds(pair="lenet5-digits-int8-x86", extra="", decision="point", tolera
         gate:
           {pair}: {{}}
         """) + extra
+
+
+def five_class_set() -> list[tuple[torch.Tensor, int]]:
+    """A declared dataset's builder (``helpers:five_class_set``): 60 synthetic 16x16 (image, label), 5 classes."""
+    data = synthetic_set(60, 5, "shapes")
+    return list(zip(data.images, data.labels.tolist()))

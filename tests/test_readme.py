@@ -34,7 +34,7 @@ def user_files(root: Path, classes=("cat", "dog", "fox"), per_class=4) -> None:
 
 
 def test_the_readme_has_the_examples_this_file_runs():
-    assert len(blocks("yaml")) == 1 and len(blocks("python")) == 3 and len(blocks("sh")) >= 3
+    assert len(blocks("yaml")) == 2 and len(blocks("python")) == 3 and len(blocks("sh")) >= 4
 
 
 @pytest.mark.slow
@@ -42,7 +42,7 @@ def test_the_own_model_example_gates_a_checkpoint_and_a_folder(tmp_path):
     """The YAML example verbatim, with the files it names, run with the command the README gives."""
     import subprocess
 
-    (gate_file,) = blocks("yaml")
+    gate_file = blocks("yaml")[0]
     user_files(tmp_path)
     (tmp_path / "my-gate.yaml").write_text(gate_file)
     command = next(line.split("#")[0].split() for block in blocks("sh") for line in block.splitlines()
@@ -59,6 +59,37 @@ def test_the_own_model_example_gates_a_checkpoint_and_a_folder(tmp_path):
     pair = report["environment"]["pairs"]["my-resnet-int8"]
     assert pair["cam"]["quantized_layer"] == "avgpool:input" and pair["samples"] == 12
     assert pair["calibration"] == {"dataset": "my-calib", "samples": 9}
+
+
+@pytest.mark.slow
+def test_the_onnx_example_gates_the_shipped_files(tmp_path):
+    """The ONNX Runtime example verbatim, with ONNX files made the way a user makes them (exported,
+    quantized by onnxruntime), run with the README's command."""
+    import subprocess
+
+    import torchvision
+
+    from qrobust import get_preset, quantize_model
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    user_files(tmp_path)
+    torch.manual_seed(0)
+    twin = quantize_model(torchvision.models.resnet18(num_classes=3), get_preset("ort-int8"), [torch.randn(4, 3, 224, 224)])
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model_fp32.onnx").write_bytes(twin.fp32_reference.proto.SerializeToString())
+    (tmp_path / "models" / "model_int8.onnx").write_bytes(twin.proto.SerializeToString())
+    (tmp_path / "onnx-gate.yaml").write_text(blocks("yaml")[1])
+    command = next(line.split("#")[0].split() for block in blocks("sh") for line in block.splitlines()
+                   if line.startswith("qrobust run onnx-gate.yaml"))
+    result = subprocess.run([sys.executable, "-m", "qrobust", *command[1:], "-q", "-p", "no:randomly"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    out = result.stdout + result.stderr
+    assert result.returncode in (0, 1) and "checks:" in out and "Traceback" not in out, out
+    report = __import__("json").loads((tmp_path / "qrobust-report" / "report.json").read_text())
+    pairs = report["environment"]["pairs"]
+    assert pairs["shipped-int8"]["cam"]["quantized_layer"].endswith("_DequantizeLinear_Output")
+    speed = {c["pair"]: c["details"] for c in report["cases"] if c["metric"] == "speedup"}
+    assert {d["fp32_runtime"] for d in speed.values()} == {"onnxruntime CPUExecutionProvider"}
+    assert {c["pair"] for c in report["cases"] if c["metric"] == "agreement"} == {"shipped-int8", "my-resnet-ort-int8"}
 
 
 def test_the_conftest_example_registers_a_pair_that_builds():
