@@ -272,11 +272,14 @@ class QrobustSession:
         return out
 
     def _provenance(self) -> dict[str, dict]:
+        from qrobust.runtimes import runtime_name
+
         ev = self._evaluator
         out = {}
         for name, pair in self._pairs.items():
             out[name] = {**{k: v for k, v in pair.metadata.items() if k != "weights_fingerprint"},
                          "kind": pair.kind, "dataset": pair.dataset, "num_classes": pair.num_classes,
+                         "runtimes": {"fp32": runtime_name(pair.fp32), "quantized": runtime_name(pair.quantized)},
                          "cam": {"method": ev.cam_methods.get(name) if ev else None, "fp32_layer": pair.target_layer,
                                  "quantized_layer": pair.quantized_target_layer},
                          "samples": len(ev.dataset(pair.dataset)) if ev else None}

@@ -221,6 +221,8 @@ def test_an_onnx_pair_is_gated_end_to_end(pytester, files):
     metrics = {(c["pair"], c["metric"]) for c in report["cases"]}
     assert {("onnx-files", "agreement"), ("onnx-files", "cam_rmse"), ("onnx-files", "quantized_fraction"),
             ("onnx-files", "quantizer_violations"), ("onnx-files", "speedup")} <= metrics
+    assert report["environment"]["pairs"]["onnx-files"]["runtimes"] == {
+        "fp32": "onnxruntime CPUExecutionProvider", "quantized": "onnxruntime CPUExecutionProvider"}
     speed = next(c for c in report["cases"] if c["metric"] == "speedup")
     assert speed["details"]["fp32_runtime"] == speed["details"]["quantized_runtime"] == "onnxruntime CPUExecutionProvider"
 
