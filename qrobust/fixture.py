@@ -179,7 +179,8 @@ class QrobustCheck:
         """The one-line reason a metric of a case has no value (the check skips with it)."""
         pair = self._session.pair(case.pair)
         if METRICS[metric].family in ("cam", "saliency_gt") and not pair.target_layer:
-            return f"{metric}: pair {case.pair!r} has no CAM target layer (set target_layer to gate CAM metrics)"
+            return (f"{metric}: pair {case.pair!r} has no CAM target layer (set target_layer to gate CAM metrics, "
+                    "or cam: {method: occlusion}, which needs none)")
         if METRICS[metric].family == "saliency_gt":
             return f"{metric} needs ground-truth saliency maps; dataset {pair.dataset!r} has none"
         if metric == "top5_delta" and pair.num_classes <= 5:

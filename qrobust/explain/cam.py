@@ -30,7 +30,7 @@ class CamOutputs:
     maps: dict[str, tuple[torch.Tensor, torch.Tensor]]  # method -> ((N, H, W) maps in [0, 1], (N,) degenerate)
     targets: torch.Tensor  # (N,) the class every map explains
     logits: torch.Tensor  # (N, K) the model's output on the batch (detached)
-    activations: torch.Tensor  # (N, C, h, w) float activations at the target layer (detached)
+    activations: torch.Tensor | None  # (N, C, h, w) float activations at the target layer; None: no layer used
 
 
 INPUT = ":input"  # a layer spec ending in this names the tensor a module receives, not the one it returns
@@ -103,9 +103,14 @@ class CamMethod:
 
     name = "cam"
     uses_gradients = True
+    uses_layer = True  # False: the method probes the model's outputs only (any runtime, no layer needed)
 
     def raw(self, activations: torch.Tensor, grads: torch.Tensor | None) -> torch.Tensor:
         """(N, h, w) map before ReLU and upsampling."""
+        raise NotImplementedError
+
+    def probe(self, model, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(N, h, w) map of a method that needs no layer (``uses_layer = False``), from model calls alone."""
         raise NotImplementedError
 
 
@@ -143,12 +148,17 @@ def compute_cams(model: nn.Module, x: torch.Tensor, target_layer: str, methods, 
         names = ", ".join(m.name for m in methods if m.uses_gradients)
         where = f"an {model.runtime} model" if isinstance(model, RuntimeModel) else "a real int8 model"
         raise UnsupportedError(
-            f"{names} needs gradients, and {where} has none: use the gradient-free eigencam (or compute "
-            "gradient maps on the pair's fake-quant twin, a fake-* preset with the same bit widths)")
-    if isinstance(model, RuntimeModel):
+            f"{names} needs gradients, and {where} has none: use the gradient-free eigencam or occlusion (or "
+            "compute gradient maps on the pair's fake-quant twin, a fake-* preset with the same bit widths)")
+    act, grads = None, None
+    if not any(m.uses_layer for m in methods):
+        with torch.inference_mode():
+            logits = model(x)
+        targets = _check_targets(logits, targets)
+    elif isinstance(model, RuntimeModel):
         logits, acts = model.run(x, [target_layer])
         targets = _check_targets(logits, targets)
-        act, grads = _checked(acts[target_layer], target_layer), None
+        act = _checked(acts[target_layer], target_layer)
     else:
         layer = resolve_layer(model, target_layer)
         with _Capture(layer, on_input=split_layer(target_layer)[1]) as capture:
@@ -163,10 +173,11 @@ def compute_cams(model: nn.Module, x: torch.Tensor, target_layer: str, methods, 
                 with torch.inference_mode():
                     logits = model(x)
                     targets = _check_targets(logits, targets)
-                    act, grads = _checked(capture.output, target_layer), None
+                    act = _checked(capture.output, target_layer)
     size = tuple(x.shape[-2:])
-    maps = {m.name: postprocess(m.raw(act.float(), grads if m.uses_gradients else None), size) for m in methods}
-    return CamOutputs(maps, targets, logits.detach(), act.float())
+    maps = {m.name: postprocess(m.raw(act.float(), grads if m.uses_gradients else None) if m.uses_layer
+                                else m.probe(model, x, targets), size) for m in methods}
+    return CamOutputs(maps, targets, logits.detach(), None if act is None else act.float())
 
 
 CAM_METHODS: Registry[type[CamMethod]] = Registry("CAM method")
@@ -235,6 +246,40 @@ class EigenCAM(CamMethod):
 
     def raw(self, activations, grads):
         return canonical_sign(eigen_projection(activations), activations)
+
+
+@register_cam_method
+class Occlusion(CamMethod):
+    """Zeiler and Fergus's occlusion sensitivity: how much the target class's log-probability drops when one
+    cell of a ``grid`` x ``grid`` partition is set to the batch's mean input (log-softmax rather than their
+    probability: a confident model's probability sits at 1 whatever is hidden). Needs only the
+    model's outputs, so it explains any twin the same way (an ONNX graph, a compiled engine); it costs
+    ``grid**2`` extra forwards of the batch (49 with the default 7 x 7), run ``cells_per_call`` at a time."""
+
+    name = "occlusion"
+    uses_gradients = False
+    uses_layer = False
+    grid = 7
+    cells_per_call = 8
+
+    def probe(self, model, x, targets):
+        n, _, height, width = x.shape
+        rows = torch.linspace(0, height, self.grid + 1).round().long().tolist()
+        cols = torch.linspace(0, width, self.grid + 1).round().long().tolist()
+        cells = [(r, c) for r in range(self.grid) for c in range(self.grid)]
+        fill = x.mean(dim=(0, 2, 3), keepdim=True)
+        with torch.inference_mode():
+            base = torch.log_softmax(model(x).double(), 1).gather(1, targets[:, None])[:, 0]
+            drops = torch.zeros(n, self.grid, self.grid, dtype=torch.float64)
+            for start in range(0, len(cells), self.cells_per_call):
+                chunk = cells[start:start + self.cells_per_call]
+                masked = x.repeat(len(chunk), 1, 1, 1)
+                for k, (r, c) in enumerate(chunk):
+                    masked[k * n:(k + 1) * n, :, rows[r]:rows[r + 1], cols[c]:cols[c + 1]] = fill[0]
+                probs = torch.log_softmax(model(masked).double(), 1).cpu()
+                for k, (r, c) in enumerate(chunk):
+                    drops[:, r, c] = base.cpu() - probs[k * n:(k + 1) * n].gather(1, targets.cpu()[:, None])[:, 0]
+        return drops.float()
 
 
 def method(name: str) -> CamMethod:

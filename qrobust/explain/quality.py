@@ -140,6 +140,8 @@ def explanation_quality(pair, data, method: str, seed: int = 0, replicates: int 
         mean = BootstrapMean(replicates)
         mean.update(torch.cat(values), weights)
         out[name] = mean.estimate({"method": method, "steps": steps})
+    if acts_fp[0] is None:  # a layer-free method (occlusion) looks at no activation
+        return out
     # seed 002 histograms the average activation: the channel mean at every position of every image
     stats = activation_stats(torch.cat(acts_fp).mean(dim=1), torch.cat(acts_q).mean(dim=1))
     stats.pop("histograms")

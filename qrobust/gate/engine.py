@@ -23,7 +23,7 @@ import torch
 from qrobust.data import ImageSet, StreamingSet, load_dataset
 from qrobust.data.perturbations import PERTURBATIONS, perturb
 from qrobust.errors import ModelOutputError, UnsupportedError, invalid
-from qrobust.explain.cam import compute_cams
+from qrobust.explain.cam import compute_cams, method as cam_method
 from qrobust.explain.layers import match_twin_layer
 from qrobust.metrics.classification import PairMetrics
 from qrobust.metrics.saliency import CamAgreement
@@ -264,9 +264,10 @@ class Evaluator:
         data = self.dataset(lead.dataset)
         states = {p.name: PairMetrics(p.num_classes, self.seed, self.replicates, self.f1_average) for p in group}
         # pairs without a CAM layer get no CAM metrics (their CAM checks skip, with the reason)
-        cam_pairs = [p for p in group if p.target_layer and self._listed(self.cam_cases, p.name, perturbation, level)]
-        fp_layer = cam_pairs[0].target_layer if cam_pairs else None
-        if any(p.target_layer != fp_layer for p in cam_pairs):
+        cam_pairs = [p for p in group if (p.target_layer or not cam_method(self.cam_methods[p.name]).uses_layer)
+                     and self._listed(self.cam_cases, p.name, perturbation, level)]
+        fp_layer = next((p.target_layer for p in cam_pairs if p.target_layer), None)
+        if any(p.target_layer not in (None, fp_layer) for p in cam_pairs):
             raise invalid("target_layer", sorted({p.target_layer for p in cam_pairs}),
                           f"pairs sharing {lead.name!r}'s FP32 model must name one CAM layer")
         cam_states = {p.name: CamAgreement(self.cam_methods[p.name], self.seed, self.replicates,

@@ -136,3 +136,43 @@ def test_targets_computed_under_inference_mode_are_accepted(digits):
         targets = model(digits).argmax(1)
     maps, _ = compute_cams(model, digits, "features.4", ["gradcampp"], targets=targets).maps["gradcampp"]
     assert maps.shape == (24, 32, 32)
+
+
+class QuadrantModel(torch.nn.Module):
+    """Class 0's logit is the mean of the top-left 8 x 8 pixels; class 1's is a constant."""
+
+    def forward(self, x):
+        return torch.stack([x[:, :, :8, :8].mean(dim=(1, 2, 3)) * 4, torch.zeros(len(x))], dim=1)
+
+
+def test_occlusion_matches_a_one_cell_at_a_time_loop_and_finds_what_the_model_reads():
+    occlusion = CAM_METHODS.get("occlusion")()
+    occlusion.grid = 4
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    x[:, :, :8, :8] += 2.0  # brighter than the batch mean that fills an occluded cell
+    targets = torch.zeros(3, dtype=torch.long)
+    model = QuadrantModel()
+    fill = x.mean(dim=(0, 2, 3))
+    expected = torch.zeros(3, 4, 4)
+    base = torch.log_softmax(model(x), 1)[:, 0]
+    for r in range(4):
+        for c in range(4):
+            masked = x.clone()
+            masked[:, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4] = fill[:, None, None]
+            expected[:, r, c] = base - torch.log_softmax(model(masked), 1)[:, 0]
+    drops = occlusion.probe(model, x, targets)
+    torch.testing.assert_close(drops, expected)
+    assert (drops[:, :2, :2] > 0).all() and (drops[:, 2:, :].abs() < 1e-7).all() and (drops[:, :, 2:].abs() < 1e-7).all()
+    cams = compute_cams(model, x, None, ["occlusion"])  # no layer needed
+    assert cams.activations is None and cams.maps["occlusion"][0].shape == (3, 16, 16)
+    assert cams.maps["occlusion"][0][:, :8, :8].mean() > cams.maps["occlusion"][0][:, 8:, 8:].mean()
+
+
+def test_occlusion_explains_a_real_int8_twin_like_its_fp32_model(digits):
+    pair = load_pair("lenet5-digits-int8-x86")
+    fp = compute_cams(pair.fp32, digits[:8], None, ["occlusion"])
+    q = compute_cams(pair.quantized, digits[:8], None, ["occlusion"], targets=fp.targets)
+    from qrobust.metrics.saliency import cam_cc
+
+    cc = cam_cc(fp.maps["occlusion"][0], q.maps["occlusion"][0])
+    assert cc.mean() > 0.9

@@ -269,3 +269,15 @@ def test_gpu_execution_providers_agree_with_the_cpu(files, provider):
     cpu = load_onnx(files / "int8.onnx")(x)
     gpu = load_onnx(files / "int8.onnx", providers=[provider, "CPUExecutionProvider"])(x)
     assert (gpu.argmax(1) == cpu.argmax(1)).all()
+
+
+def test_occlusion_gates_cams_of_a_twin_without_any_layer(ort_twin):
+    """A black-box twin (no CAM layer named) still gets CAM metrics from the layer-free occlusion method."""
+    from qrobust.gate.engine import Evaluator
+
+    data = synthetic_set(24, 5, "shapes")
+    pair = ModelPair("black-box", small_net(), ort_twin, get_preset("ort-int8"), PRE, num_classes=5, dataset="shapes")
+    ev = Evaluator([pair], datasets={"shapes": data}, cam_methods={"black-box": "occlusion"}, replicates=50)
+    result = ev.evaluate("black-box", "awgn", 0.0, cam=True)
+    assert result.metric("cam_cc").value > 0.6 and result.metric("cam_rmse").value < 0.25
+    assert result.metric("cam_cc").details["method"] == "occlusion"
