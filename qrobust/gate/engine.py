@@ -150,7 +150,7 @@ class Evaluator:
         pair.quantized.to(self.twin_device(pair))
         self.probe(pair)
         self.pairs[pair.name] = pair
-        gradients = pair.kind != "int8" and differentiable(pair.fp32)
+        gradients = pair.kind != "int8" and differentiable(pair.fp32) and differentiable(pair.quantized)
         self.cam_methods[pair.name] = self._method_overrides.get(pair.name, "gradcampp" if gradients else "eigencam")
 
     def twin_device(self, pair: ModelPair) -> torch.device:

@@ -73,7 +73,10 @@ class ModelPair:
             if not isinstance(model, nn.Module):
                 raise invalid(role, type(model).__name__, "must be an nn.Module (a torch.export program: pass "
                                                           "program.module(); an ONNX file: qrobust.load_onnx(path))")
-            _inference_mode(model)
+            if not _inference_mode(model):  # a torch.export module: run as exported, its nodes as layers
+                from qrobust.runtimes.exported import ExportedModel
+
+                setattr(self, role, ExportedModel(model, source=f"{role} of {self.name}"))
         self.twin_layer_given = self.quantized_target_layer is not None
         if self.target_layer is not None and isinstance(self.fp32, RuntimeModel):
             self.fp32.layer_for(self.target_layer)  # a name the FP32 ONNX graph does not have fails here
@@ -88,13 +91,14 @@ class ModelPair:
                 self.quantized_target_layer = twin_layer_name(self.fp32, self.quantized, self.target_layer)
 
 
-def _inference_mode(model: nn.Module) -> None:
-    """``model.eval()``; a ``torch.export`` program's module refuses train/eval switches (it was traced in
-    one mode and stays in it), so it is used as exported."""
+def _inference_mode(model: nn.Module) -> bool:
+    """``model.eval()``; False for a ``torch.export`` module, which refuses train/eval switches (it was
+    traced in one mode and stays in it)."""
     try:
         model.eval()
     except NotImplementedError:
-        pass
+        return False
+    return True
 
 
 @dataclass(frozen=True)

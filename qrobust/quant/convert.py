@@ -262,11 +262,15 @@ def convert_int8(model: nn.Module, config: QuantConfig, calibration: Iterable[to
 
 
 def quantize_model(model: nn.Module, config: QuantConfig, calibration: Iterable[torch.Tensor]) -> nn.Module:
-    """The quantized twin ``config`` describes (fake-quant, real int8, or an ONNX Runtime int8 model)."""
+    """The quantized twin ``config`` describes (fake-quant, real int8, an ONNX Runtime or a PT2E int8 model)."""
     if config.runtime == "onnxruntime":
         from qrobust.runtimes.onnx_quantize import quantize_onnx
 
         return quantize_onnx(model, config, calibration)
+    if config.runtime == "torchao":
+        from qrobust.runtimes.exported import quantize_pt2e
+
+        return quantize_pt2e(model, config, calibration)
     if config.kind == "fake":
         return fake_quantize_model(model, config, calibration)
     return convert_int8(model, config, calibration)

@@ -12,7 +12,7 @@ from qrobust.quant.quantizer import quant_range
 from qrobust.registry import Registry
 
 KINDS = ("fake", "int8")
-RUNTIMES = ("torch", "onnxruntime")
+RUNTIMES = ("torch", "onnxruntime", "torchao")
 
 
 @dataclass(frozen=True)
@@ -47,17 +47,17 @@ class QuantConfig:
     keep_fp32: tuple[str, ...] = ()
     fold_relu6: bool = False  # int8: clip Conv(+BN)+ReLU6 through the fused kernel's output range
     source: str = ""
-    runtime: str = "torch"  # what runs the twin: torch.ao kernels, or ONNX Runtime (qrobust.runtimes)
+    runtime: str = "torch"  # what builds and runs the twin: torch.ao, ONNX Runtime or torchao PT2E (qrobust.runtimes)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise invalid("kind", self.kind, "must be 'fake' or 'int8'")
         if self.runtime not in RUNTIMES:
             raise invalid("runtime", self.runtime, f"must be one of {', '.join(RUNTIMES)}")
-        if self.runtime == "onnxruntime":
+        if self.runtime != "torch":
             if self.kind != "int8" or self.engine is not None or self.fold_relu6:
-                raise invalid("runtime", self.runtime, "an ONNX Runtime recipe is kind 'int8', with no torch engine "
-                                                       "and no fold_relu6")
+                raise invalid("runtime", self.runtime, f"a {self.runtime} recipe is kind 'int8', with no torch.ao "
+                                                       "engine and no fold_relu6")
             if self.weight.bits not in (7, 8) or not self.weight.signed or not self.weight.symmetric:
                 raise invalid("weight", self.weight, "ONNX Runtime takes signed symmetric 8-bit weights (7: reduce_range)")
             if self.activation.bits != 8 or self.activation.signed:
@@ -146,6 +146,11 @@ for _observer in ("minmax", "percentile"):
                      replace(_W_SYM_PC, bits=7), replace(_A_AFFINE, observer=_observer), runtime="onnxruntime",
                      source=f"ONNX Runtime quantize_static, QDQ: per-channel symmetric weights (reduce_range), "
                             f"uint8 activations calibrated by {_observer}"), "onnxruntime")
+# torchao's PT2E flow with its X86InductorQuantizer defaults (qrobust.runtimes.exported): the successor of
+# torch.ao's x86 recipe; it cannot partition ResNet blocks in torchao 0.18 (README, "Quantization")
+_add(QuantConfig("pt2e-x86", "int8", _W_SYM_PC, replace(_A_AFFINE, observer="histogram"), runtime="torchao",
+                 source="torchao PT2E, X86InductorQuantizer defaults: per-channel symmetric int8 weights, uint8 "
+                        "histogram activations; PyTorch's reference q/dq graph"), "pt2e")
 
 
 def get_preset(name: str, **overrides) -> QuantConfig:

@@ -23,8 +23,9 @@ class RuntimeModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)[0]
 
-    def layer_for(self, name: str) -> str:
-        """The runtime's tensor for a layer ``name`` (its own tensor name, or a torch module path)."""
+    def layer_for(self, name: str, reference: RuntimeModel | None = None) -> str:
+        """The runtime's tensor for a layer ``name`` (its own tensor name, or a torch module path);
+        ``reference`` is the FP32 graph the model was made from, where that helps to find it."""
         raise NotImplementedError
 
     def describe(self) -> str:

@@ -172,19 +172,6 @@ def test_a_missing_onnxruntime_names_the_extra(monkeypatch, files):
         load_onnx(files / "int8.onnx")
 
 
-def test_an_exported_program_is_a_twin_as_exported():
-    """torch.export programs (PT2E's input) refuse .eval(); a pair takes them as they were exported."""
-    fp32 = small_net()
-    program = torch.export.export(fp32, (torch.zeros(2, 3, 16, 16),)).module()
-    with pytest.raises(NotImplementedError):
-        program.eval()
-    pair = ModelPair("exported", fp32, program, get_preset("fake-w8a8"), PRE, num_classes=5, dataset="synthetic")
-    assert pair.quantized is program
-    with pytest.raises(InvalidArgument, match="quantized=.*ExportedProgram.*program.module()"):
-        ModelPair("x", fp32, torch.export.export(fp32, (torch.zeros(2, 3, 16, 16),)), get_preset("fake-w8a8"), PRE,
-                  num_classes=5, dataset="synthetic")
-
-
 # ---- the gate on ONNX pairs, as a user declares them ---------------------------------------------------------
 def gate_file(pytester, files, body):
     pytester.makefile(".yaml", thresholds=body.replace("FILES", str(files)))
