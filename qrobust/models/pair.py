@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from qrobust.errors import invalid
+from qrobust.errors import InvalidArgument, invalid
 from qrobust.quant.presets import QuantConfig
 from qrobust.registry import Registry
 
@@ -58,6 +58,24 @@ class ModelPair:
     requantize: Callable[[tuple[str, ...]], nn.Module] | None = None
     twin_layer_given: bool = field(init=False, default=False)  # False: derived, refined by the first probe
 
+    def _runtime_layer(self, name: str) -> str:
+        """The runtime twin's tensor for the FP32 layer ``name``. An ONNX quantizer drops fused nodes (a ReLU
+        folded into the conv's output range) and their module scopes; the FP32 graph still has them, so a
+        torch FP32 is exported once to look the name up there (the export is kept as the twin's latency
+        reference)."""
+        from qrobust.runtimes import RuntimeModel, same_runtime_fp32
+        from qrobust.runtimes.onnxrt import OnnxModel
+
+        if isinstance(self.fp32, RuntimeModel):
+            return self.quantized.layer_for(name, self.fp32)
+        try:
+            return self.quantized.layer_for(name)
+        except InvalidArgument:
+            if not isinstance(self.quantized, OnnxModel) or getattr(self.quantized, "fp32_reference", None) is not None:
+                raise
+        example = torch.zeros(2, self.preprocess.channels, *self.preprocess.resolution)
+        return self.quantized.layer_for(name, same_runtime_fp32(self.fp32, self.quantized, example))
+
     @property
     def kind(self) -> str:
         """"fake" (simulated quantization, differentiable) or "int8" (real int8 kernels)."""
@@ -82,8 +100,7 @@ class ModelPair:
             self.fp32.layer_for(self.target_layer)  # a name the FP32 ONNX graph does not have fails here
         if self.quantized_target_layer is None and self.target_layer is not None:
             if isinstance(self.quantized, RuntimeModel):
-                reference = self.fp32 if isinstance(self.fp32, RuntimeModel) else None
-                self.quantized_target_layer = self.quantized.layer_for(self.target_layer, reference)
+                self.quantized_target_layer = self._runtime_layer(self.target_layer)
                 self.twin_layer_given = True  # a runtime graph is matched by name, not by probing its modules
             else:
                 from qrobust.quant.convert import twin_layer_name

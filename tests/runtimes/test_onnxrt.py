@@ -268,3 +268,20 @@ def test_occlusion_gates_cams_of_a_twin_without_any_layer(ort_twin):
     result = ev.evaluate("black-box", "awgn", 0.0, cam=True)
     assert result.metric("cam_cc").value > 0.6 and result.metric("cam_rmse").value < 0.25
     assert result.metric("cam_cc").details["method"] == "occlusion"
+
+
+@pytest.mark.slow
+def test_a_torch_fp32_against_the_shipped_onnx_twin_is_timed_on_one_runtime(pytester, files):
+    """``builder`` (torch FP32) + ``quantized: x.onnx``: gated as declared, the latency FP32 exported to ONNX."""
+    body = PAIR.replace("    fp32: FILES/fp32.onnx\n", "    builder: helpers:small_net\n")
+    gate_file(pytester, files, DATASET + "pairs:\n" + body + "perturbations:\n  awgn: {levels: [0, 0.05]}\n"
+              "gate:\n  onnx-files: {}\nlatency:\n  pairs: [onnx-files]\n  batch: 4\n  rounds: 3\n")
+    pytester.syspathinsert(str(__import__("pathlib").Path(__file__).parents[1]))
+    result = pytester.runpytest("--pyargs", "qrobust.suites", "--qrobust-thresholds", "thresholds.yaml",
+                                "-p", "no:cacheprovider", "-q")
+    assert result.ret == 0, result.stdout.str()[-2000:]
+    report = __import__("json").loads((pytester.path / "qrobust-report" / "report.json").read_text())
+    assert report["environment"]["pairs"]["onnx-files"]["runtimes"] == {
+        "fp32": "torch (cpu)", "quantized": "onnxruntime CPUExecutionProvider"}
+    speed = next(c for c in report["cases"] if c["metric"] == "speedup")["details"]
+    assert speed["fp32_runtime"] == speed["quantized_runtime"] == "onnxruntime CPUExecutionProvider"
