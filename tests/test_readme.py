@@ -34,7 +34,7 @@ def user_files(root: Path, classes=("cat", "dog", "fox"), per_class=4) -> None:
 
 
 def test_the_readme_has_the_examples_this_file_runs():
-    assert len(blocks("yaml")) == 2 and len(blocks("python")) == 3 and len(blocks("sh")) >= 4
+    assert len(blocks("yaml")) == 3 and len(blocks("python")) == 3 and len(blocks("sh")) >= 4
 
 
 @pytest.mark.slow
@@ -89,6 +89,18 @@ def test_the_onnx_example_gates_the_shipped_files(tmp_path):
     assert pairs["shipped-int8"]["cam"]["quantized_layer"].endswith("_DequantizeLinear_Output")
     assert pairs["shipped-int8"]["runtimes"]["quantized"] == "onnxruntime CPUExecutionProvider"
     assert {c["pair"] for c in report["cases"] if c["metric"] == "agreement"} == {"shipped-int8", "my-resnet-ort-int8"}
+
+
+def test_the_imagenet_c_example_gives_level_0_and_the_five_severities(tmp_path):
+    from qrobust.gate.config import load_thresholds
+
+    (tmp_path / "t.yaml").write_text(blocks("yaml")[2] + "gate:\n  lenet5-digits-int8-x86: {}\n")
+    sweep = load_thresholds(tmp_path / "t.yaml").sweep
+    assert sweep["impulse_noise"].levels == (0, 0.03, 0.06, 0.09, 0.17, 0.27)
+    assert sweep["glass_blur"].levels == (0, 1, 2, 3, 4, 5) and sweep["resize_nearest"].levels == (0, 0.5, 0.75)
+    (tmp_path / "bad.yaml").write_text("perturbations:\n  brownian: {levels: imagenet-c}\ngate:\n  lenet5-digits-int8-x86: {}\n")
+    with pytest.raises(Exception, match="brownian has no ImageNet-C severities"):
+        load_thresholds(tmp_path / "bad.yaml")
 
 
 def test_the_conftest_example_registers_a_pair_that_builds():

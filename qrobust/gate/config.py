@@ -273,8 +273,15 @@ class _Validator:
             self.fail(key, str(exc))
 
     def levels(self, value, key: str, perturbation) -> tuple[float, ...]:
+        if value == "imagenet-c":  # level 0 and ImageNet-C's severities 1-5 in this family's units
+            from qrobust.data.perturbations import IMAGENET_C
+
+            if perturbation.name not in IMAGENET_C:
+                self.fail(key, f"{perturbation.name} has no ImageNet-C severities (families that have: "
+                               f"{', '.join(IMAGENET_C)})")
+            return (0.0, *(float(lv) for lv in IMAGENET_C[perturbation.name]))
         if not isinstance(value, list) or not value:
-            self.fail(key, f"expected a non-empty list of levels, got {show(value)}")
+            self.fail(key, f"expected a non-empty list of levels or imagenet-c, got {show(value)}")
         out = [self.level(lv, f"{key}[{i}]", perturbation) for i, lv in enumerate(value)]
         if len(set(out)) != len(out):
             self.fail(key, f"duplicate levels in {show(value)}")
