@@ -3,6 +3,7 @@
     qrobust run [THRESHOLDS] [-- PYTEST ARGS]   gate with THRESHOLDS (default: the built-in gate)
     qrobust init [PATH] [--pair NAME ...]       write a commented starter thresholds file
     qrobust template                            print the built-in gate's thresholds file
+    qrobust schema                              print the JSON Schema of thresholds files
 
 ``run`` is ``pytest --pyargs qrobust.suites --qrobust-thresholds THRESHOLDS`` with the cache provider
 off (the suites live in site-packages); any further arguments go to pytest unchanged.
@@ -42,9 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     init_parser.add_argument("path", nargs="?", default="thresholds.yaml")
     init_parser.add_argument("--force", action="store_true", help="replace an existing file")
     commands.add_parser("template", help="print the built-in gate's thresholds file")
+    commands.add_parser("schema", help="print the JSON Schema of thresholds files (for editors and CI)")
     args = parser.parse_args(argv)
     if args.command == "template":
         sys.stdout.write(BUILTIN_THRESHOLDS.read_text(encoding="utf-8"))
+        return 0
+    if args.command == "schema":
+        from qrobust.gate.schema import schema_text
+
+        sys.stdout.write(schema_text())
         return 0
     from qrobust.starter import write_starter
 

@@ -57,6 +57,14 @@ F1_AVERAGES = ("macro", "micro", "weighted")
 # the sweep a file without a ``perturbations:`` section gets: seed 004's four families at their
 # registered default levels
 DEFAULT_SWEEP = ("awgn", "brownian", "occlusion_vertical", "occlusion_horizontal")
+# the keys each section takes (the validator below and the JSON Schema in qrobust.gate.schema read these)
+SWEEP_KEYS = ("levels", "tolerances", "at")
+GATE_KEYS = ("tolerances", "perturbations", "metrics", "xfail")
+MARGIN_KEYS = ("absolute", "relative")
+BITWIDTH_KEYS = ("pairs", "min_bits", "perturbation", "level", "tolerances")
+LATENCY_KEYS = ("pairs", "batch", "rounds") + LATENCY_METRICS
+EXPLANATIONS_KEYS = ("pairs", "samples", "steps", "tolerances")
+CAM_KEYS = ("method",)
 TOP_KEYS = ("decision", "seed", "batch_size", "max_samples", "replicates", "f1_average", "defaults", "baseline",
             "perturbations", "gate", "bitwidth", "latency", "cam", "explanations", "pairs", "datasets")
 
@@ -326,7 +334,7 @@ def _sweep(v: _Validator, raw: dict) -> dict[str, SweepEntry]:
         key = v.join("perturbations", name)
         pert = v.perturbation(name, key)
         spec = v.mapping(spec, key)
-        v.keys(spec, key, ("levels", "tolerances", "at"))
+        v.keys(spec, key, SWEEP_KEYS)
         levels = v.levels(spec.get("levels", list(pert.levels)), f"{key}.levels", pert)
         sweep[name] = SweepEntry(levels, _frozen(v.tolerances(spec.get("tolerances"), f"{key}.tolerances")),
                                  _frozen(v.at(spec.get("at"), f"{key}.at", levels)))
@@ -341,7 +349,7 @@ def _gate(v: _Validator, raw: dict, sweep: dict[str, SweepEntry]) -> dict[str, G
         key = v.join("gate", pair)
         v.pair_name(pair, key)
         spec = v.mapping(spec, key)
-        v.keys(spec, key, ("tolerances", "perturbations", "metrics", "xfail"))
+        v.keys(spec, key, GATE_KEYS)
         metrics = spec.get("metrics")
         if metrics is not None:
             if not isinstance(metrics, list) or not metrics:
@@ -362,7 +370,7 @@ def _gate(v: _Validator, raw: dict, sweep: dict[str, SweepEntry]) -> dict[str, G
                 if name not in sweep:
                     v.fail(pkey, f"not in the perturbations sweep ({', '.join(sweep)})")
                 pspec = v.mapping(pspec, pkey)
-                v.keys(pspec, pkey, ("levels", "tolerances", "at"))
+                v.keys(pspec, pkey, SWEEP_KEYS)
                 levels = sweep[name].levels
                 if "levels" in pspec:  # a subset of the sweep's levels for this pair
                     levels = v.levels(pspec["levels"], f"{pkey}.levels", v.perturbation(name, pkey))
@@ -385,7 +393,7 @@ def _baseline(v: _Validator, raw: dict) -> dict[str, BaselineMargin]:
     for metric, spec in section.items():
         key = v.join("baseline", metric)
         if isinstance(spec, dict):
-            v.keys(spec, key, ("absolute", "relative"))
+            v.keys(spec, key, MARGIN_KEYS)
             if not spec:
                 v.fail(key, "needs absolute and/or relative")
             out[metric] = BaselineMargin(*(None if spec.get(k) is None else v.number(spec[k], f"{key}.{k}")
@@ -397,7 +405,7 @@ def _baseline(v: _Validator, raw: dict) -> dict[str, BaselineMargin]:
 
 def _bitwidth(v: _Validator, raw: dict) -> BitwidthConfig:
     section = v.mapping(raw.get("bitwidth"), "bitwidth")
-    v.keys(section, "bitwidth", ("pairs", "min_bits", "perturbation", "level", "tolerances"))
+    v.keys(section, "bitwidth", BITWIDTH_KEYS)
     if not section:
         return BitwidthConfig()
     default = BitwidthConfig()
@@ -414,7 +422,7 @@ def _bitwidth(v: _Validator, raw: dict) -> BitwidthConfig:
 
 def _latency(v: _Validator, raw: dict) -> LatencyConfig:
     section = v.mapping(raw.get("latency"), "latency")
-    v.keys(section, "latency", ("pairs", "batch", "rounds") + LATENCY_METRICS)
+    v.keys(section, "latency", LATENCY_KEYS)
     default = LatencyConfig()
     return LatencyConfig(v.pair_list(section.get("pairs"), "latency.pairs"),
                          v.whole(section.get("batch", default.batch), "latency.batch", 1),
@@ -424,7 +432,7 @@ def _latency(v: _Validator, raw: dict) -> LatencyConfig:
 
 def _explanations(v: _Validator, raw: dict) -> ExplanationsConfig:
     section = v.mapping(raw.get("explanations"), "explanations")
-    v.keys(section, "explanations", ("pairs", "samples", "steps", "tolerances"))
+    v.keys(section, "explanations", EXPLANATIONS_KEYS)
     default = ExplanationsConfig()
     pairs = v.pair_list(section.get("pairs"), "explanations.pairs")
     tolerances = v.tolerances(section.get("tolerances"), "explanations.tolerances", EXPLANATION_METRICS)
@@ -497,7 +505,7 @@ def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Th
     for name, spec in declared_pairs.items():
         validate_pair(v, name, v.mapping(spec, v.join("pairs", name)), base, datasets)
     cam = v.mapping(raw.get("cam"), "cam")
-    v.keys(cam, "cam", ("method",))
+    v.keys(cam, "cam", CAM_KEYS)
     sweep = _sweep(v, raw)
     defaults = raw.get("defaults")
     thresholds = Thresholds(
