@@ -8,8 +8,10 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 
 import cam_speed  # noqa: E402
+import gate_power  # noqa: E402
 import latency  # noqa: E402
 import memory  # noqa: E402
+import onnx_twins  # noqa: E402
 import overhead  # noqa: E402
 
 
@@ -39,6 +41,10 @@ def main() -> None:
     for r in overhead.main():
         print(f"{r['pairs']}: {r['cases']} cases in {r['passes']} passes; gate {r['gate_s']} s, model work "
               f"{r['model_s']} s, overhead {r['overhead']:.2f}x; forwards per perturbed batch {r['forwards_per_batch']}")
+    print("\n## ONNX Runtime twins vs torch FP32 on the built-in photos")
+    onnx_twins.main()
+    print("\n## gate power: seeded LeNet-5 faults and benign variants through the default gate")
+    gate_power.main([])
 
 
 if __name__ == "__main__":
