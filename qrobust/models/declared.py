@@ -33,7 +33,6 @@ def _fp32(spec: dict, base: Path, name: str):
     """The FP32 model (and the user's own twin, from a tuple builder) of a ``pairs:`` entry."""
     from qrobust.models.archs import build_arch
     from qrobust.models.checkpoints import load_checkpoint
-
     from qrobust.runtimes import load_onnx
 
     weights = spec.get("weights")
@@ -102,8 +101,8 @@ def build_pair(name: str, spec: dict, base: Path, datasets: dict, fp32_cache: di
                           f"{len(data)}: calibrating on all of them", QrobustWarning, stacklevel=2)
         calibration = {"dataset": cal["dataset"], "samples": len(data)}
         quantized = quantize_model(fp32, config, (preprocess.normalize(b.images) for b in data.batches(32)))
-        if isinstance(quantized, RuntimeModel):
-            quantized.use_providers(spec.get("providers"))
+        if "providers" in spec:  # validated: only ONNX Runtime presets take providers
+            quantized.use_providers(spec["providers"])
 
         def requantize(keep: tuple[str, ...]) -> torch.nn.Module:
             kept = replace(config, keep_fp32=config.keep_fp32 + tuple(keep))

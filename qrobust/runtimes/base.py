@@ -11,7 +11,8 @@ class RuntimeModel(nn.Module):
     """A model run by a runtime other than PyTorch: a callable on a batch plus what it can expose.
 
     It is an ``nn.Module`` so that a pair, the engine and the latency timer call it like any model
-    (``.eval()`` and ``.to()`` are no-ops: the runtime owns placement). Subclasses implement ``run``.
+    (``.eval()`` is a no-op; inputs go to the CPU, and the runtime owns placement). Subclasses implement
+    ``run``.
     """
 
     runtime = "runtime"
@@ -22,6 +23,10 @@ class RuntimeModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)[0]
+
+    def train(self, mode: bool = True) -> RuntimeModel:
+        """A no-op: the runtime's graph was built in inference mode and stays in it."""
+        return self
 
     def layer_for(self, name: str, reference: RuntimeModel | None = None) -> str:
         """The runtime's tensor for a layer ``name`` (its own tensor name, or a torch module path);

@@ -81,3 +81,17 @@ def test_an_exported_program_itself_is_a_one_line_error_naming_its_module():
     program = torch.export.export(fp32, (torch.zeros(2, 3, 16, 16),))
     with pytest.raises(InvalidArgument, match=r"quantized='ExportedProgram': must be an nn.Module.*program.module\(\)"):
         ModelPair("x", fp32, program, get_preset("fake-w8a8"), PRE, num_classes=5, dataset="synthetic")
+
+
+def test_a_pt2e_pair_declared_in_yaml_is_built_and_evaluated(tmp_path):
+    from qrobust.gate.engine import Evaluator
+    from qrobust.models.declared import build_pair
+
+    spec = {"builder": "helpers:small_net", "preset": "pt2e-x86", "num_classes": 5, "dataset": "synthetic",
+            "calibration": {"dataset": "synthetic", "samples": 16}, "target_layer": "3",
+            "preprocess": {"resolution": [16, 16], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
+    data = synthetic_set(40, 5)
+    pair = build_pair("yaml-pt2e", spec, tmp_path, {"synthetic": data})
+    assert isinstance(pair.quantized, ExportedModel) and pair.metadata["recipe"]["runtime"] == "torchao"
+    result = Evaluator([pair], datasets={"synthetic": data}, replicates=50).evaluate("yaml-pt2e", "awgn", 0.0, cam=True)
+    assert result.metric("agreement").value >= 0.9 and result.metric("cam_cc").value > 0.8
