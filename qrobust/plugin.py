@@ -364,8 +364,10 @@ def pytest_sessionfinish(session, exitstatus):
         qsession.problems.append(f"report not written: {type(exc).__name__}: {show(str(exc), 300)}")
         qsession.summary_lines = qsession.summary_lines or []
     if not judged:
+        broken = {**qsession.broken, **{k: v for out in collector.worker_outputs for k, v in out.get("broken", {}).items()}}
+        why = f"{len(broken)} pair(s) could not be gated, above" if broken else "all skipped?"
         qsession.problems.append(f"{collector.gate_reports} gate tests ran but none produced a verdict "
-                                 "(all skipped?): a gate that checks nothing does not pass")
+                                 f"({why}): a gate that checks nothing does not pass")
     if qsession.problems and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 

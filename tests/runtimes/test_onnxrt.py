@@ -285,3 +285,14 @@ def test_a_torch_fp32_against_the_shipped_onnx_twin_is_timed_on_one_runtime(pyte
         "fp32": "torch (cpu)", "quantized": "onnxruntime CPUExecutionProvider"}
     speed = next(c for c in report["cases"] if c["metric"] == "speedup")["details"]
     assert speed["fp32_runtime"] == speed["quantized_runtime"] == "onnxruntime CPUExecutionProvider"
+
+
+def test_a_gate_whose_only_pair_cannot_load_says_so_in_its_verdict_line(pytester, files, tmp_path):
+    (tmp_path / "junk.onnx").write_bytes(b"not a protobuf" * 4)
+    gate_file(pytester, files, DATASET + "pairs:\n" + PAIR.replace("FILES/int8.onnx", str(tmp_path / "junk.onnx"))
+              + "gate:\n  onnx-files: {}\n")
+    pytester.syspathinsert(str(__import__("pathlib").Path(__file__).parents[1]))
+    result = pytester.runpytest("--pyargs", "qrobust.suites", "--qrobust-thresholds", "thresholds.yaml", "-q")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*pair onnx-files cannot be gated: onnx=*junk.onnx*: is not an ONNX model*",
+                                 "*none produced a verdict (1 pair(s) could not be gated, above)*"])
