@@ -22,8 +22,10 @@ def load_onnx(path, *, providers=None, trust: bool = False, custom_ops=()):
 def same_runtime_fp32(fp32, twin, example):
     """The FP32 model to time against ``twin``: on the twin's runtime where one can be had (an ONNX Runtime
     twin's exported FP32, made once and kept on the twin), so a speedup compares like with like; else
-    ``fp32`` itself (torch twins; an FP32 that already runs on a runtime)."""
-    if not isinstance(twin, RuntimeModel) or isinstance(fp32, RuntimeModel):
+    ``fp32`` itself (torch and torch.export twins; an FP32 that already runs on a runtime)."""
+    from qrobust.runtimes.onnxrt import OnnxModel
+
+    if not isinstance(twin, OnnxModel) or isinstance(fp32, RuntimeModel):
         return fp32
     reference = getattr(twin, "fp32_reference", None)
     if reference is None:

@@ -114,12 +114,13 @@ class OnnxModel(RuntimeModel):
         if len(inputs) != 1 or not graph.output:
             raise invalid("onnx", self.source, f"expected one image input and the logits as first output, got "
                                                f"{len(inputs)} input(s) and {len(graph.output)} output(s)")
-        self.input_name, self.output_name = inputs[0].name, graph.output[0].name
+        self.input_name = inputs[0].name
         dims = inputs[0].type.tensor_type.shape.dim
         self.fixed_batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
         self._tensors = [o for node in graph.node for o in node.output]
         self._known = set(self._tensors) | {i.name for i in inputs}
         self._sessions: dict[tuple[str, ...], object] = {}
+        self._layers: dict[tuple[str, int], str] = {}  # (layer name, id of the reference) -> tensor: run() asks per batch
 
     @classmethod
     def load(cls, path, *, providers=None, trust: bool = False, custom_ops=()) -> OnnxModel:
@@ -194,6 +195,12 @@ class OnnxModel(RuntimeModel):
         exported from that torch module, looked up here or in the FP32 graph the twin was quantized from
         (``reference``, else ``fp32_reference``; the quantizer drops a fused ReLU's node and its scope).
         In a QDQ twin it is taken after its QuantizeLinear -> DequantizeLinear: as the next layer sees it."""
+        key = (name, id(reference))
+        if key not in self._layers:
+            self._layers[key] = self._find_layer(name, reference)
+        return self._layers[key]
+
+    def _find_layer(self, name: str, reference: OnnxModel | None) -> str:
         if name in self._known:
             return self._as_consumed(name)
         inside = [node.output[0] for node in self.proto.graph.node if node.output and name in _scopes(node)]

@@ -44,6 +44,14 @@ def test_cams_read_the_node_a_module_path_names_after_its_quantize_dequantize(pt
         compute_cams(pt2e_twin, x, "3", ["gradcampp"])
 
 
+def test_a_pt2e_twin_is_timed_against_the_torch_fp32_it_shares_a_runtime_with(pt2e_twin):
+    from qrobust.runtimes import runtime_name, same_runtime_fp32
+
+    fp32 = small_net()
+    assert same_runtime_fp32(fp32, pt2e_twin, torch.zeros(2, 3, 16, 16)) is fp32
+    assert runtime_name(pt2e_twin) == "torch.export graph (cpu)"
+
+
 def test_pt2e_coverage_and_quantizer_properties(pt2e_twin):
     from qrobust.quant.coverage import mac_coverage
     from qrobust.quant.properties import check_twin, quantizers
