@@ -35,7 +35,7 @@ def _base():
 
 
 def _calibration(start: int = 0, count: int = 256, label: int | None = None) -> list[torch.Tensor]:
-    fp32, pre = _base()
+    _, pre = _base()
     train = load_dataset("digits-train")
     images = train.images if label is None else train.images[train.labels == label]
     return list(pre.normalize(images[start:start + count]).split(64))
@@ -55,9 +55,9 @@ def _fake_with(layer: str, change) -> tuple[nn.Module, nn.Module]:
 
 # ---- faults: each reproduces a kind of bug reported against quantization tools ------------------------------
 def blank_calibration():
-    """Calibrated on one blank image (a data loader that yields zeros; e.g. onnxruntime#13381-style empty
-    calibration readers): every activation range collapses."""
-    fp32, pre = _base()
+    """Calibrated on one blank image (a calibration loader that yields zeros): every activation range
+    collapses."""
+    _, pre = _base()
     return _int8(calibration=[pre.normalize(torch.zeros(1, 1, 32, 32))])
 
 

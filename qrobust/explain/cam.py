@@ -109,8 +109,9 @@ class CamMethod:
         """(N, h, w) map before ReLU and upsampling."""
         raise NotImplementedError
 
-    def probe(self, model, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """(N, h, w) map of a method that needs no layer (``uses_layer = False``), from model calls alone."""
+    def probe(self, model, x: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """(N, h, w) map of a method that needs no layer (``uses_layer = False``), from model calls alone
+        (``logits``: the model's output on ``x``, already computed)."""
         raise NotImplementedError
 
 
@@ -176,7 +177,7 @@ def compute_cams(model: nn.Module, x: torch.Tensor, target_layer: str, methods, 
                     act = _checked(capture.output, target_layer)
     size = tuple(x.shape[-2:])
     maps = {m.name: postprocess(m.raw(act.float(), grads if m.uses_gradients else None) if m.uses_layer
-                                else m.probe(model, x, targets), size) for m in methods}
+                                else m.probe(model, x, targets, logits), size) for m in methods}
     return CamOutputs(maps, targets, logits.detach(), None if act is None else act.float())
 
 
@@ -262,14 +263,15 @@ class Occlusion(CamMethod):
     grid = 7
     cells_per_call = 8
 
-    def probe(self, model, x, targets):
+    def probe(self, model, x, targets, logits):
         n, _, height, width = x.shape
         rows = torch.linspace(0, height, self.grid + 1).round().long().tolist()
         cols = torch.linspace(0, width, self.grid + 1).round().long().tolist()
         cells = [(r, c) for r in range(self.grid) for c in range(self.grid)]
         fill = x.mean(dim=(0, 2, 3), keepdim=True)
         with torch.inference_mode():
-            base = torch.log_softmax(model(x).double(), 1).gather(1, targets[:, None])[:, 0]
+            targets = targets.cpu()
+            base = torch.log_softmax(logits.detach().cpu().double(), 1).gather(1, targets[:, None])[:, 0]
             drops = torch.zeros(n, self.grid, self.grid, dtype=torch.float64)
             for start in range(0, len(cells), self.cells_per_call):
                 chunk = cells[start:start + self.cells_per_call]
@@ -278,7 +280,7 @@ class Occlusion(CamMethod):
                     masked[k * n:(k + 1) * n, :, rows[r]:rows[r + 1], cols[c]:cols[c + 1]] = fill[0]
                 probs = torch.log_softmax(model(masked).double(), 1).cpu()
                 for k, (r, c) in enumerate(chunk):
-                    drops[:, r, c] = base.cpu() - probs[k * n:(k + 1) * n].gather(1, targets.cpu()[:, None])[:, 0]
+                    drops[:, r, c] = base - probs[k * n:(k + 1) * n].gather(1, targets[:, None])[:, 0]
         return drops.float()
 
 

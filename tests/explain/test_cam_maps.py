@@ -160,7 +160,7 @@ def test_occlusion_matches_a_one_cell_at_a_time_loop_and_finds_what_the_model_re
             masked = x.clone()
             masked[:, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4] = fill[:, None, None]
             expected[:, r, c] = base - torch.log_softmax(model(masked), 1)[:, 0]
-    drops = occlusion.probe(model, x, targets)
+    drops = occlusion.probe(model, x, targets, model(x))
     torch.testing.assert_close(drops, expected)
     assert (drops[:, :2, :2] > 0).all() and (drops[:, 2:, :].abs() < 1e-7).all() and (drops[:, :, 2:].abs() < 1e-7).all()
     cams = compute_cams(model, x, None, ["occlusion"])  # no layer needed
