@@ -139,6 +139,62 @@ class BootstrapMean:
         return Estimate(self.mean, interval, self.n, dict(details or {}))
 
 
+class BootstrapTrimmedMean:
+    """A trimmed mean (``trim`` of the samples cut from each end) with the same cluster-bootstrap
+    interval as ``BootstrapMean``: for heavy-tailed per-sample metrics, where one sample can decide a mean.
+
+    The point estimate is ``scipy.stats.trim_mean(values, trim)`` (floor(trim * n) samples cut from each
+    end). Each replicate applies the same rule to its resample: Poisson weights are whole copies of a
+    sample, so floor(trim * W) copies are cut from each end of the W drawn. A trimmed mean cannot stream:
+    the values (8 bytes each) and their weights (1 byte per replicate) are kept, O(n * replicates) bytes
+    (5 MB for 5,000 CAM samples at 1,000 replicates).
+    """
+
+    def __init__(self, replicates: int, trim: float = 0.1):
+        if not 0 <= trim < 0.5:
+            raise invalid("trim", trim, "must be in [0, 0.5)")
+        self.replicates, self.trim = replicates, trim
+        self.values: list[torch.Tensor] = []
+        self.weights: list[torch.Tensor] = []
+
+    def update(self, values: torch.Tensor, weights: torch.Tensor) -> None:
+        """Add per-sample ``values`` (n,) with their bootstrap ``weights`` (replicates, n)."""
+        if weights.numel() and float(weights.max()) > 255:
+            raise invalid("weights", float(weights.max()), "Poisson bootstrap weights above 255")
+        self.values.append(values.detach().double().cpu().flatten())
+        self.weights.append(weights.to(torch.uint8))
+
+    @property
+    def n(self) -> int:
+        return sum(v.numel() for v in self.values)
+
+    def estimate(self, details: dict | None = None) -> Estimate:
+        info = {**(details or {}), "aggregate": f"trimmed mean, {self.trim:g} cut from each end"}
+        if not self.n:
+            return Estimate(float("nan"), None, 0, info)
+        values = torch.cat(self.values)
+        order = values.argsort()
+        values, weights = values[order], torch.cat(self.weights, dim=1)[:, order]
+        info["untrimmed_mean"] = float(values.mean())
+        point = float(trimmed_means(values, torch.ones(1, values.numel(), dtype=torch.float64), self.trim)[0])
+        replicates = torch.cat([trimmed_means(values, weights[i:i + 64].double(), self.trim)
+                                for i in range(0, weights.shape[0], 64)])
+        return Estimate(point, percentile_interval(replicates), values.numel(), info)
+
+
+def trimmed_means(sorted_values: torch.Tensor, weights: torch.Tensor, trim: float) -> torch.Tensor:
+    """Per row of integer ``weights`` (copies of each sorted value): the mean after cutting floor(trim * W)
+    copies from each end of the W drawn; NaN for a row that keeps nothing."""
+    total = weights.sum(dim=1, keepdim=True)
+    cut = torch.floor(trim * total)
+    upper = torch.cumsum(weights, dim=1)
+    lower = upper - weights
+    kept = (torch.minimum(upper, total - cut) - torch.maximum(lower, cut)).clamp_min(0)
+    count = (total - 2 * cut).squeeze(1)
+    return torch.where(count > 0, (kept * sorted_values).sum(dim=1) / count.clamp_min(1),
+                       torch.full_like(count, float("nan")))
+
+
 def percentile_interval(replicates: torch.Tensor, confidence: float = CONFIDENCE) -> tuple[float, float] | None:
     """Percentile bootstrap interval from replicate estimates (NaN replicates, empty resamples, dropped)."""
     finite = replicates[torch.isfinite(replicates)].double()

@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from scipy import stats as sps
 from scipy.stats import pearsonr
 from sklearn.metrics import mean_squared_error
 
@@ -118,3 +119,24 @@ def test_cam_agreement_keeps_the_most_different_subset_and_counts_degenerate_map
     assert [i for _, i in results["cam_rmse"].details["top_0.05_by_rmse"]] in ([103, 117], [117, 103])
     assert results["cam_sim"].details["degenerate"] == {"fp32": 1, "quantized": 0, "both": 0}
     assert results["cam_sim"].n == 39 and {o["id"] for o in state.overlays} == {103, 117}
+
+
+def test_cam_agreement_trims_kld_and_averages_the_bounded_metrics():
+    """One image with a near-disjoint quantized map decides a mean KLD, not the trimmed one."""
+    from qrobust.metrics import CamAgreement
+    from qrobust.metrics.stats import poisson_weights
+
+    gen = torch.Generator().manual_seed(1)
+    ref = torch.rand(30, 8, 8, generator=gen)
+    cand = (ref + 0.05 * torch.rand(30, 8, 8, generator=gen)).clamp(0, 1)
+    cand[7] = 0.0
+    cand[7, 0, 0] = 1.0  # all of the quantized map's mass in one cell
+    ids, ok = torch.arange(30), torch.zeros(30, dtype=torch.bool)
+    state = CamAgreement("eigencam", replicates=100)
+    state.update((ref, ok), (cand, ok), ids, poisson_weights(0, ids, 100), torch.rand(30, 1, 8, 8))
+    results = state.results()
+    per_image = cam_kld(ref, cand).numpy()
+    assert per_image[7] > 20 * np.median(per_image)
+    assert results["cam_kld"].value == pytest.approx(sps.trim_mean(per_image, 0.1), rel=1e-9)
+    assert results["cam_kld"].details["untrimmed_mean"] == pytest.approx(per_image.mean(), rel=1e-9)
+    assert results["cam_rmse"].value == pytest.approx(cam_rmse(ref, cand).mean().item(), rel=1e-9)

@@ -6,8 +6,10 @@ from scipy import stats as sps
 
 from qrobust.errors import InvalidArgument
 from qrobust.gate.verdict import decide
+from hypothesis import given, settings, strategies as st
+
 from qrobust.metrics.stats import (
-    mcnemar_exact_p, required_sample_size, paired_delta, percentile_interval, poisson_weights, quantile_rank_interval,
+    BootstrapTrimmedMean, trimmed_means, mcnemar_exact_p, required_sample_size, paired_delta, percentile_interval, poisson_weights, quantile_rank_interval,
     wilson_interval,
 )
 
@@ -103,6 +105,59 @@ def test_cluster_bootstrap_covers_the_mean_of_clustered_data():
         lo, hi = percentile_interval((w @ x) / w.sum(1))
         covered += lo <= 1.0 <= hi
     assert covered / reps >= 0.88
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=80), st.sampled_from([0.0, 0.1, 0.25]),
+       st.integers(1, 5))
+def test_trimmed_mean_equals_scipy_however_the_samples_arrive(values, trim, batches):
+    acc = BootstrapTrimmedMean(50, trim)
+    w = poisson_weights(0, torch.arange(len(values)), 50)
+    x = torch.tensor(values, dtype=torch.float64)
+    for chunk in np.array_split(np.arange(len(values)), batches):
+        acc.update(x[chunk], w[:, chunk])
+    estimate = acc.estimate()
+    assert estimate.n == len(values)
+    assert estimate.value == pytest.approx(sps.trim_mean(values, trim), rel=1e-9, abs=1e-6)
+    assert estimate.details["untrimmed_mean"] == pytest.approx(np.mean(values), rel=1e-9, abs=1e-6)
+
+
+def test_trimmed_replicates_trim_their_resample_as_if_each_copy_were_a_sample():
+    rng = np.random.default_rng(5)
+    values = torch.tensor(np.sort(rng.lognormal(0, 2, 30)))
+    weights = torch.tensor(rng.poisson(1.0, (40, 30)), dtype=torch.float64)
+    expanded = [np.repeat(values.numpy(), row.int().numpy()) for row in weights]
+    expected = [sps.trim_mean(e, 0.1) if len(e) else np.nan for e in expanded]
+    np.testing.assert_allclose(trimmed_means(values, weights, 0.1).numpy(), expected, rtol=1e-12)
+
+
+def test_one_outlier_cannot_carry_a_trimmed_mean_but_carries_the_mean():
+    values = torch.tensor([0.5] * 48 + [24.3], dtype=torch.float64)  # seed 1's Lite0 view, 49 views
+    w = poisson_weights(1, torch.arange(49), 1000)
+    acc = BootstrapTrimmedMean(1000)
+    acc.update(values, w)
+    estimate = acc.estimate()
+    assert estimate.value == pytest.approx(0.5) and estimate.details["untrimmed_mean"] > 0.98
+    assert estimate.interval[1] == pytest.approx(0.5)  # at most 4 copies of the outlier fit in the trim
+
+
+def test_trimmed_bootstrap_covers_the_trimmed_population_mean_of_clustered_heavy_tails():
+    true = sps.trim_mean(np.random.default_rng(99).lognormal(0, 1.5, 2_000_000), 0.1)
+    rng = np.random.default_rng(6)
+    covered, reps = 0, 120
+    for rep in range(reps):
+        groups = np.repeat(np.arange(50), 2)  # 50 photos, 2 views each
+        x = torch.tensor(rng.lognormal(0, 1.5, 50)[groups] * np.exp(rng.normal(0, 0.05, 100)))
+        acc = BootstrapTrimmedMean(400)
+        acc.update(x, poisson_weights(rep, torch.tensor(groups), 400))
+        lo, hi = acc.estimate().interval
+        covered += lo <= true <= hi
+    assert covered / reps >= 0.85
+
+
+def test_trimmed_mean_rejects_a_trim_of_half():
+    with pytest.raises(InvalidArgument, match="trim"):
+        BootstrapTrimmedMean(10, 0.5)
 
 
 def test_bootstrap_weights_depend_only_on_seed_and_group():
