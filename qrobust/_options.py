@@ -1,7 +1,9 @@
 """The ``--qrobust-*`` options, parsed at the boundary (import-light: neither torch nor pytest).
 
 Each parser raises ``argparse.ArgumentTypeError`` naming the bad value, so a bad option is one line when
-pytest starts, whether it came from the command line, the environment or the ini file.
+pytest starts, whether it came from the command line, the environment or the ini file. Each option's
+``metavar`` and ini type are declared here once: ``--help`` shows them, the README's Options table lists
+them, and a test keeps the three equal.
 """
 from __future__ import annotations
 
@@ -48,10 +50,25 @@ def parse_pairs(text: str) -> tuple[str, ...]:
     return names
 
 
+TRUE, FALSE = ("y", "yes", "t", "true", "on", "1"), ("n", "no", "f", "false", "off", "0")  # pytest's own bool words
+
+
+def parse_bool(text: str) -> bool:
+    word = (text or "").strip().lower()
+    if word in TRUE or word in FALSE:
+        return word in TRUE
+    raise argparse.ArgumentTypeError(f"expected yes/no, true/false, on/off or 1/0, got {show(text)}")
+
+
 def parse_path(text: str) -> str:
     if not text or "\x00" in text:
         raise argparse.ArgumentTypeError(f"expected a path, got {show(text)}")
     return text
+
+
+# "int" keys take a whole number, "bool" keys pytest's yes/no words, "paths" one path (pytest makes it absolute
+# against the ini file's directory), "args" a list (shell-split in an ini file, a list in TOML), "string" text
+INI_TYPES = ("string", "int", "bool", "paths", "args")
 
 
 @dataclass(frozen=True)
@@ -61,6 +78,14 @@ class OptionSpec:
     parse: Callable[[str], object]
     default: object = None
     is_path: bool = False
+    metavar: str = ""  # as --help and the README show it; a path's is PATH unless set
+    ini: str = ""  # the ini key's type (INI_TYPES); a path's is "paths" (one path, relative to the ini file)
+
+    def __post_init__(self) -> None:
+        if self.ini and self.ini not in INI_TYPES:
+            raise ValueError(f"{self.name}: ini type {self.ini!r} is not one of {INI_TYPES}")
+        object.__setattr__(self, "metavar", self.metavar or ("PATH" if self.is_path else "VALUE"))
+        object.__setattr__(self, "ini", self.ini or ("paths" if self.is_path else "string"))
 
     @property
     def flag(self) -> str:
@@ -74,34 +99,33 @@ class OptionSpec:
     def env(self) -> str:
         return "QROBUST_" + self.name.replace("-", "_").upper()
 
-    @property
-    def metavar(self) -> str:
-        return {"thresholds": "PATH", "pairs": "A,B", "device": "DEV", "seed": "N", "report": "DIR",
-                "decision": "MODE", "max-samples": "N", "save-baseline": "PATH", "baseline": "PATH",
-                "markdown": "PATH", "sensitivity": "N"}[self.name]
-
 
 OPTIONS = (
     OptionSpec("thresholds", "thresholds YAML to gate with (default: thresholds.yaml at the rootdir, when present)",
                parse_path, is_path=True),
-    OptionSpec("pairs", "comma-separated pair names to gate (default: every pair in the thresholds' gate)", parse_pairs),
+    OptionSpec("pairs", "comma-separated pair names to gate (default: every pair in the thresholds' gate)", parse_pairs,
+               metavar="A,B", ini="args"),
     OptionSpec("device", "torch device for FP32 and fake-quant models (cpu, cuda, cuda:1, mps); real int8 "
-                         "twins always run on the CPU", parse_device, default="cpu"),
-    OptionSpec("seed", "seed of perturbations and bootstrap (default: the thresholds' seed)", _whole(0)),
+                         "twins always run on the CPU", parse_device, default="cpu", metavar="DEV"),
+    OptionSpec("seed", "seed of perturbations and bootstrap (default: the thresholds' seed)", _whole(0),
+               metavar="N", ini="int"),
     OptionSpec("report", "directory for report.json and report.html", parse_path, default="qrobust-report",
-               is_path=True),
-    OptionSpec("decision", "point | strict | lenient (default: the thresholds' decision)", parse_decision),
-    OptionSpec("max-samples", "cap every dataset at N samples, a seeded subsample (a quick profile)", _whole(1)),
+               is_path=True, metavar="DIR"),
+    OptionSpec("decision", "point | strict | lenient (default: the thresholds' decision)", parse_decision,
+               metavar="MODE"),
+    OptionSpec("max-samples", "cap every dataset at N samples, a seeded subsample (a quick profile)", _whole(1),
+               metavar="N", ini="int"),
     OptionSpec("save-baseline", "save every case's values to this JSON file after the run", parse_path, is_path=True),
     OptionSpec("baseline", "compare every case with this saved baseline; a regression beyond its margin fails",
                parse_path, is_path=True),
     OptionSpec("sensitivity", "on a failing case, requantize the pair with each of its N worst layers kept in FP32 "
-                              "and suggest a keep_fp32 list (off by default: it costs N+ calibrations)", _whole(0)),
+                              "and suggest a keep_fp32 list (off by default: it costs N+ calibrations)", _whole(0),
+               metavar="N", ini="int"),
     OptionSpec("markdown", "write a Markdown summary (for a PR comment) to this file; $GITHUB_STEP_SUMMARY gets it "
                            "too when set", parse_path, is_path=True),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
-FLAGS = {
+FLAGS = {  # switches: on from the command line, or from their env var or ini key (bool), e.g. QROBUST_BASELINE_ANY_ENV=1
     "overwrite-baseline": "allow --qrobust-save-baseline to replace an existing file",
     "baseline-any-env": "compare with a baseline recorded in a different environment (torch, CPU, weights)",
 }

@@ -33,33 +33,98 @@ def pytest_addoption(parser):
     for option in opts.OPTIONS:
         group.addoption(option.flag, dest=option.dest, default=None, metavar=option.metavar, type=option.parse,
                         help=f"{option.help}. Env {option.env}; ini {option.dest}.")
-        parser.addini(option.dest, help=option.help, default=None)
+        where = " (one path, relative to this file)" if option.ini == "paths" else ""
+        parser.addini(option.dest, help=option.help + where, type=ini_type(option.ini), default=None)
     for name, help_text in opts.FLAGS.items():
-        group.addoption(f"--qrobust-{name}", dest="qrobust_" + name.replace("-", "_"), action="store_true",
-                        default=False, help=help_text)
+        dest = _flag_dest(name)
+        group.addoption(f"--qrobust-{name}", dest=dest, action="store_true", default=False,
+                        help=f"{help_text}. Env {dest.upper()}=1; ini {dest} = true.")
+        parser.addini(dest, help=help_text, type=ini_type("bool"), default=None)
+
+
+def ini_type(kind: str):
+    """What an ini key of this kind (opts.INI_TYPES) is registered as.
+
+    An int or bool key is ``int | str`` (``bool | str``): pytest converts a good value (``3``, ``yes``; in
+    TOML also a bare 3 or true) and hands any other text to our parser, whose one line names the key and
+    the file. Registered as plain ``int``, ``qrobust_seed = abc`` would stop pytest (exit 4) with only
+    ``invalid literal for int() with base 10: 'abc'``, and ``bool`` with ``invalid truth value 'maybe'``:
+    neither names the key. Unions need pytest 9.2; before it these keys are plain strings (parsed by us alike).
+    """
+    if kind not in ("int", "bool"):
+        return kind
+    if pytest.version_tuple < (9, 2):
+        return "string"
+    return int | str if kind == "int" else bool | str
+
+
+def _flag_dest(name: str) -> str:
+    return "qrobust_" + name.replace("-", "_")
 
 
 def option(config, name: str):
     """Command line, then environment, then ini, then the default; parsed by the option's own parser.
-    Relative paths from the environment or command line resolve against the invocation directory, from
-    the ini file against the rootdir (where the ini file lives)."""
+    Relative paths from the environment or command line resolve against the invocation directory; pytest
+    resolves an ini file's ("paths" keys) against the ini file's directory."""
     spec = opts.BY_NAME[name]
     value = config.getoption(spec.dest)
-    base = Path(config.invocation_params.dir)
-    source = spec.flag
     if value is None:
-        raw, source = os.environ.get(spec.env), spec.env
+        raw = os.environ.get(spec.env)
         if raw in (None, ""):
-            raw, source, base = config.getini(spec.dest), f"ini {spec.dest}", Path(str(config.rootpath))
-        if raw in (None, "", []):
-            return spec.default
-        try:
-            value = spec.parse(str(raw))
-        except argparse.ArgumentTypeError as exc:
-            raise pytest.UsageError(f"{source}: {exc}") from None
+            return _from_ini(config, spec.dest, spec.ini, spec.parse, spec.default)
+        value = _parse(spec.parse, raw, spec.env)
     if spec.is_path and value is not None and not Path(value).is_absolute():
-        value = str(base / value)
+        value = str(Path(config.invocation_params.dir) / value)
     return value
+
+
+def flag(config, name: str) -> bool:
+    """A switch (opts.FLAGS): on from the command line, else its env var, else its ini key (a bool)."""
+    dest = _flag_dest(name)
+    if config.getoption(dest):
+        return True
+    raw = os.environ.get(dest.upper())
+    if raw not in (None, ""):
+        return bool(_parse(opts.parse_bool, raw, dest.upper()))
+    return bool(_from_ini(config, dest, "bool", opts.parse_bool, False))
+
+
+def _parse(parse, text: str, source: str):
+    try:
+        return parse(text)
+    except argparse.ArgumentTypeError as exc:
+        raise pytest.UsageError(f"{source}: {exc}") from None
+
+
+def _from_ini(config, key: str, kind: str, parse, default):
+    """An ini key's value through the option's own parser. pytest has converted it to its type, split a
+    list (shell-style in an ini file) and made paths absolute; a value of the wrong TOML type is pytest's
+    own usage error, which names the file and the key."""
+    raw = config.getini(key)
+    if raw is None or raw == "" or raw == []:
+        return default
+    source = _ini_source(config, key)
+    if kind == "paths":
+        if len(raw) != 1:
+            raise pytest.UsageError(f"{source}: expected one path, got {len(raw)}: {' '.join(map(str, raw))} "
+                                    "(quote a path with spaces)")
+        raw = raw[0]
+    elif kind == "args":
+        raw = ",".join(raw)
+    return _parse(parse, str(raw), source)
+
+
+def _ini_source(config, key: str) -> str:
+    """Where an ini value came from, for an error: ``-o KEY`` or ``FILE: KEY`` (the ini file as invoked)."""
+    if any(o.split("=", 1)[0].strip() == key for o in config.getoption("override_ini") or ()):
+        return f"-o {key}"
+    if config.inipath is None:
+        return f"ini {key}"
+    try:
+        shown = Path(config.inipath).relative_to(config.invocation_params.dir)
+    except ValueError:
+        shown = Path(config.inipath)
+    return f"{shown}: {key}"
 
 
 def _validate_device(device: str) -> None:
@@ -97,8 +162,9 @@ def pytest_configure(config):
         thresholds=path, pairs=option(config, "pairs"), device=device, seed=option(config, "seed"),
         report=option(config, "report"), decision=option(config, "decision"),
         max_samples=option(config, "max-samples"), save_baseline=option(config, "save-baseline"),
-        overwrite_baseline=config.getoption("qrobust_overwrite_baseline"), baseline=option(config, "baseline"),
-        baseline_any_env=config.getoption("qrobust_baseline_any_env"), sensitivity=option(config, "sensitivity") or 0)
+        overwrite_baseline=flag(config, "overwrite-baseline"), baseline=option(config, "baseline"),
+        baseline_any_env=flag(config, "baseline-any-env"), sensitivity=option(config, "sensitivity") or 0)
+    option(config, "markdown")  # read at the end; a bad value is a usage error now, not after the run
     worker = _is_worker(config)
     try:
         session = QrobustSession(options, worker=worker)
