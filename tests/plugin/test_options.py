@@ -1,6 +1,8 @@
 """Options and markers are checked when pytest starts: one line each, never a traceback per test."""
 import json
+import re
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +25,13 @@ def usage_error(result) -> str:
     return text
 
 
+def start_error(pytester, *args) -> str:
+    """The usage error of a gate suite started with these arguments (the environment and ini as set)."""
+    pytester.makefile(".yaml", thresholds=thresholds())
+    pytester.makepyfile(test_gate=SUITE)
+    return usage_error(pytester.runpytest(*args))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--qrobust-device", "gpu0"], "argument --qrobust-device: expected cpu, cuda, cuda:N, mps or xpu[:N], got 'gpu0'"),
     (["--qrobust-seed", "abc"], "argument --qrobust-seed: expected a whole number, got 'abc'"),
@@ -31,16 +40,12 @@ def usage_error(result) -> str:
     (["--qrobust-pairs", " , "], "argument --qrobust-pairs: expected comma-separated pair names"),
 ])
 def test_bad_options_are_one_line_at_start(pytester, args, message):
-    pytester.makefile(".yaml", thresholds=thresholds())
-    pytester.makepyfile(test_gate=SUITE)
-    assert message in usage_error(pytester.runpytest(*args))
+    assert message in start_error(pytester, *args)
 
 
 def test_environment_values_go_through_the_same_parsers(pytester, monkeypatch):
-    pytester.makefile(".yaml", thresholds=thresholds())
-    pytester.makepyfile(test_gate=SUITE)
     monkeypatch.setenv("QROBUST_SEED", "-3")
-    assert "QROBUST_SEED: must be >= 0, got -3" in usage_error(pytester.runpytest())
+    assert "QROBUST_SEED: must be >= 0, got -3" in start_error(pytester)
 
 
 def test_an_unavailable_device_is_one_line_at_start(pytester):
@@ -172,3 +177,124 @@ def test_the_summary_flags_fragile_verdicts(pytester):
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, skipped=2)
     result.stdout.fnmatch_lines(["*1 checks: 1 pass*1 fragile*", "*agreement*worst 1 >= 1 at awgn 0*pass, fragile)*"])
+
+
+README = Path(__file__).parents[2] / "README.md"
+ROW = re.compile(r"^\| `(--qrobust-[a-z-]+)(?: ([^`]+))?` \| `(QROBUST_[A-Z_]+)` \| `(qrobust_[a-z_]+)` \((\w+)\) \|")
+
+
+def readme_options() -> dict[str, tuple]:
+    """The README's Options table: flag -> (metavar or None, env, ini key, ini type)."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("### Options"):text.index("### thresholds.yaml")]
+    rows = [ROW.match(line) for line in section.splitlines() if line.startswith("| `--qrobust-")]
+    assert all(rows), [line for line, row in zip(section.splitlines(), rows) if not row]
+    return {m[1]: (m[2], m[3], m[4], m[5]) for m in rows if m}
+
+
+def shown_ini_type(documented: str) -> str:
+    """How pytest --help shows a documented ini type (an int or bool key also takes text, see ini_type)."""
+    if documented in ("int", "bool"):
+        return f"{documented} | string" if pytest.version_tuple >= (9, 2) else "string"
+    return documented
+
+
+def test_help_shows_the_metavars_env_and_ini_types_the_readme_documents(pytester):
+    from qrobust import _options as opts
+
+    documented = readme_options()
+    declared = {o.flag: (o.metavar, o.env, o.dest, o.ini) for o in opts.OPTIONS}
+    declared |= {f"--qrobust-{n}": (None, "QROBUST_" + n.replace("-", "_").upper(), "qrobust_" + n.replace("-", "_"),
+                                    "bool") for n in opts.FLAGS}
+    assert documented == declared
+    out = pytester.runpytest("--help").stdout.str()
+    metavars = dict(re.findall(r"^  (--qrobust-[a-z-]+)(?:=(\S+))?", out, flags=re.M))
+    assert metavars == {flag: metavar or "" for flag, (metavar, *_) in documented.items()}
+    ini = dict(re.findall(r"^  (qrobust_[a-z_]+) \(([^)]+)\):", out, flags=re.M))
+    assert ini == {key: shown_ini_type(kind) for _, _, key, kind in documented.values()}
+    for flag, (_, env, key, _) in documented.items():
+        assert env in out and key in out, flag
+
+
+def test_int_and_bool_keys_take_text_before_pytest_9_2(monkeypatch):
+    from qrobust.plugin import ini_type
+
+    assert ini_type("int") == int | str and ini_type("bool") == bool | str and ini_type("paths") == "paths"
+    monkeypatch.setattr(pytest, "version_tuple", (9, 1, 0))
+    assert ini_type("int") == ini_type("bool") == "string" and ini_type("args") == "args"
+
+
+SESSION_OPTIONS = """
+    from pathlib import Path
+
+    def test_options(qrobust, pytestconfig):
+        o = qrobust.options
+        root = Path(str(pytestconfig.inipath)).parent
+        assert (o.seed, qrobust.seed, o.max_samples) == (3, 3, 8) and type(o.seed) is int
+        assert o.pairs == ("lenet5-digits-int8-x86",)
+        assert o.thresholds == str(root / "gates" / "gate.yaml") and o.report == str(root / "out dir")
+        assert o.baseline_any_env is True and o.overwrite_baseline is False
+"""
+
+
+@pytest.mark.parametrize("name, config", [
+    ("pytest.ini", """\
+        [pytest]
+        qrobust_thresholds = gates/gate.yaml
+        qrobust_seed = 3
+        qrobust_max_samples = 8
+        qrobust_pairs = lenet5-digits-int8-x86
+        qrobust_report = "out dir"
+        qrobust_baseline_any_env = yes
+        qrobust_overwrite_baseline = 0
+        """),
+    ("pyproject.toml", """\
+        [tool.pytest]
+        qrobust_thresholds = ["gates/gate.yaml"]
+        qrobust_seed = 3
+        qrobust_max_samples = "8"
+        qrobust_pairs = ["lenet5-digits-int8-x86"]
+        qrobust_report = ["out dir"]
+        qrobust_baseline_any_env = true
+        qrobust_overwrite_baseline = false
+        """),
+])
+def test_typed_ini_keys_reach_the_session(pytester, monkeypatch, name, config):
+    (pytester.path / name).write_text(textwrap.dedent(config))
+    pytester.mkdir("gates")
+    (pytester.path / "gates" / "gate.yaml").write_text(thresholds())
+    sub = pytester.mkdir("sub")
+    (sub / "test_session.py").write_text(textwrap.dedent(SESSION_OPTIONS))
+    monkeypatch.chdir(sub)  # paths are relative to the ini file, not to where pytest runs
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize("name, config, args, message", [
+    ("pytest.ini", "[pytest]\nqrobust_seed = abc\n", [], "pytest.ini: qrobust_seed: expected a whole number, got 'abc'"),
+    ("pytest.ini", "[pytest]\nqrobust_seed = 2.5\n", [], "pytest.ini: qrobust_seed: expected a whole number, got '2.5'"),
+    ("pytest.ini", "[pytest]\nqrobust_max_samples = 0\n", [], "pytest.ini: qrobust_max_samples: must be >= 1, got 0"),
+    ("pytest.ini", "[pytest]\nqrobust_baseline_any_env = maybe\n", [],
+     "pytest.ini: qrobust_baseline_any_env: expected yes/no, true/false, on/off or 1/0, got 'maybe'"),
+    ("pytest.ini", "[pytest]\nqrobust_report = my report\n", [], "pytest.ini: qrobust_report: expected one path, got 2"),
+    ("pytest.ini", "[pytest]\nqrobust_markdown = a b\n", [], "pytest.ini: qrobust_markdown: expected one path, got 2"),
+    ("pytest.ini", "[pytest]\n", ["-o", "qrobust_seed=-1"], "-o qrobust_seed: must be >= 0, got -1"),
+    ("pyproject.toml", "[tool.pytest.ini_options]\nqrobust_seed = \"x\"\n", [], "pyproject.toml: qrobust_seed: expected a whole number, got 'x'"),
+    # a value of the wrong TOML type is pytest's own usage error, which names the file and the key
+    ("pyproject.toml", "[tool.pytest]\nqrobust_seed = 2.5\n", [],
+     "pyproject.toml: config option 'qrobust_seed' expects one of int | string, got float: 2.5"),
+    ("pyproject.toml", "[tool.pytest]\nqrobust_report = \"out\"\n", [],
+     "pyproject.toml: config option 'qrobust_report' expects a list for type 'paths', got str: 'out'"),
+])
+def test_bad_ini_values_are_one_line_naming_the_key(pytester, name, config, args, message):
+    if "expects one of" in message and pytest.version_tuple < (9, 2):
+        pytest.skip("pytest < 9.2 registers int keys as strings")
+    (pytester.path / name).write_text(config)
+    assert message in start_error(pytester, *args)
+
+
+def test_switches_fall_back_to_their_environment_variables(pytester, monkeypatch):
+    monkeypatch.setenv("QROBUST_OVERWRITE_BASELINE", "nope")
+    assert "QROBUST_OVERWRITE_BASELINE: expected yes/no" in start_error(pytester)
+    monkeypatch.setenv("QROBUST_OVERWRITE_BASELINE", "1")
+    pytester.makepyfile(test_flag="def test_flag(qrobust): assert qrobust.options.overwrite_baseline is True")
+    pytester.runpytest("-p", "no:cacheprovider", "test_flag.py").assert_outcomes(passed=1)
