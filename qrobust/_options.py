@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from qrobust.errors import show
 
-DECISIONS = ("point", "strict", "lenient")
+DECISIONS = ("point", "strict", "lenient", "familywise")  # the one list: config and verdicts import it
 DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
 
 

@@ -215,7 +215,8 @@ class QrobustCheck:
         record, message = judge(test=self._node.nodeid, pair=case.pair, perturbation=case.perturbation,
                                 level=case.level, metric=metric, estimate=estimate, tolerance=tolerance,
                                 mode=session.decision, context=context, baseline_old=old,
-                                baseline_margin=session.thresholds.baseline_margin(metric))
+                                baseline_margin=session.thresholds.baseline_margin(metric),
+                                family_size=session.family_sizes.get(case.pair))
         if mismatch and tolerance is not None:
             record["verdict"], record["failed_by"] = "fail", "baseline"
             message = "\n".join(filter(None, [message, mismatch]))

@@ -52,6 +52,7 @@ class QrobustSession:
         self.max_samples = options.max_samples or t.max_samples
         self.device = options.device
         self.plan: GatePlan = make_plan(t, self._bits_of, list(options.pairs) if options.pairs else None)
+        self.family_sizes = self.plan.family_sizes(t)  # checks per pair, for the familywise decision
         if options.save_baseline and Path(options.save_baseline).exists() and not options.overwrite_baseline \
                 and not worker:
             raise ConfigError(f"{options.save_baseline}: baseline exists; pass --qrobust-overwrite-baseline to "

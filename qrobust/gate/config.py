@@ -6,7 +6,7 @@ here, in the dataclasses below, and in the metric catalogue (default tolerances)
 
 Schema (every section optional; a file must gate something)::
 
-    decision: point             # point (default) | strict | lenient
+    decision: point             # point (default) | strict | lenient | familywise
     seed: 0
     batch_size: 64
     max_samples: null           # a quick profile caps every dataset (seeded subsample)
@@ -46,13 +46,14 @@ from typing import Any, NoReturn
 import yaml
 
 from qrobust._files import MiB, read_bounded
+from qrobust._options import DECISIONS
 from qrobust.errors import ConfigError, InvalidArgument, show
 from qrobust.metrics.catalog import CASE_METRICS, EXPLANATION_METRICS, LATENCY_METRICS, METRICS, default_tolerances
 from qrobust.registry import did_you_mean
 
 MAX_BYTES = 4 * MiB  # a thresholds file is a page of YAML; anything near this size is a mistake or an attack
 MAX_DEPTH = 64  # nesting deeper than any valid file; deeper input is refused before it can exhaust the stack
-MODES = ("point", "strict", "lenient")
+MODES = DECISIONS
 F1_AVERAGES = ("macro", "micro", "weighted")
 # the sweep a file without a ``perturbations:`` section gets: seed 004's four families at their
 # registered default levels

@@ -73,6 +73,20 @@ class GatePlan:
     quantizer_pairs: tuple[str, ...] = ()  # every gated pair: its quantizers' properties
     problems: tuple[str, ...] = field(default=())
 
+    def family_sizes(self, thresholds: Thresholds) -> dict[str, int]:
+        """Per pair, the number of its gated checks: the family over which the familywise decision
+        controls false alarms. Level 0 counts once (it is one evaluation, whatever perturbation reports
+        it); a check that turns out not computable still counts, which only makes the level stricter."""
+        checks: dict[str, set] = {}
+        for c in self.cases + self.bitwidth_cases:
+            where = ("clean", 0.0) if c.level == 0 else (c.perturbation, c.level)
+            checks.setdefault(c.pair, set()).update((*where, m) for m in c.tolerances)
+        for pairs, tolerances, kind in ((self.explanation_pairs, thresholds.explanations.tolerances, "explanation"),
+                                        (self.latency_pairs, thresholds.latency.tolerances, "latency")):
+            for pair in pairs:
+                checks.setdefault(pair, set()).update((kind, 0.0, m) for m in tolerances)
+        return {pair: len(found) for pair, found in checks.items()}
+
     @property
     def pairs(self) -> list[str]:
         """Pairs the plan needs, in first-use order."""

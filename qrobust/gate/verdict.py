@@ -4,7 +4,11 @@ Pure functions with no pytest in sight, so a verdict can be computed, tested and
 
 * Modes: ``point`` compares the estimate with the tolerance; ``strict`` needs the whole 95% interval
   inside the tolerance (an interval straddling it is *inconclusive*, which fails); ``lenient`` fails only
-  when the whole interval violates the tolerance (a straddling violation is inconclusive and passes).
+  when the whole interval violates the tolerance (a straddling violation is inconclusive and passes);
+  ``familywise`` is lenient with each interval widened to 1 - 2 alpha / m for a pair of m checks
+  (Bonferroni), so a pair whose every true value meets its tolerance fails with probability at most
+  alpha = 0.05. Whether a pair fails is the same under Holm's step-down, which only adds rejections
+  after a first one.
 * Metrics that are ratios of sample counts (``counted`` in the catalogue: top-1/top-5 delta, agreement)
   are compared exactly, as fractions: one flip in 100 samples against a tolerance of 0.01 is exactly at
   the tolerance and passes.
@@ -19,11 +23,12 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 
+from qrobust._options import DECISIONS as MODES
 from qrobust.errors import invalid
 from qrobust.metrics.catalog import METRICS
-from qrobust.metrics.stats import paired_delta, wilson_interval
+from qrobust.metrics.stats import CONFIDENCE, clopper_pearson_interval, paired_delta, wilson_interval
 
-MODES = ("point", "strict", "lenient")
+FAMILYWISE_ALPHA = 0.05  # chance that a pair whose true values all meet their tolerances fails
 FRAGILE_FLIPS = 2
 FRAGILE_WIDTHS = 0.1
 FLIP_SEARCH_LIMIT = 50  # beyond this many samples a verdict is not fragile: the search stops
@@ -44,7 +49,12 @@ class Decision:
     @property
     def passed(self) -> bool:
         """Whether a gate passes: strict mode needs proof, lenient mode tolerates an unproven violation."""
-        return self.verdict == "pass" or (self.verdict == "inconclusive" and self.mode == "lenient")
+        return self.verdict == "pass" or (self.verdict == "inconclusive" and self.mode in ("lenient", "familywise"))
+
+
+def family_confidence(size: int, alpha: float = FAMILYWISE_ALPHA) -> float:
+    """The two-sided confidence whose one-sided tail is alpha / size (Bonferroni over a pair's checks)."""
+    return 1 - 2 * alpha / max(1, size)
 
 
 def exact(value: float) -> Fraction:
@@ -55,8 +65,9 @@ def exact(value: float) -> Fraction:
 def decide(estimate: float, interval: tuple[float, float] | None, tolerance: float, higher_is_better: bool,
            mode: str = "point", *, exact_estimate: Fraction | None = None) -> Decision:
     """Point: the estimate against the tolerance. Strict: the whole interval must comply, an interval
-    straddling the tolerance is inconclusive (not a pass). Lenient: fail only when the whole interval
-    violates the tolerance (the violation is significant); a straddling violation is inconclusive.
+    straddling the tolerance is inconclusive (not a pass). Lenient and familywise (given the widened
+    interval): fail only when the whole interval violates the tolerance (the violation is significant);
+    a straddling violation is inconclusive.
     ``exact_estimate`` (a ratio of counts) makes the point comparison exact."""
     if mode not in MODES:
         raise invalid("mode", mode, f"must be one of {', '.join(MODES)}")
@@ -104,9 +115,12 @@ def _shifted_table(n11: int, b: int, c: int, n22: int, shift: int):
     return None if rest > n22 else (n11 + k, b - k, c + rest, n22 - rest)
 
 
-def counted_estimate(metric: str, details: dict, n: int, shift: int = 0):
+def counted_estimate(metric: str, details: dict, n: int, shift: int = 0, confidence: float = CONFIDENCE,
+                     exact: bool = False):
     """(exact value, float value, interval) of a counted metric after ``shift`` samples change their
-    prediction towards the twin doing worse (negative: better); None when impossible at this n."""
+    prediction towards the twin doing worse (negative: better); None when impossible at this n.
+    ``exact``: agreement gets the Clopper-Pearson interval (the familywise decision's, as its estimate's
+    ``interval_at``), not Wilson's."""
     if metric in ("top1_delta", "top5_delta"):
         b, c = details["b"], details["c"]
         n11 = details["fp32_right"] - b
@@ -114,13 +128,14 @@ def counted_estimate(metric: str, details: dict, n: int, shift: int = 0):
         if table is None:
             return None
         n11, b, c, _ = table
-        delta = paired_delta(n11 + b, n11 + c, b, c, n)
+        delta = paired_delta(n11 + b, n11 + c, b, c, n, confidence)
         return Fraction(b - c, n), delta.delta, delta.interval
     if metric == "agreement":
         agree = n - details["flips"] - shift
         if not 0 <= agree <= n:
             return None
-        return Fraction(agree, n), agree / n, wilson_interval(agree, n)
+        interval = (clopper_pearson_interval if exact else wilson_interval)(agree, n, confidence)
+        return Fraction(agree, n), agree / n, interval
     raise invalid("metric", metric, "is not a counted metric")
 
 
@@ -130,15 +145,17 @@ def has_counts(metric: str, details: dict) -> bool:
     return metric in needed and all(k in details for k in needed[metric])
 
 
-def flips_to_reverse(metric: str, details: dict, n: int, tolerance: float, mode: str) -> int | None:
+def flips_to_reverse(metric: str, details: dict, n: int, tolerance: float, mode: str,
+                     confidence: float = CONFIDENCE) -> int | None:
     """How many samples must change their prediction to reverse this verdict (None: more than
     FLIP_SEARCH_LIMIT, or impossible at this n)."""
     higher = METRICS[metric].higher_is_better
-    value, as_float, interval = counted_estimate(metric, details, n)
+    exact = mode == "familywise"
+    value, as_float, interval = counted_estimate(metric, details, n, confidence=confidence, exact=exact)
     passed = decide(as_float, interval, tolerance, higher, mode, exact_estimate=value).passed
     direction = 1 if passed else -1  # a pass reverses when the twin gets worse, a fail when it gets better
     for k in range(1, FLIP_SEARCH_LIMIT + 1):
-        shifted = counted_estimate(metric, details, n, direction * k)
+        shifted = counted_estimate(metric, details, n, direction * k, confidence, exact)
         if shifted is None:
             return None
         value, as_float, interval = shifted
@@ -147,11 +164,11 @@ def flips_to_reverse(metric: str, details: dict, n: int, tolerance: float, mode:
     return None
 
 
-def fragility(metric: str, decision: Decision, details: dict, n: int) -> dict:
+def fragility(metric: str, decision: Decision, details: dict, n: int, confidence: float = CONFIDENCE) -> dict:
     """``{"flips_to_reverse": k}`` for counted metrics, ``{"margin_widths": m}`` for the others, plus
     ``"fragile": bool``."""
     if has_counts(metric, details):
-        k = flips_to_reverse(metric, details, n, decision.tolerance, decision.mode)
+        k = flips_to_reverse(metric, details, n, decision.tolerance, decision.mode, confidence)
         return {"flips_to_reverse": k, "fragile": k is not None and k <= FRAGILE_FLIPS}
     if decision.interval is None or not math.isfinite(decision.margin):
         return {"margin_widths": None, "fragile": False}
@@ -174,10 +191,11 @@ def _format(value: float) -> str:
 
 def judge(*, test: str, pair: str, perturbation: str, level: float, metric: str, estimate,
           tolerance: float | None, mode: str, context: dict | None = None, baseline_old: float | None = None,
-          baseline_margin=None) -> tuple[dict, str | None]:
+          baseline_margin=None, family_size: int | None = None) -> tuple[dict, str | None]:
     """Decide one measured ``estimate`` (a ``metrics.stats.Estimate``) against its tolerance and, when
     given, its baseline value. Returns the report record and the failure message (None on a pass).
-    Without a tolerance the value is recorded as ``measured``: reported, not gated."""
+    Without a tolerance the value is recorded as ``measured``: reported, not gated. The familywise mode
+    needs ``family_size``, the number of the pair's gated checks."""
     from qrobust.gate.baseline import regression
     from qrobust.metrics.stats import required_sample_size
 
@@ -193,9 +211,19 @@ def judge(*, test: str, pair: str, perturbation: str, level: float, metric: str,
     if metric in ("top1_delta", "top5_delta") and tolerance > 0 and "b" in details:
         details["n_required"] = required_sample_size(details["b"] + details["c"], n, tolerance)
     finite = value is not None and math.isfinite(value)
-    decision = decide(value if finite else float("nan"), interval, tolerance, info.higher_is_better, mode,
+    confidence, decided_interval, family = CONFIDENCE, interval, None
+    if mode == "familywise":
+        if not family_size:
+            raise invalid("family_size", family_size, "the familywise decision needs the pair's number of checks")
+        confidence = family_confidence(family_size)
+        adjusted = estimate.interval_at is not None and interval is not None and finite
+        if adjusted:
+            decided_interval = estimate.interval_at(confidence)
+        family = {"size": family_size, "alpha": FAMILYWISE_ALPHA, "confidence": confidence, "adjusted": adjusted,
+                  "interval": list(decided_interval) if decided_interval and finite else None}
+    decision = decide(value if finite else float("nan"), decided_interval, tolerance, info.higher_is_better, mode,
                       exact_estimate=exact_value)
-    fragile = fragility(metric, decision, details, n) if finite else {"fragile": False}
+    fragile = fragility(metric, decision, details, n, confidence) if finite else {"fragile": False}
     verdict = decision.verdict
     failed_by = None if decision.passed else "tolerance"
     messages = []
@@ -208,7 +236,7 @@ def judge(*, test: str, pair: str, perturbation: str, level: float, metric: str,
         "test": test, "pair": pair, "perturbation": perturbation, "level": level, "metric": metric,
         "direction": info.direction, "value": value if finite else None,
         "interval": list(interval) if interval and finite else None, "n": n, "tolerance": tolerance,
-        "verdict": verdict, "mode": mode, "failed_by": failed_by,
+        "verdict": verdict, "mode": mode, "failed_by": failed_by, **({"family": family} if family else {}),
         "margin": decision.margin if math.isfinite(decision.margin) else None,
         **fragile,
         "baseline": None if baseline_old is None else {"value": baseline_old, "regressed": bool(baseline_message)},
@@ -240,6 +268,11 @@ def tolerance_message(record: dict) -> str:
     extra = ", ".join(f"{k}={_format(v)}" if isinstance(v, float) else f"{k}={v}"
                       for k, v in record["details"].items() if isinstance(v, (int, float, str)) and len(str(v)) < 80)
     parts = [f"{ci}, n={record['n']}" + (f", {extra}" if extra else "")]
+    family = record.get("family")
+    if family and family["interval"] is not None:
+        low, high = family["interval"]
+        parts.append(f"familywise {100 * family['confidence']:.4g}% CI [{_format(low)}, {_format(high)}] "
+                     f"over {family['size']} checks" + ("" if family["adjusted"] else " (not widened: no such interval)"))
     if record["margin"] is not None:
         parts.append(f"margin {record['margin']:+.4g}")
     fragile = describe_fragility(record)

@@ -7,13 +7,15 @@ does not grow with the dataset.
 from __future__ import annotations
 
 import math
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
 from qrobust.errors import invalid
 from qrobust.metrics.stats import (
-    BootstrapMean, Estimate, PairedDelta, paired_delta, percentile_interval, poisson_weights, quantile_rank_interval,
-    replicate_ratio, wilson_interval,
+    CONFIDENCE, BootstrapMean, Estimate, PairedDelta, bootstrap_estimate, clopper_pearson_interval, paired_delta,
+    paired_interval, poisson_weights, quantile_rank_interval, replicate_ratio, wilson_interval,
 )
 
 F1_AVERAGES = ("macro", "micro", "weighted")
@@ -87,6 +89,11 @@ class LogHistogram:
 
     def quantile(self, q: float) -> float:
         return self.value_at_rank(max(1, math.ceil(q * int(self.counts.sum()))))
+
+    def quantile_interval(self, q: float, confidence: float) -> tuple[float, float]:
+        """The distribution-free order-statistic interval of the ``q``-quantile (independent samples)."""
+        low, high = quantile_rank_interval(int(self.counts.sum()), q, confidence)
+        return self.value_at_rank(low), self.value_at_rank(high)
 
 
 class PairMetrics:
@@ -190,7 +197,8 @@ class PairMetrics:
             d = self.accuracy_delta(k)
             out[f"top{k}_delta"] = Estimate(d.delta, d.interval, n, {"b": d.b, "c": d.c, "mcnemar_p": d.p_value,
                                                                      "fp32_right": c[f"fp_top{k}"],
-                                                                     "flipped": list(self.flipped)})
+                                                                     "flipped": list(self.flipped)},
+                                            partial(paired_interval, c[f"fp_top{k}"], c[f"q_top{k}"], d.b, d.c, n))
             out[f"top{k}_fp32"] = Estimate(c[f"fp_top{k}"] / n, wilson_interval(c[f"fp_top{k}"], n), n, {})
             out[f"top{k}_quant"] = Estimate(c[f"q_top{k}"] / n, wilson_interval(c[f"q_top{k}"], n), n, {})
         f1_fp, f1_q = float(self._f1(self.class_counts["fp"])), float(self._f1(self.class_counts["q"]))
@@ -198,17 +206,17 @@ class PairMetrics:
         boot = replicate_ratio(boot, (self.boot_weight > 0).double())  # NaN for an empty resample
         out["f1_fp32"] = Estimate(f1_fp, None, n, {"average": self.f1_average})
         out["f1_quant"] = Estimate(f1_q, None, n, {"average": self.f1_average})
-        out["f1_delta"] = Estimate(f1_fp - f1_q, percentile_interval(boot), n, {"average": self.f1_average})
+        out["f1_delta"] = bootstrap_estimate(f1_fp - f1_q, boot, n, {"average": self.f1_average})
         agree = c["agree"]
         out["agreement"] = Estimate(agree / n, wilson_interval(agree, n), n, {"flips": n - agree,
-                                                                              "flipped": list(self.flipped)})
+                                                                              "flipped": list(self.flipped)},
+                                    partial(clopper_pearson_interval, agree, n))
         out["flip_rate"] = Estimate(1 - agree / n, tuple(1 - v for v in reversed(wilson_interval(agree, n))), n,
                                     {"flips": n - agree})
         out["kl_mean"] = self.kl.estimate()
-        lo_rank, hi_rank = quantile_rank_interval(n, 0.95)
-        out["kl_p95"] = Estimate(self.kl_hist.quantile(0.95),
-                                 (self.kl_hist.value_at_rank(lo_rank), self.kl_hist.value_at_rank(hi_rank)), n,
-                                 {"resolution": "log histogram, 200 bins per decade"})
+        out["kl_p95"] = Estimate(self.kl_hist.quantile(0.95), self.kl_hist.quantile_interval(0.95, CONFIDENCE), n,
+                                 {"resolution": "log histogram, 200 bins per decade"},
+                                 partial(self.kl_hist.quantile_interval, 0.95))
         out["kl_max"] = Estimate(self.kl_max, None, n, {})
         out["logit_sqnr_db"] = self.sqnr.estimate({"cap_db": SQNR_CAP_DB})
         out["logit_cosine"] = self.cosine.estimate()

@@ -36,7 +36,7 @@ def start_error(pytester, *args) -> str:
     (["--qrobust-device", "gpu0"], "argument --qrobust-device: expected cpu, cuda, cuda:N, mps or xpu[:N], got 'gpu0'"),
     (["--qrobust-seed", "abc"], "argument --qrobust-seed: expected a whole number, got 'abc'"),
     (["--qrobust-max-samples", "0"], "argument --qrobust-max-samples: must be >= 1, got 0"),
-    (["--qrobust-decision", "maybe"], "argument --qrobust-decision: expected point, strict, lenient, got 'maybe'"),
+    (["--qrobust-decision", "maybe"], "argument --qrobust-decision: expected point, strict, lenient, familywise, got 'maybe'"),
     (["--qrobust-pairs", " , "], "argument --qrobust-pairs: expected comma-separated pair names"),
 ])
 def test_bad_options_are_one_line_at_start(pytester, args, message):
