@@ -10,7 +10,7 @@ STARTER = """\
 # Every key is documented in the README ("thresholds.yaml"); `qrobust template` prints the built-in gate,
 # whose tolerances each carry their source.
 
-decision: point        # point | strict (the whole 95% interval must pass: needs thousands of samples) | lenient
+decision: point        # point | strict (whole 95% interval must pass) | lenient | familywise (<= 5% false alarms per pair)
 seed: 0
 
 pairs:

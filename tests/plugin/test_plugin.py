@@ -48,6 +48,34 @@ def test_clean_gate_passes_and_writes_a_schema_valid_report(gate):
     assert "test_gate.py::test_top1_delta[lenet5-digits-int8-x86-awgn-0.1]" in ids
 
 
+FAMILYWISE = """\
+decision: {decision}
+max_samples: 200
+replicates: 200
+defaults: {{agreement: 0.995}}
+perturbations:
+  awgn: {{levels: [0, 0.5, 0.7]}}
+gate:
+  {pair}: {{}}
+"""
+
+
+def test_familywise_passes_a_marginal_violation_and_still_fails_a_broken_twin(gate):
+    """Agreement a flip or two under its 0.995 minimum fails the point decision, not the familywise one (3
+    checks in the family, each at 1 - 2 * 0.05 / 3); a broken twin (asymmetric 2 bits) fails either way."""
+    gate.makefile(".yaml", thresholds=FAMILYWISE.format(decision="point", pair="lenet5-digits-int8-x86"))
+    assert gate.runpytest("-p", "no:cacheprovider").ret == 1
+    gate.makefile(".yaml", thresholds=FAMILYWISE.format(decision="familywise", pair="lenet5-digits-int8-x86"))
+    result = gate.runpytest("-p", "no:cacheprovider")
+    report = json.loads((gate.path / "qrobust-report" / "report.json").read_text())
+    cases = [c for c in report["cases"] if c["metric"] == "agreement"]
+    assert result.ret == 0 and any(c["verdict"] == "inconclusive" for c in cases)
+    assert {c["family"]["size"] for c in cases} == {3} and report["environment"]["decision"] == "familywise"
+    gate.makefile(".yaml", thresholds=FAMILYWISE.format(decision="familywise", pair="lenet5-digits-asym2"))
+    result = gate.runpytest("-p", "no:cacheprovider")
+    assert result.ret == 1 and "familywise 96.67% CI" in result.stdout.str()
+
+
 def test_failing_gate_exits_1_with_the_full_message(gate):
     gate.makefile(".yaml", thresholds=thresholds(pair="lenet5-digits-asym2"))
     result = gate.runpytest()
