@@ -3,6 +3,7 @@ evaluator, baselines and the report. No pytest here: the plugin and the fixture 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class PairUnavailable(QrobustError):
 class QrobustSession:
     def __init__(self, options: Options, *, worker: bool = False):
         self.options = options
+        self.started = time.monotonic()  # the report's duration
         self.thresholds: Thresholds = load_thresholds(options.thresholds)
         t = self.thresholds
         self.seed = t.seed if options.seed is None else options.seed
@@ -294,22 +296,36 @@ class QrobustSession:
                 "perturbed_batches": dict(ev.perturbed_batches) if ev else {},
                 "groups": ev.groups() if ev else {}}
 
-    def _overlays(self, per_pair: int = 6) -> list[dict]:
-        """CAM overlays of the most different images (by RMSE) of this process's CAM cases, as PNG data."""
-        from qrobust.gate.report import overlay_png
+    def _overlays(self) -> list[dict]:
+        """Per CAM case of this process, its most different image (by CAM RMSE): the report places them
+        with the failing case they explain, so every case sends one (verdicts meet only in the controller)."""
+        ev = self._evaluator
+        return [o for r in (ev.cached_results() if ev else []) if (o := self.overlay(r)) is not None]
 
-        ev, found = self._evaluator, []
-        for result in (ev.cached_results() if ev else []):
-            for o in result.cam.overlays if result.cam else []:
-                found.append((result, o))
-        out = []
-        for pair in sorted({r.pair for r, _ in found}):
-            best = sorted((f for f in found if f[0].pair == pair), key=lambda f: -f[1]["rmse"])[:per_pair]
-            out += [{"pair": r.pair, "perturbation": r.perturbation, "level": r.level, "id": o["id"],
-                     "rmse": o["rmse"], "method": r.cam.method, "image": overlay_png(o["pixels"], None),
-                     "fp32": overlay_png(o["pixels"], o["fp32"]), "quantized": overlay_png(o["pixels"], o["quantized"])}
-                    for r, o in best]
-        return out
+    def case_overlays(self, pair: str, perturbation: str, level: float) -> list[dict]:
+        """The overlay of one evaluated case (none when it computed no CAMs), for pytest-html's extras."""
+        ev = self._evaluator
+        found = [self.overlay(r) for r in (ev.cached_results() if ev else [])
+                 if (r.pair, r.perturbation, r.level) == (pair, perturbation, level)]
+        return [o for o in found if o is not None]
+
+    def overlay(self, r) -> dict | None:
+        """A case's most different image as thumbnails (input, FP32 CAM, quantized CAM) with both models'
+        top-1 class on it."""
+        import torch
+
+        from qrobust.gate.html_report import thumbnail
+
+        if not (r.cam and r.cam.overlays) or r.pair not in self._pairs:
+            return None
+        ev, o, pair = self._evaluator, r.cam.overlays[0], self._pairs[r.pair]
+        x = pair.preprocess.normalize(o["pixels"][None])
+        with torch.inference_mode():
+            top1 = [int(model(x.to(device)).argmax()) for model, device in
+                    ((pair.fp32, ev.device), (pair.quantized, ev.twin_device(pair)))]
+        return {"pair": r.pair, "perturbation": r.perturbation, "level": r.level, "id": o["id"], "rmse": o["rmse"],
+                "method": r.cam.method, "top1_fp32": top1[0], "top1_quant": top1[1], "image": thumbnail(o["pixels"]),
+                "fp32": thumbnail(o["pixels"], o["fp32"]), "quantized": thumbnail(o["pixels"], o["quantized"])}
 
     def finish(self, records: list[dict], outputs: list[dict], report_dir: str, *, verbose: bool = False,
                markdown: list[str] = (), command: list[str] | None = None) -> None:
@@ -332,7 +348,8 @@ class QrobustSession:
         forward_info = {"forward_passes": dict(forwards), "perturbed_batches": dict(batches),
                         "forwards_per_perturbed_batch": per_batch, "pair_loads_per_process": loads}
         run_id = uuid.uuid4().hex[:12]
-        report = build_report(records, env, forward_info, run_id, command)
+        report = build_report(records, env, forward_info, run_id, command, thresholds_path=self.thresholds.path,
+                              duration_s=time.monotonic() - self.started)
         self.report = report
         baseline = None
         if self.options.save_baseline:
