@@ -392,6 +392,29 @@ class _Collector:
             self.worker_outputs.append(json.loads(output))
 
 
+HTML_HISTORY = pytest.StashKey[list]()  # this process's records, for the pytest-html charts
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With pytest-html, a failing check carries its chart (the levels recorded so far) and its case's
+    CAM overlay as the test's extras."""
+    outcome = yield
+    report = outcome.get_result()
+    qsession = item.config.stash.get(SESSION_KEY, None)
+    if report.when != "call" or qsession is None or not item.config.pluginmanager.hasplugin("html"):
+        return
+    from qrobust.gate.html_report import case_extras
+
+    records = [json.loads(v) for n, v in report.user_properties if n == CASE_PROPERTY]
+    history = item.config.stash.setdefault(HTML_HISTORY, [])
+    history += records
+    for r in records:
+        if r["verdict"] in ("fail", "inconclusive"):
+            overlays = qsession.case_overlays(r["pair"], r["perturbation"], r["level"])
+            report.extras = [*getattr(report, "extras", []), *case_extras(r, history, overlays)]
+
+
 def junit_properties(record: dict) -> list[tuple[str, object]]:
     """One flat property per field of a check, for CI systems that show JUnit properties (the set repeats
     when one test checks several metrics)."""

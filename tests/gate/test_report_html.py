@@ -233,3 +233,14 @@ def test_failing_checks_get_pytest_html_extras():
     kinds = [e["format_type"] for e in extras]
     assert kinds.count("html") == 1 and kinds.count("image") == 2
     assert "<svg" in extras[0]["content"] and 'class="tol"' in extras[0]["content"]
+
+
+def test_pytest_html_report_carries_the_chart_of_a_failing_test(pytester):
+    pytest.importorskip("pytest_html", reason="pytest-html not installed: no extras to attach")
+    from helpers import SUITE, thresholds
+
+    pytester.makefile(".yaml", thresholds=thresholds(pair="lenet5-digits-asym2", tolerances="{top1_delta: 0.01}"))
+    pytester.makepyfile(test_gate=SUITE.split("def test_agreement")[0])
+    pytester.runpytest("-p", "no:cacheprovider", "--html=page.html", "--self-contained-html")
+    page = (pytester.path / "page.html").read_text()
+    assert "top1_delta \\u2014 awgn" in page and "tol\\&#34;" in page  # the chart, inside pytest-html's JSON
