@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 MARKED = ("fail", "inconclusive", "xfail")  # verdicts a point is marked with
-WIDTH, HEIGHT = 340, 210
+WIDTH, HEIGHT = 320, 200
 LEFT, RIGHT, TOP, BOTTOM = 58, 12, 24, 44  # plot margins: y tick labels, title, x ticks and axis title
 
 
