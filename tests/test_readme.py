@@ -59,6 +59,15 @@ def test_the_own_model_example_gates_a_checkpoint_and_a_folder(tmp_path):
     pair = report["environment"]["pairs"]["my-resnet-int8"]
     assert pair["cam"]["quantized_layer"] == "avgpool:input" and pair["samples"] == 12
     assert pair["calibration"] == {"dataset": "my-calib", "samples": 9}
+    propose = next(line.split("#")[0].split() for block in blocks("sh") for line in block.splitlines()
+                   if line.startswith("qrobust propose my-gate.yaml --from"))
+    result = subprocess.run([sys.executable, "-m", "qrobust", *propose[1:]], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    from qrobust.gate.config import load_thresholds
+
+    fitted = load_thresholds(tmp_path / "fitted.yaml")  # the printed file is a valid gate of the same pair
+    assert "my-resnet-int8" in fitted.gate and "# fitted by `qrobust propose`" in (tmp_path / "fitted.yaml").read_text()
 
 
 @pytest.mark.slow
