@@ -397,7 +397,7 @@ def case_extras(case: dict, cases: list[dict], overlays: list[dict]) -> list[dic
     from pytest_html import extras
 
     chart = _metric_chart(_curves(cases), case["pair"], case["perturbation"], case["metric"])
-    out = [extras.html(f"<div>{comparison(case)}</div>{chart}")] if chart else []
+    out = [extras.html(f"<div>{_escape(comparison(case))}</div>{chart}")] if chart else []
     for o in overlays[:1]:
         for model, top1 in (("fp32", o["top1_fp32"]), ("quantized", o["top1_quant"])):
             kind, data = o[model].removeprefix("data:image/").split(";base64,")

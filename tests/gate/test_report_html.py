@@ -233,6 +233,7 @@ def test_failing_checks_get_pytest_html_extras():
     kinds = [e["format_type"] for e in extras]
     assert kinds.count("html") == 1 and kinds.count("image") == 2
     assert "<svg" in extras[0]["content"] and 'class="tol"' in extras[0]["content"]
+    assert "agreement 0.939 &lt; 0.95" in extras[0]["content"]
 
 
 def test_pytest_html_report_carries_the_chart_of_a_failing_test(pytester):
