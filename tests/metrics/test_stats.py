@@ -155,6 +155,17 @@ def test_trimmed_bootstrap_covers_the_trimmed_population_mean_of_clustered_heavy
     assert covered / reps >= 0.85
 
 
+def test_a_trimmed_mean_releases_its_samples_once_estimated():
+    acc = BootstrapTrimmedMean(100)
+    acc.update(torch.arange(50, dtype=torch.float64), poisson_weights(0, torch.arange(50), 100))
+    first = acc.estimate({"a": 1})
+    assert acc.values == [] and acc.weights == [] and acc.n == 50
+    again = acc.estimate({"b": 2})
+    assert (again.value, again.interval) == (first.value, first.interval) and again.details["b"] == 2
+    with pytest.raises(InvalidArgument, match="update"):
+        acc.update(torch.ones(1, dtype=torch.float64), torch.ones(100, 1))
+
+
 def test_trimmed_mean_rejects_a_trim_of_half():
     with pytest.raises(InvalidArgument, match="trim"):
         BootstrapTrimmedMean(10, 0.5)
