@@ -1,13 +1,23 @@
-"""Gate power: which realistic quantization bugs the default gate catches on LeNet-5, and which benign
-recipe changes it lets through.
+"""Gate power: which realistic quantization bugs the default gate catches on the built-in pairs, LeNet-5 and
+EfficientNet-Lite0, and which benign recipe changes it lets through.
 
-Each fault and each benign variant is a twin of the built-in LeNet-5 (the shipped weights), built
+Each fault and each benign variant is a twin of a built-in FP32 model (the shipped weights), built
 through the public API and declared as a pair in YAML (``builder: gate_power:NAME`` returning the
-(FP32, twin) tuple); every pair is gated by ``qrobust run`` with the built-in gate's defaults and sweep,
-exactly as ``lenet5-digits-int8-x86`` is. A fault is caught when any check fails; the table names the
-check with the largest relative violation, and whether a plain clean top-1 comparison would have seen it.
+(FP32, twin) tuple); every pair is gated by ``qrobust run`` with the built-in gate's defaults and sweep
+and its family's built-in gate entry: ``lenet5-digits-int8-x86`` (n = 450 digits) for the LeNet twins,
+``efficientnet-lite0-int8-tuned`` (49 views of 7 photos, its four perturbation families, KL-led
+tolerances) for the Lite0 twins, whose recipe (``int8-qnnpack-relu6``, RGB stem in FP32) and
+calibration crops they share. A fault is caught when any check fails; the table names the failing check
+with the largest relative violation (or the one nearest to failing), and whether a plain clean top-1
+comparison would have seen it. Under another decision mode, each row also counts the checks the point
+decision fails on the same measurements.
 
-Run: .venv/bin/python benchmarks/gate_power.py [--qrobust-max-samples 200]   (about 4 minutes on 2 cores)
+Run: .venv/bin/python benchmarks/gate_power.py [--pairs lenet|lite0|all] [--keep-report DIR]
+     [qrobust run options: --qrobust-decision familywise, --qrobust-max-samples 200, ...]
+LeNet's 14 twins take about 10 minutes on an idle 2-core machine; each Lite0 twin costs about what the
+built-in tuned pair's 27 cases do (~80 s idle). ``--only a,b`` gates a subset (split a family over processes
+with --keep-report, then merge the reports' cases): verdicts do not depend on which twins share a run, since
+every perturbation and bootstrap is seeded by the gate's seed and the sample ids.
 """
 from __future__ import annotations
 
@@ -18,6 +28,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -46,10 +57,13 @@ def _int8(preset: str = "int8-x86", calibration=None, **overrides):
     return fp32, quantize_model(fp32, get_preset(preset, **overrides), calibration or _calibration())
 
 
-def _fake_with(layer: str, change) -> tuple[nn.Module, nn.Module]:
-    """A fake-quant w8a8 twin whose ``layer`` (a FakeQuantLayer) is edited by ``change``."""
+def _fake_reading(layer: str, misread) -> tuple[nn.Module, nn.Module]:
+    """A fake-quant w8a8 twin whose ``layer`` (a FakeQuantLayer) reads its quantized input through
+    ``misread(x, qparams)``: the producer quantizes with the calibrated scale and zero point, the consumer
+    dequantizes with other ones (a mismatch, not a self-consistent change of the grid)."""
     fp32, twin = _int8("fake-w8a8")
-    change(twin.get_submodule(layer))
+    wrapper = twin.get_submodule(layer)
+    wrapper.layer.register_forward_pre_hook(lambda module, args: (misread(args[0], wrapper.act_qparams),))
     return fp32, twin
 
 
@@ -85,18 +99,15 @@ def convs_left_in_float():
 
 
 def zero_point_off_by_3():
-    """One activation zero point off by 3 (an off-by-N in a converter's zero-point arithmetic)."""
-    def shift(layer):
-        qp = layer.act_qparams
-        layer.act_qparams = dataclasses.replace(qp, zero_point=qp.zero_point + 3)
-    return _fake_with("features.3", shift)
+    """One activation read with its zero point off by 3 (an off-by-N in a converter's zero-point
+    arithmetic: the consumer dequantizes (q - z - 3) * s where the producer wrote q = x / s + z)."""
+    return _fake_reading("features.3", lambda x, qp: x - 3 * qp.scale)
 
 
 def scale_doubled():
-    """One activation scale doubled (a requantization multiplier computed with the wrong input scale)."""
-    def double(layer):
-        layer.act_qparams = dataclasses.replace(layer.act_qparams, scale=layer.act_qparams.scale * 2)
-    return _fake_with("classifier.3", double)
+    """One activation read with twice its scale (a requantization multiplier computed with the wrong
+    input scale: the consumer dequantizes (q - z) * 2s)."""
+    return _fake_reading("classifier.3", lambda x, qp: 2 * x)
 
 
 def six_bit_grid():
@@ -143,58 +154,286 @@ FAULTS = [blank_calibration, one_class_calibration, per_tensor_weights, conv_at_
 BENIGN = [recalibrated_other_subset, calibrated_on_1024, fbgemm_engine, histogram_fake_quant, sixteen_bit]
 
 
-def thresholds(names: list[str]) -> dict:
-    """The built-in gate's defaults and sweep, gating each variant as it gates lenet5-digits-int8-x86."""
+# ---- EfficientNet-Lite0: twins of efficientnet-lite0-int8-tuned ---------------------------------------------
+LITE0 = "efficientnet-lite0-int8-tuned"
+
+
+def _lite0():
+    """The built-in tuned pair: its FP32 model, preprocessing and recipe (int8-qnnpack-relu6, RGB stem in FP32)."""
+    pair = load_pair(LITE0)
+    return pair.fp32, pair.preprocess, pair.config
+
+
+def _lite0_calibration(photos: slice | list[int] = slice(None), batch: int = 16, reverse: bool = False) -> list[torch.Tensor]:
+    """The built-in pair's calibration crops (3 per picture, 14 pictures), as it batches them (16)."""
+    from qrobust.data.builtin import calibration_photos
+
+    _, pre, _ = _lite0()
+    crops = calibration_photos(pre.resolution[0])
+    crops = crops[photos] if isinstance(photos, slice) else crops[torch.tensor(photos)]
+    batches = list(pre.normalize(crops).split(batch))
+    return batches[::-1] if reverse else batches
+
+
+def _lite0_twin(calibration=None, model: nn.Module | None = None, **overrides):
+    """(FP32, twin): the tuned recipe with ``overrides``, quantized from ``model`` (an edited copy of the FP32
+    model, when the fault lives in the graph the quantizer sees) and calibrated as the built-in pair is."""
+    fp32, _, config = _lite0()
+    return fp32, quantize_model(model if model is not None else fp32, dataclasses.replace(config, **overrides),
+                                calibration or _lite0_calibration())
+
+
+def _lite0_edited(edit) -> nn.Module:
+    model = copy.deepcopy(_lite0()[0])
+    edit(model)
+    return model
+
+
+def _int8_misread(twin: nn.Module, layer: str, zero_point: int = 0, scale: float = 1.0) -> nn.Module:
+    """Make ``layer`` of an int8 twin hand on its raw integers under another zero point / scale: the kernel
+    wrote q for (scale s, zero point z), the next kernel reads (q - z - zero_point) * s * scale."""
+    module = twin.graph.get_submodule(layer)
+
+    def misread(module, args, out):
+        return torch._make_per_tensor_quantized_tensor(out.int_repr(), out.q_scale() * scale,
+                                                       out.q_zero_point() + zero_point)
+    module.register_forward_hook(misread)
+    return twin
+
+
+def lite0_blank_calibration():
+    """Calibrated on one blank (black) image (a calibration loader that yields zeros or an unfilled buffer):
+    every activation range collapses."""
+    _, pre, _ = _lite0()
+    return _lite0_twin(calibration=[pre.normalize(torch.zeros(1, 3, *pre.resolution))])
+
+
+def lite0_one_picture_calibration():
+    """Calibrated on the 3 crops of one picture (a calibration loader that stops after its first batch of an
+    unshuffled folder)."""
+    return _lite0_twin(calibration=_lite0_calibration(slice(0, 3)))
+
+
+def lite0_per_tensor_weights():
+    """Per-tensor min/max weights where the recipe says per-channel (a dropped per_channel flag; per-tensor
+    weights are known to break depthwise convolutions, whose channels' ranges differ by orders of magnitude)."""
+    _, _, config = _lite0()
+    return _lite0_twin(weight=dataclasses.replace(config.weight, per_channel=False, observer="minmax"))
+
+
+def lite0_depthwise_at_4_bits():
+    """One depthwise conv (block 1) on a 4-bit weight grid (a per-layer bit-width override applied to the
+    wrong layer): its weights are rounded to 4-bit per-channel symmetric before int8 conversion."""
+    def four_bits(model):
+        conv = model.get_submodule("_blocks.1._depthwise_conv")
+        with torch.no_grad():
+            scale = conv.weight.abs().amax(dim=(1, 2, 3), keepdim=True) / 7
+            conv.weight.copy_((conv.weight / scale).round().clamp(-8, 7) * scale)
+    return _lite0_twin(model=_lite0_edited(four_bits))
+
+
+def lite0_relu6_unfused():
+    """Block 0's ReLU6 not fused with its conv (a fusion pattern that misses an activation written as
+    Hardtanh(0, 6) or Clip, so the conv output is quantized over its whole pre-activation range)."""
+    def hardtanh(model):
+        model._blocks[0]._act1 = nn.Hardtanh(0.0, 6.0)
+    return _lite0_twin(model=_lite0_edited(hardtanh))
+
+
+def lite0_depthwise_left_in_float():
+    """Every depthwise conv left in float (a quantizer without a depthwise kernel that skips them silently)."""
+    fp32, _, config = _lite0()
+    keep = tuple(f"_blocks.{i}.{m}" for i in range(len(fp32._blocks)) for m in ("_depthwise_conv", "_bn1", "_act1"))
+    return _lite0_twin(keep_fp32=config.keep_fp32 + keep)
+
+
+def lite0_zero_point_off_by_3():
+    """One activation (block 3's depthwise output) read with its zero point off by 3 (an off-by-N in a
+    converter's zero-point arithmetic)."""
+    fp32, twin = _lite0_twin()
+    return fp32, _int8_misread(twin, "_blocks.3._depthwise_conv", zero_point=3)
+
+
+def lite0_scale_doubled():
+    """One activation (block 3's depthwise output) read with twice its scale (a requantization multiplier
+    computed with the wrong scale)."""
+    fp32, twin = _lite0_twin()
+    return fp32, _int8_misread(twin, "_blocks.3._depthwise_conv", scale=2.0)
+
+
+def lite0_tf_normalization():
+    """The twin's pipeline normalizes with mean 0.5 and std 0.5 (TensorFlow's [-1, 1] convention) where the
+    model was trained with ImageNet's mean and std (preprocessing drift between reference and deployment)."""
+    fp32, twin = _lite0_twin()
+    _, pre, _ = _lite0()
+    mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
+    twin.register_forward_pre_hook(lambda module, args: (((args[0] * std + mean) - 0.5) / 0.5,))
+    return fp32, twin
+
+
+def lite0_recalibrated_other_subset():
+    """The tuned recipe calibrated on every other calibration crop (21 of 42)."""
+    return _lite0_twin(calibration=_lite0_calibration(list(range(0, 42, 2))))
+
+
+def lite0_recalibrated_reversed():
+    """The tuned recipe calibrated on the same crops in reverse order, in batches of 8."""
+    return _lite0_twin(calibration=_lite0_calibration(batch=8, reverse=True))
+
+
+def lite0_minmax_observer():
+    """The tuned recipe with min/max activation observers instead of histogram ones."""
+    _, _, config = _lite0()
+    return _lite0_twin(activation=dataclasses.replace(config.activation, observer="minmax"))
+
+
+def lite0_classifier_in_float():
+    """The tuned recipe with the classifier (the final Linear) also kept in FP32."""
+    _, _, config = _lite0()
+    return _lite0_twin(keep_fp32=config.keep_fp32 + ("_fc",))
+
+
+LITE0_FAULTS = [lite0_blank_calibration, lite0_one_picture_calibration, lite0_per_tensor_weights,
+                lite0_depthwise_at_4_bits, lite0_relu6_unfused, lite0_depthwise_left_in_float,
+                lite0_zero_point_off_by_3, lite0_scale_doubled, lite0_tf_normalization]
+LITE0_BENIGN = [lite0_recalibrated_other_subset, lite0_recalibrated_reversed, lite0_minmax_observer,
+                lite0_classifier_in_float]
+
+
+LENET_PAIR = {"num_classes": 10, "preprocess": {"resolution": [32, 32], "mean": [0.5], "std": [0.5]},
+              "dataset": "digits-test", "target_layer": "features.4"}
+# family -> (the built-in pair whose gate entry gates each twin, the pair fields, faults, benign variants)
+LITE0_PAIR = {"num_classes": 1000, "preprocess": {"resolution": [224, 224], "mean": [0.485, 0.456, 0.406],
+                                                 "std": [0.229, 0.224, 0.225]},
+              "dataset": "imagenet-photos", "target_layer": "_act1"}
+FAMILIES = {"lenet": (PAIR, LENET_PAIR, FAULTS, BENIGN), "lite0": (LITE0, LITE0_PAIR, LITE0_FAULTS, LITE0_BENIGN)}
+
+
+def thresholds(family: str, only: list[str] | None = None) -> dict:
+    """The built-in gate's defaults and sweep, gating each variant (or those in ``only``) as it gates the
+    family's built-in pair."""
     import qrobust
 
+    builtin_pair, pair, faults, benign = FAMILIES[family]
     builtin = yaml.safe_load((Path(qrobust.__file__).parent / "thresholds.yaml").read_text(encoding="utf-8"))
-    pair = {"num_classes": 10, "preprocess": {"resolution": [32, 32], "mean": [0.5], "std": [0.5]},
-            "dataset": "digits-test", "target_layer": "features.4"}
+    names = [f.__name__ for f in faults + benign if not only or f.__name__ in only]
     return {"decision": builtin["decision"], "seed": builtin["seed"], "replicates": builtin["replicates"],
             "defaults": builtin["defaults"], "perturbations": builtin["perturbations"],
             "pairs": {name: {"builder": f"gate_power:{name}", **copy.deepcopy(pair)} for name in names},
-            "gate": {name: copy.deepcopy(builtin["gate"][PAIR]) for name in names}}
+            "gate": {name: copy.deepcopy(builtin["gate"][builtin_pair]) for name in names}}
 
 
-def closest(records: list[dict]) -> str:
-    """The check nearest to failing (or failing the most), relative to its tolerance."""
+def strongest(records: list[dict]) -> str:
+    """The failing check with the largest violation relative to its tolerance, or, when none fails, the
+    check nearest to failing."""
     gated = [r for r in records if r.get("tolerance") and r.get("margin") is not None]  # a 0 tolerance says nothing
+    failing = [r for r in gated if r["verdict"] == "fail"]
     if not gated:
         return "-"
-    r = min(gated, key=lambda r: r["margin"] / max(abs(r["tolerance"]), 1e-12))
+    r = min(failing or gated, key=lambda r: r["margin"] / max(abs(r["tolerance"]), 1e-12))
     return f"{r['metric']} {r['value']:.4g} vs {r['tolerance']:g} at {r['perturbation']} {r['level']:g}"
 
 
-def main(extra: list[str]) -> None:
-    names = [f.__name__ for f in FAULTS + BENIGN]
+def gate(family: str, extra: list[str], keep: Path | None = None, only: list[str] | None = None) -> dict:
+    """Gate every twin of ``family`` with ``qrobust run`` (``extra`` passes through) and return its report
+    (copied to ``keep`` when given)."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "power.yaml"
-        path.write_text(yaml.safe_dump(thresholds(names)))
+        path.write_text(yaml.safe_dump(thresholds(family, only)))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
         run = subprocess.run([sys.executable, "-m", "qrobust", "run", str(path), "-q", "-p", "no:randomly", *extra],
-                             cwd=folder, env=env, capture_output=True, text=True, timeout=3600)
-        report = json.loads((Path(folder) / "qrobust-report" / "report.json").read_text())
-    by_pair: dict[str, list[dict]] = {}
-    for record in report["cases"]:
-        by_pair.setdefault(record["pair"], []).append(record)
+                             cwd=folder, env=env, capture_output=True, text=True, timeout=7200)
+        report_path = Path(folder) / "qrobust-report" / "report.json"
+        if not report_path.exists():
+            raise SystemExit(f"qrobust run wrote no report (exit {run.returncode}):\n{run.stdout[-3000:]}{run.stderr[-3000:]}")
+        report = json.loads(report_path.read_text())
     broken = [line for line in run.stdout.splitlines() if "cannot be gated" in line]
     if broken:
         raise SystemExit("pairs that could not be gated:\n" + "\n".join(dict.fromkeys(broken)))
-    print("| twin | kind | default gate | strongest check (failing, or nearest to failing) | worst kl_mean | clean top-1 alone |")
+    if keep:
+        keep.write_text(json.dumps(report))
+    return report
+
+
+def point_fails(record: dict) -> bool:
+    """Whether the point decision fails this record: its estimate on the wrong side of the tolerance. Every
+    mode records the same margin (exact for counted metrics), so a familywise report also holds the point
+    decision on the same measurements (``qrobust.gate.verdict.decide``: point passes iff margin >= 0)."""
+    if record.get("margin") is not None:
+        return record["margin"] < 0
+    return record["verdict"] == "fail"
+
+
+def table(family: str, report: dict) -> dict:
+    """Print the family's Markdown table and summary line; return the counts."""
+    _, _, faults, benign = FAMILIES[family]
+    mode = report["environment"].get("decision")
+    by_pair: dict[str, list[dict]] = {}
+    for record in report["cases"]:
+        by_pair.setdefault(record["pair"], []).append(record)
+    faults, benign = [f for f in faults if f.__name__ in by_pair], [f for f in benign if f.__name__ in by_pair]
+    failed = {name: any(r["verdict"] == "fail" for r in records) for name, records in by_pair.items()}
+    point = {name: any(point_fails(r) for r in records) for name, records in by_pair.items()}
+    print(f"| twin | kind | {mode} decision | strongest check (failing, or nearest to failing) | worst kl_mean | "
+          "clean top-1 alone |")
     print("|---|---|---|---|---|---|")
-    for group, functions in (("fault", FAULTS), ("benign", BENIGN)):
+    for group, functions in (("fault", faults), ("benign", benign)):
         for fn in functions:
             records = by_pair.get(fn.__name__, [])
-            clean = [r for r in records if r["metric"] == "top1_delta" and r["level"] == 0 and r["verdict"] == "fail"]
-            failed = any(r["verdict"] == "fail" for r in records)
-            verdict = ("**caught**" if failed else "missed") if group == "fault" else ("**false alarm**" if failed else "passes")
-            print(f"| `{fn.__name__}`: {fn.__doc__.split('(')[0].strip()} | {group} | {verdict} ({len(records)} checks) | "
-                  f"{closest(records)} | {max((r['value'] for r in records if r['metric'] == 'kl_mean'), default=float('nan')):.2g} | "
+            clean = [r for r in records if r["metric"] == "top1_delta" and r["level"] == 0 and point_fails(r)]
+            hit = failed.get(fn.__name__, False)
+            verdict = ("**caught**" if hit else "missed") if group == "fault" else ("**false alarm**" if hit else "passes")
+            counts = f"{sum(r['verdict'] == 'fail' for r in records)} of {len(records)} checks fail"
+            open_ = sum(r["verdict"] == "inconclusive" for r in records)
+            counts += f", {open_} inconclusive" if open_ else ""
+            if mode != "point":
+                counts += f"; point: {sum(point_fails(r) for r in records)} fail"
+            print(f"| `{fn.__name__}`: {fn.__doc__.split('(')[0].strip().rstrip('.')} | {group} | {verdict} ({counts}) | "
+                  f"{strongest(records)} | {max((r['value'] for r in records if r['metric'] == 'kl_mean'), default=float('nan')):.2g} | "
                   f"{'fails' if clean else 'passes'} |")
-    caught = sum(any(r["verdict"] == "fail" for r in by_pair.get(f.__name__, [])) for f in FAULTS)
-    alarms = sum(any(r["verdict"] == "fail" for r in by_pair.get(f.__name__, [])) for f in BENIGN)
-    samples = report["environment"]["pairs"][names[0]]["samples"]
-    print(f"\ncaught {caught} of {len(FAULTS)} faults; {alarms} of {len(BENIGN)} benign twins failed (n = {samples})")
+    caught = sum(failed.get(f.__name__, False) for f in faults)
+    alarms = sum(failed.get(f.__name__, False) for f in benign)
+    samples = report["environment"]["pairs"][next(iter(by_pair))]["samples"]
+    print(f"\n{family}: caught {caught} of {len(faults)} faults; {alarms} of {len(benign)} benign twins failed "
+          f"(decision {mode}, n = {samples})")
+    row = {"family": family, "decision": mode, "n": samples, "caught": caught, "faults": len(faults),
+           "false_alarms": alarms, "benign": len(benign)}
+    if mode != "point":
+        row["point_caught"] = sum(point.get(f.__name__, False) for f in faults)
+        row["point_false_alarms"] = sum(point.get(f.__name__, False) for f in benign)
+        print(f"the point decision on the same measurements: caught {row['point_caught']} of {len(faults)}; "
+              f"{row['point_false_alarms']} of {len(benign)} benign twins failed")
+    return row
+
+
+def main(argv: list[str]) -> list[dict]:
+    """``--pairs lenet|lite0|all`` (default all); every other argument passes to ``qrobust run``
+    (``--qrobust-decision familywise``, ``--qrobust-max-samples 200``). ``--keep-report DIR`` saves each
+    family's report.json there; ``--from-report DIR`` prints the tables of saved reports without gating."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", choices=[*FAMILIES, "all"], default="all")
+    parser.add_argument("--keep-report", type=Path, metavar="DIR")
+    parser.add_argument("--from-report", type=Path, metavar="DIR")
+    parser.add_argument("--only", type=lambda text: text.split(","), metavar="NAME,...",
+                        help="gate only these twins (to split a family over processes; their reports merge)")
+    args, extra = parser.parse_known_args(argv)
+    rows = []
+    for family in FAMILIES if args.pairs == "all" else [args.pairs]:
+        started = time.perf_counter()
+        if args.from_report:
+            report = json.loads((args.from_report / f"{family}.json").read_text())
+        else:
+            if args.keep_report:
+                args.keep_report.mkdir(parents=True, exist_ok=True)
+            report = gate(family, extra, args.keep_report / f"{family}.json" if args.keep_report else None, args.only)
+        options = extra or [a for a in report.get("command", []) if "max-samples" in a or "decision" in a]
+        print(f"\n#### {family}: qrobust run {' '.join(options)}\n")
+        rows.append(table(family, report))
+        if not args.from_report:
+            print(f"({time.perf_counter() - started:.0f} s)")
+    return rows
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def main() -> None:
               f"{r['model_s']} s, overhead {r['overhead']:.2f}x; forwards per perturbed batch {r['forwards_per_batch']}")
     print("\n## ONNX Runtime twins vs torch FP32 on the built-in photos")
     onnx_twins.main()
-    print("\n## gate power: seeded LeNet-5 faults and benign variants through the default gate")
+    print("\n## gate power: seeded LeNet-5 and EfficientNet-Lite0 faults and benign variants through the default gate")
     gate_power.main([])
 
 
