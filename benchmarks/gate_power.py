@@ -202,7 +202,7 @@ def _int8_misread(twin: nn.Module, layer: str, zero_point: int = 0, scale: float
 
 
 def lite0_blank_calibration():
-    """Calibrated on one blank (black) image (a calibration loader that yields zeros or an unfilled buffer):
+    """Calibrated on one black image (a calibration loader that yields zeros or an unfilled buffer):
     every activation range collapses."""
     _, pre, _ = _lite0()
     return _lite0_twin(calibration=[pre.normalize(torch.zeros(1, 3, *pre.resolution))])
@@ -222,8 +222,8 @@ def lite0_per_tensor_weights():
 
 
 def lite0_depthwise_at_4_bits():
-    """One depthwise conv (block 1) on a 4-bit weight grid (a per-layer bit-width override applied to the
-    wrong layer): its weights are rounded to 4-bit per-channel symmetric before int8 conversion."""
+    """Block 1's depthwise conv on a 4-bit weight grid (a per-layer bit-width override applied to the wrong
+    layer): its weights are rounded to 4-bit per-channel symmetric before int8 conversion."""
     def four_bits(model):
         conv = model.get_submodule("_blocks.1._depthwise_conv")
         with torch.no_grad():
@@ -248,15 +248,15 @@ def lite0_depthwise_left_in_float():
 
 
 def lite0_zero_point_off_by_3():
-    """One activation (block 3's depthwise output) read with its zero point off by 3 (an off-by-N in a
-    converter's zero-point arithmetic)."""
+    """Block 3's depthwise output read with its zero point off by 3 (an off-by-N in a converter's zero-point
+    arithmetic: the next kernel reads the integers with z + 3)."""
     fp32, twin = _lite0_twin()
     return fp32, _int8_misread(twin, "_blocks.3._depthwise_conv", zero_point=3)
 
 
 def lite0_scale_doubled():
-    """One activation (block 3's depthwise output) read with twice its scale (a requantization multiplier
-    computed with the wrong scale)."""
+    """Block 3's depthwise output read with twice its scale (a requantization multiplier computed with the
+    wrong scale)."""
     fp32, twin = _lite0_twin()
     return fp32, _int8_misread(twin, "_blocks.3._depthwise_conv", scale=2.0)
 
@@ -272,7 +272,7 @@ def lite0_tf_normalization():
 
 
 def lite0_recalibrated_other_subset():
-    """The tuned recipe calibrated on every other calibration crop (21 of 42)."""
+    """The tuned recipe calibrated on every other calibration crop, 21 of 42."""
     return _lite0_twin(calibration=_lite0_calibration(list(range(0, 42, 2))))
 
 
@@ -288,7 +288,7 @@ def lite0_minmax_observer():
 
 
 def lite0_classifier_in_float():
-    """The tuned recipe with the classifier (the final Linear) also kept in FP32."""
+    """The tuned recipe with its final Linear, the classifier, also kept in FP32."""
     _, _, config = _lite0()
     return _lite0_twin(keep_fp32=config.keep_fp32 + ("_fc",))
 
