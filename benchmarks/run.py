@@ -13,6 +13,7 @@ import latency  # noqa: E402
 import memory  # noqa: E402
 import onnx_twins  # noqa: E402
 import overhead  # noqa: E402
+import seed_stability  # noqa: E402
 
 
 def main() -> None:
@@ -45,6 +46,8 @@ def main() -> None:
     onnx_twins.main()
     print("\n## gate power: seeded LeNet-5 and EfficientNet-Lite0 faults and benign variants through the default gate")
     gate_power.main([])
+    print("\n## seed stability: the built-in gate at seeds 0-4 and on one thread, verdicts against seed 0's")
+    seed_stability.main([])
 
 
 if __name__ == "__main__":
