@@ -1,11 +1,13 @@
 """Gate power with tolerances fitted to the benign spread (``qrobust propose``), from a kept gate-power report.
 
-The LeNet twins of ``gate_power.py`` are all gated with ``lenet5-digits-int8-x86``'s sweep. Two benign
-int8 recalibrations (another calibration subset, the fbgemm engine) are the benign runs ``qrobust
-propose`` fits tolerances to (``--benign``); the built-in gate's tolerances stay the ceiling. Every other
-twin is then judged by the point decision against the fitted tolerances, on the values the report already
-holds (no second gate run): the faults, and the held-out benign twins (calibrated on 1,024 digits,
-histogram observers, 16 bits) that measure the false alarms of fitting.
+The LeNet twins of ``gate_power.py`` are all gated with ``lenet5-digits-int8-x86``'s sweep. Per kind of
+twin (real int8, explained by EigenCAM; fake-quant, explained by Grad-CAM++: their CAM metrics are not
+comparable), benign variants are the runs ``qrobust propose`` fits tolerances to (``--benign``): two
+int8 recalibrations (another calibration subset, the fbgemm engine) and the histogram fake-quant recipe.
+The built-in gate's tolerances stay the ceiling. Every other twin is then judged by the point decision
+against its kind's fitted tolerances, on the values the report already holds (no second gate run): the
+faults, and the held-out benign twins (calibrated on 1,024 digits; 16 bits) that measure the false alarms
+of fitting.
 
 Run: .venv/bin/python benchmarks/gate_power.py --pairs lenet --keep-report DIR
      .venv/bin/python benchmarks/gate_power_fitted.py DIR/report.json
@@ -23,7 +25,7 @@ from qrobust.gate.verdict import counted_estimate, decide, has_counts
 from qrobust.metrics.catalog import METRICS
 
 PAIR = "lenet5-digits-int8-x86"
-FIT_ON = ["recalibrated_other_subset", "fbgemm_engine"]
+FIT_ON = {"int8": ["recalibrated_other_subset", "fbgemm_engine"], "fake": ["histogram_fake_quant"]}
 
 
 def point_verdict(record: dict, tolerance: float) -> bool:
@@ -37,12 +39,17 @@ def point_verdict(record: dict, tolerance: float) -> bool:
 def main(report_path: str) -> None:
     report = json.loads(Path(report_path).read_text())
     thresholds = load_thresholds(Path(qrobust.__file__).parent / "thresholds.yaml")
-    fitted = propose([report], thresholds, PAIR, FIT_ON)
-    twins = sorted({c["pair"] for c in report["cases"]} - set(FIT_ON))
+    kinds = {name: p["kind"] for name, p in report["environment"]["pairs"].items()}
+    fits = {kind: propose([report], thresholds, PAIR, names) for kind, names in FIT_ON.items()
+            if any(kinds.get(name) == kind for name in names)}
+    twins = sorted({c["pair"] for c in report["cases"]} - {n for names in FIT_ON.values() for n in names})
     print("| twin | fitted tolerances: checks failed | strongest (value vs fitted tolerance, built-in) |")
     print("|---|---|---|")
     for twin in twins:
-        failed = []
+        if kinds[twin] not in fits:
+            print(f"| `{twin}` | no benign {kinds[twin]} twin in the report to fit to | |")
+            continue
+        fitted, failed = fits[kinds[twin]], []
         for c in report["cases"]:
             key = (c["perturbation"], float(c["level"]), c["metric"])
             if c["pair"] != twin or c.get("value") is None:
@@ -59,7 +66,8 @@ def main(report_path: str) -> None:
         else:
             strongest = "-"
         print(f"| `{twin}` | {len(failed)} | {strongest} |")
-    print(f"\nfitted on {', '.join(FIT_ON)} ({len(fitted)} checks); n = {report['cases'][0]['n']}")
+    print(f"\nfitted on {'; '.join(f'{kind}: ' + ', '.join(FIT_ON[kind]) for kind in fits)}; "
+          f"n = {report['cases'][0]['n']}")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ just outside that spread:
 
 per (pair, perturbation, level, metric), where ``noise`` is the largest of the runs' standard deviation,
 the standard error within a run (the 95% interval's width / 3.92), so one run still gets a margin for
-its own sampling noise, and, for accuracy metrics, one sample (1 / n): a twin that flipped nothing in
-the benign runs may flip one. The tolerance in force stays a ceiling: a proposal only ever tightens.
+its own sampling noise, for accuracy metrics one sample (1 / n): a twin that flipped nothing in the
+benign runs may flip one, and the median noise of the metric's other checks (a check whose benign runs
+were identical has none of its own). The tolerance in force stays a ceiling: a proposal only ever tightens.
 Each proposal is rounded outwards at the noise's second significant digit. ``n_required`` is the
 sample count at which a regression of one margin (tolerance minus the benign mean) is seen with 80%
 power, scaling the within-run standard error by sqrt(n).
@@ -69,8 +70,8 @@ def _outward(value: float, noise: float, higher_is_better: bool) -> float:
     return rounded / scale
 
 
-def fit(records: list[dict], ceiling: float | None, headroom: float) -> dict:
-    """One check's proposal from its benign records."""
+def fit(records: list[dict], ceiling: float | None, headroom: float, floor: float = 0.0) -> dict:
+    """One check's proposal from its benign records; ``floor`` is the least noise assumed."""
     metric = records[0]["metric"]
     higher = METRICS[metric].higher_is_better
     values = [r["value"] for r in records]
@@ -79,7 +80,7 @@ def fit(records: list[dict], ceiling: float | None, headroom: float) -> dict:
     within = statistics.fmean(widths) / Z_INTERVAL if widths else 0.0
     n = max(int(r["n"]) for r in records)
     resolution = 1 / n if METRICS[metric].family == "accuracy" else 0.0  # one sample: twins that never flip
-    noise = max(spread, within, resolution)
+    noise = max(spread, within, resolution, floor)
     worst = min(values) if higher else max(values)
     sign = -1 if higher else 1
     tolerance = _outward(worst + sign * headroom * noise, noise, higher)
@@ -101,19 +102,33 @@ def propose(reports: list[dict], thresholds, pair: str, benign: list[str], headr
     if pair not in thresholds.gate:
         raise ConfigError(f"--pair: {show(pair)} is not gated by {thresholds.path} (gated: {', '.join(thresholds.gate)})")
     benign_records = _benign_values(reports, pair, benign)
-    proposals = {}
+    checks = {}
     for case in gate_cases(thresholds):
         if case.pair != pair or case.xfail:
             continue
         for metric, ceiling in case.tolerances.items():
             records = benign_records.get((case.perturbation, float(case.level), metric))
             if records:
-                proposals[(case.perturbation, float(case.level), metric)] = fit(records, ceiling, headroom)
+                checks[(case.perturbation, float(case.level), metric)] = (records, ceiling)
+    first = {key: fit(records, ceiling, headroom) for key, (records, ceiling) in checks.items()}
+    floors = noise_floors(first)
+    proposals = {key: fit(records, ceiling, headroom, floors[key[2]]) for key, (records, ceiling) in checks.items()}
     if not proposals:
         raise ConfigError(f"the reports hold no gated value of pair {show(pair)}"
                           + (f" or of {', '.join(map(show, benign))}" if benign else "")
                           + " (were they written by a gate of this thresholds file?)")
     return proposals
+
+
+def noise_floors(fits: dict) -> dict[str, float]:
+    """Per metric, the median noise of its checks that showed any: a check whose benign runs were
+    identical (maps equal on every image, CC exactly 1) has no spread of its own, and a tolerance at its
+    observed value would fail a twin 0.001 away."""
+    noises: dict[str, list[float]] = defaultdict(list)
+    for (_, _, metric), p in fits.items():
+        if p["noise"] > 0:
+            noises[metric].append(p["noise"])
+    return defaultdict(float, {metric: statistics.median(values) for metric, values in noises.items()})
 
 
 def fitted_entry(raw: dict, pair: str, proposals: dict) -> dict:

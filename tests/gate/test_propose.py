@@ -42,6 +42,18 @@ def test_fit_is_the_worst_value_plus_three_noise_rounded_outwards_and_capped():
     assert never_flipped["tolerance"] == pytest.approx(3 / 450, abs=0.0002)  # one sample of noise, not zero
 
 
+def test_a_check_without_spread_borrows_the_median_noise_of_its_metric():
+    """Identical benign runs (CC exactly 1 on every image) leave a check no noise of its own."""
+    from qrobust.gate.propose import noise_floors
+
+    fits = {("awgn", level, "cam_cc"): fit([record("awgn", level, "cam_cc", 1 - w, width=w)], None, 3)
+            for level, w in ((0.1, 0.0), (0.2, 0.004), (0.3, 0.008), (0.4, 0.012))}
+    assert fits[("awgn", 0.1, "cam_cc")]["tolerance"] > 0.99999  # alone: any deviation would fail
+    floor = noise_floors(fits)["cam_cc"]
+    assert floor == pytest.approx(0.008 / 3.92)
+    assert fit([record("awgn", 0.1, "cam_cc", 1.0, width=0.0)], None, 3, floor)["tolerance"] < 1 - 2 * floor
+
+
 def synthetic_reports(tmp_path, runs=3):
     paths = []
     for r in range(runs):
