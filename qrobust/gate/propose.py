@@ -201,8 +201,9 @@ def main(args) -> int:
     shown = args.reports or [f"qrobust run {path.name} --qrobust-seed {s}" for s in args.seeds]
     header = [f"# fitted by `qrobust propose` on {date.today().isoformat()} from {len(shown)} benign run(s):",
               *[f"#   {s}" for s in shown],
-              f"# tolerance = worst benign value + {args.headroom:g} x noise (the larger of the runs' standard "
-              "deviation and the within-run standard error), never looser than the tolerance in force."]
+              f"# tolerance = worst benign value + {args.headroom:g} x noise (the largest of the runs' standard "
+              "deviation, the within-run standard error, 1/n for accuracy metrics and the metric's median noise),",
+              "# never looser than the tolerance in force."]
     gate = dict(raw.get("gate") or {})
     for pair in pairs:
         proposals = propose(reports, thresholds, pair, args.benign if args.pair else [], args.headroom)
