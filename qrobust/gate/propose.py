@@ -64,10 +64,13 @@ def _benign_values(reports: list[dict], pair: str, benign: list[str]) -> dict[tu
 
 
 def _outward(value: float, noise: float, higher_is_better: bool) -> float:
+    """``value`` rounded away from the benign side at the noise's second significant digit (a minimum
+    down, a maximum up); the 1e-9 keeps 0.99 * 100 = 98.99999999999999 from dropping a whole step."""
     decimals = max(0, 1 - math.floor(math.log10(noise))) if noise > 0 else 6
     scale = 10**decimals
-    rounded = (math.floor if higher_is_better else math.ceil)(value * scale - 1e-9 * (1 if higher_is_better else -1))
-    return rounded / scale
+    if higher_is_better:
+        return math.floor(value * scale + 1e-9) / scale
+    return math.ceil(value * scale - 1e-9) / scale
 
 
 def fit(records: list[dict], ceiling: float | None, headroom: float, floor: float = 0.0) -> dict:
@@ -86,8 +89,6 @@ def fit(records: list[dict], ceiling: float | None, headroom: float, floor: floa
     tolerance = _outward(worst + sign * headroom * noise, noise, higher)
     if ceiling is not None:
         tolerance = max(tolerance, ceiling) if higher else min(tolerance, ceiling)
-    if higher:
-        tolerance = min(tolerance, 1.0) if metric in ("agreement", "logit_cosine", "cam_sim", "cam_cc") else tolerance
     margin = abs(tolerance - statistics.fmean(values))
     n_required = math.ceil(n * (Z_POWER * within / margin) ** 2) if within > 0 and margin > 0 else None
     return {"tolerance": tolerance, "worst": worst, "noise": noise, "runs": len(values), "n": n,
