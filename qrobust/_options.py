@@ -111,7 +111,7 @@ OPTIONS = (
                metavar="N", ini="int"),
     OptionSpec("report", "directory for report.json and report.html", parse_path, default="qrobust-report",
                is_path=True, metavar="DIR"),
-    OptionSpec("decision", "point | strict | lenient (default: the thresholds' decision)", parse_decision,
+    OptionSpec("decision", f"{' | '.join(DECISIONS)} (default: the thresholds' decision)", parse_decision,
                metavar="MODE"),
     OptionSpec("max-samples", "cap every dataset at N samples, a seeded subsample (a quick profile)", _whole(1),
                metavar="N", ini="int"),
