@@ -112,7 +112,9 @@ def scale_doubled():
 
 def six_bit_grid():
     """6-bit weights and activations where 8 were meant (a bit width taken from the wrong config)."""
-    return _int8("fake-asym6")
+    w8a8 = get_preset("fake-w8a8")
+    return _int8("fake-w8a8", weight=dataclasses.replace(w8a8.weight, bits=6),
+                 activation=dataclasses.replace(w8a8.activation, bits=6))
 
 
 def preprocessing_drift():
@@ -129,6 +131,11 @@ def recalibrated_other_subset():
     return _int8(calibration=_calibration(start=256))
 
 
+def recalibrated_third_subset():
+    """int8-x86 calibrated on a third 256 training digits."""
+    return _int8(calibration=_calibration(start=512))
+
+
 def calibrated_on_1024():
     """int8-x86 calibrated on 1,024 training digits."""
     return _int8(calibration=_calibration(count=1024))
@@ -139,9 +146,24 @@ def fbgemm_engine():
     return _int8("int8-fbgemm")
 
 
+def fake_w8a8():
+    """Seed 001's w8a8 fake quantization as shipped: the recipe the fake-quant faults start from."""
+    return _int8("fake-w8a8")
+
+
+def w8a8_other_subset():
+    """w8a8 fake quantization calibrated on another 256 training digits."""
+    return _int8("fake-w8a8", calibration=_calibration(start=256))
+
+
 def histogram_fake_quant():
     """Seed 004's Table 3.2 recipe (histogram activation observers) as a fake-quant twin."""
     return _int8("fake-table3.2")
+
+
+def histogram_other_subset():
+    """Seed 004's Table 3.2 recipe calibrated on another 256 training digits (fake-quant's recalibration)."""
+    return _int8("fake-table3.2", calibration=_calibration(start=256))
 
 
 def sixteen_bit():
@@ -151,7 +173,13 @@ def sixteen_bit():
 
 FAULTS = [blank_calibration, one_class_calibration, per_tensor_weights, conv_at_4_bits, convs_left_in_float,
           zero_point_off_by_3, scale_doubled, six_bit_grid, preprocessing_drift]
-BENIGN = [recalibrated_other_subset, calibrated_on_1024, fbgemm_engine, histogram_fake_quant, sixteen_bit]
+BENIGN = [recalibrated_other_subset, recalibrated_third_subset, calibrated_on_1024, fbgemm_engine, fake_w8a8, w8a8_other_subset,
+          histogram_fake_quant, histogram_other_subset, sixteen_bit]
+# the built-in gate entry that gates each fake-quant twin (Grad-CAM++ explains them, EigenCAM the int8
+# ones, so their CAM tolerances differ); every other twin is gated by its family's built-in pair's entry
+FAKE_QUANT_ENTRY = {fn.__name__: "lenet5-digits-w8a8" for fn in (
+    conv_at_4_bits, zero_point_off_by_3, scale_doubled, six_bit_grid, fake_w8a8, w8a8_other_subset,
+    histogram_fake_quant, histogram_other_subset, sixteen_bit)}
 
 
 # ---- EfficientNet-Lite0: twins of efficientnet-lite0-int8-tuned ---------------------------------------------
@@ -311,7 +339,7 @@ FAMILIES = {"lenet": (PAIR, LENET_PAIR, FAULTS, BENIGN), "lite0": (LITE0, LITE0_
 
 def thresholds(family: str, only: list[str] | None = None) -> dict:
     """The built-in gate's defaults and sweep, gating each variant (or those in ``only``) as it gates the
-    family's built-in pair."""
+    family's built-in pair (LeNet's fake-quant twins: as it gates ``lenet5-digits-w8a8``)."""
     import qrobust
 
     builtin_pair, pair, faults, benign = FAMILIES[family]
@@ -320,7 +348,7 @@ def thresholds(family: str, only: list[str] | None = None) -> dict:
     return {"decision": builtin["decision"], "seed": builtin["seed"], "replicates": builtin["replicates"],
             "defaults": builtin["defaults"], "perturbations": builtin["perturbations"],
             "pairs": {name: {"builder": f"gate_power:{name}", **copy.deepcopy(pair)} for name in names},
-            "gate": {name: copy.deepcopy(builtin["gate"][builtin_pair]) for name in names}}
+            "gate": {name: copy.deepcopy(builtin["gate"][FAKE_QUANT_ENTRY.get(name, builtin_pair)]) for name in names}}
 
 
 def strongest(records: list[dict]) -> str:
