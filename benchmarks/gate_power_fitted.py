@@ -67,17 +67,17 @@ def judge(report: dict, fitted: dict, twin: str) -> dict[str, list]:
         if c["pair"] != twin or c.get("value") is None:
             continue
         if key in fitted:
-            tolerance = fitted[key]["tolerance"]
-            size = abs(c["value"] - tolerance) / max(fitted[key]["noise"], 1e-12)
-            verdicts = {"point": point_fails(c, tolerance), "familywise": familywise_fails(c, tolerance)}
+            fit = fitted[key]
+            size = abs(c["value"] - fit["tolerance"]) / max(fit["noise"], 1e-12)
+            verdicts = {"point": point_fails(c, fit["tolerance"]), "familywise": familywise_fails(c, fit["tolerance"])}
         elif c["verdict"] == "fail":  # checks fitting leaves alone (coverage, quantizer properties)
-            size, fitted[key] = float("inf"), {"tolerance": c["tolerance"]}
+            size, fit = float("inf"), {"tolerance": c["tolerance"]}
             verdicts = {"point": True, "familywise": True}
         else:
             continue
         for decision, fails in verdicts.items():
             if fails:
-                failed[decision].append((size, c, fitted[key]))
+                failed[decision].append((size, c, fit))
     return failed
 
 
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             if kinds[twin] not in fits:
                 print(f"| `{twin}` | {group} | no benign {kinds[twin]} twin in the report to fit to |")
                 continue
-            failed = judge(report, dict(fits[kinds[twin]]), twin)
+            failed = judge(report, fits[kinds[twin]], twin)
             for d in decisions:
                 caught[d][group == "benign"] += bool(failed[d])
             strongest = "-"
