@@ -42,7 +42,7 @@ FIT_ON = {"lenet": {"int8": ("lenet5-digits-int8-x86", ["recalibrated_other_subs
                                                                "lite0_recalibrated_reversed"])}}
 
 
-def point_fails(record: dict, tolerance: float) -> bool:
+def point_fails_against(record: dict, tolerance: float) -> bool:
     """Whether the point decision fails ``record`` against ``tolerance`` (counted metrics exactly)."""
     details = record.get("details") or {}
     exact = counted_estimate(record["metric"], details, record["n"])[0] if has_counts(record["metric"], details) else None
@@ -69,7 +69,7 @@ def judge(report: dict, fitted: dict, twin: str) -> dict[str, list]:
         if key in fitted:
             fit = fitted[key]
             size = abs(c["value"] - fit["tolerance"]) / max(fit["noise"], 1e-12)
-            verdicts = {"point": point_fails(c, fit["tolerance"]), "familywise": familywise_fails(c, fit["tolerance"])}
+            verdicts = {"point": point_fails_against(c, fit["tolerance"]), "familywise": familywise_fails(c, fit["tolerance"])}
         elif c["verdict"] == "fail":  # checks fitting leaves alone (coverage, quantizer properties)
             size, fit = float("inf"), {"tolerance": c["tolerance"]}
             verdicts = {"point": True, "familywise": True}
