@@ -69,25 +69,30 @@ def _fake_reading(layer: str, misread) -> tuple[nn.Module, nn.Module]:
 
 
 # ---- faults: each reproduces a kind of bug reported against quantization tools ------------------------------
+# ("Reported:" names a GitHub issue or pull request, owner/repo#number, where users met that kind of bug)
 def blank_calibration():
     """Calibrated on one blank image (a calibration loader that yields zeros): every activation range
-    collapses."""
+    collapses.
+    Reported: NVIDIA/TensorRT#1102."""
     _, pre = _base()
     return _int8(calibration=[pre.normalize(torch.zeros(1, 1, 32, 32))])
 
 
 def one_class_calibration():
-    """Calibrated on one class only (an unshuffled calibration loader taking its first batches)."""
+    """Calibrated on one class only (an unshuffled calibration loader taking its first batches).
+    Reported: NVIDIA/TensorRT#3187."""
     return _int8(calibration=_calibration(label=0, count=128))
 
 
 def per_tensor_weights():
-    """Per-tensor min/max weights where the recipe says per-channel (a dropped per_channel flag)."""
+    """Per-tensor min/max weights where the recipe says per-channel (a dropped per_channel flag).
+    Reported: tensorflow/tensorflow#57745."""
     return _int8("int8-x86-per-tensor-minmax")
 
 
 def conv_at_4_bits():
-    """One conv silently at 4-bit weights (a per-layer override applied to the wrong layer)."""
+    """One conv silently at 4-bit weights (a per-layer override applied to the wrong layer).
+    Reported: openvinotoolkit/nncf#144."""
     fp32, twin = _int8("fake-w8a8")
     _, low = _int8("fake-w4a8")
     twin.features[3] = low.features[3]
@@ -95,24 +100,28 @@ def conv_at_4_bits():
 
 
 def convs_left_in_float():
-    """Both convs left in float, only the Linear layers quantized (dynamic quantization's coverage)."""
+    """Both convs left in float, only the Linear layers quantized (dynamic quantization's coverage).
+    Reported: pytorch/tutorials#899."""
     return _int8(keep_fp32=("features.0", "features.1", "features.3", "features.4"))
 
 
 def zero_point_off_by_3():
     """One activation read with its zero point off by 3 (an off-by-N in a converter's zero-point
-    arithmetic: the consumer dequantizes (q - z - 3) * s where the producer wrote q = x / s + z)."""
+    arithmetic: the consumer dequantizes (q - z - 3) * s where the producer wrote q = x / s + z).
+    Reported: pytorch/FBGEMM#584."""
     return _fake_reading("features.3", lambda x, qp: x - 3 * qp.scale)
 
 
 def scale_doubled():
     """One activation read with twice its scale (a requantization multiplier computed with the wrong
-    input scale: the consumer dequantizes (q - z) * 2s)."""
+    input scale: the consumer dequantizes (q - z) * 2s).
+    Reported: tensorflow/tensorflow#23800."""
     return _fake_reading("classifier.3", lambda x, qp: 2 * x)
 
 
 def six_bit_grid():
-    """6-bit weights and activations where 8 were meant (a bit width taken from the wrong config)."""
+    """6-bit weights and activations where 8 were meant (a bit width taken from the wrong config).
+    Reported: ModelTC/LightCompress#163."""
     w8a8 = get_preset("fake-w8a8")
     return _int8("fake-w8a8", weight=dataclasses.replace(w8a8.weight, bits=6),
                  activation=dataclasses.replace(w8a8.activation, bits=6))
@@ -120,7 +129,8 @@ def six_bit_grid():
 
 def preprocessing_drift():
     """The twin's pipeline normalizes with mean 0.45 instead of 0.5 (preprocessing drift between the
-    FP32 reference and the deployed model): its input is shifted by 0.05 / 0.5 before the int8 graph."""
+    FP32 reference and the deployed model): its input is shifted by 0.05 / 0.5 before the int8 graph.
+    Reported: mlcommons/training#48."""
     fp32, twin = _int8()
     twin.register_forward_pre_hook(lambda module, args: (args[0] + 0.05 / 0.5,))
     return fp32, twin
@@ -232,27 +242,31 @@ def _int8_misread(twin: nn.Module, layer: str, zero_point: int = 0, scale: float
 
 def lite0_blank_calibration():
     """Calibrated on one black image (a calibration loader that yields zeros or an unfilled buffer):
-    every activation range collapses."""
+    every activation range collapses.
+    Reported: NVIDIA/TensorRT#1102."""
     _, pre, _ = _lite0()
     return _lite0_twin(calibration=[pre.normalize(torch.zeros(1, 3, *pre.resolution))])
 
 
 def lite0_one_picture_calibration():
     """Calibrated on the 3 crops of one picture (a calibration loader that stops after its first batch of an
-    unshuffled folder)."""
+    unshuffled folder).
+    Reported: NVIDIA/TensorRT#3187."""
     return _lite0_twin(calibration=_lite0_calibration(slice(0, 3)))
 
 
 def lite0_per_tensor_weights():
     """Per-tensor min/max weights where the recipe says per-channel (a dropped per_channel flag; per-tensor
-    weights are known to break depthwise convolutions, whose channels' ranges differ by orders of magnitude)."""
+    weights are known to break depthwise convolutions, whose channels' ranges differ by orders of magnitude).
+    Reported: tensorflow/tensorflow#57745."""
     _, _, config = _lite0()
     return _lite0_twin(weight=dataclasses.replace(config.weight, per_channel=False, observer="minmax"))
 
 
 def lite0_depthwise_at_4_bits():
     """Block 1's depthwise conv on a 4-bit weight grid (a per-layer bit-width override applied to the wrong
-    layer): its weights are rounded to 4-bit per-channel symmetric before int8 conversion."""
+    layer): its weights are rounded to 4-bit per-channel symmetric before int8 conversion.
+    Reported: openvinotoolkit/nncf#144."""
     def four_bits(model):
         conv = model.get_submodule("_blocks.1._depthwise_conv")
         with torch.no_grad():
@@ -263,14 +277,16 @@ def lite0_depthwise_at_4_bits():
 
 def lite0_relu6_unfused():
     """Block 0's ReLU6 not fused with its conv (a fusion pattern that misses an activation written as
-    Hardtanh(0, 6) or Clip, so the conv output is quantized over its whole pre-activation range)."""
+    Hardtanh(0, 6) or Clip, so the conv output is quantized over its whole pre-activation range).
+    Reported: pytorch/pytorch#30214."""
     def hardtanh(model):
         model._blocks[0]._act1 = nn.Hardtanh(0.0, 6.0)
     return _lite0_twin(model=_lite0_edited(hardtanh))
 
 
 def lite0_depthwise_left_in_float():
-    """Every depthwise conv left in float (a quantizer without a depthwise kernel that skips them silently)."""
+    """Every depthwise conv left in float (a quantizer without a depthwise kernel that skips them silently).
+    Reported: tensorflow/tensorflow#61896."""
     fp32, _, config = _lite0()
     keep = tuple(f"_blocks.{i}.{m}" for i in range(len(fp32._blocks)) for m in ("_depthwise_conv", "_bn1", "_act1"))
     return _lite0_twin(keep_fp32=config.keep_fp32 + keep)
@@ -278,21 +294,24 @@ def lite0_depthwise_left_in_float():
 
 def lite0_zero_point_off_by_3():
     """Block 3's depthwise output read with its zero point off by 3 (an off-by-N in a converter's zero-point
-    arithmetic: the next kernel reads the integers with z + 3)."""
+    arithmetic: the next kernel reads the integers with z + 3).
+    Reported: pytorch/FBGEMM#584."""
     fp32, twin = _lite0_twin()
     return fp32, _int8_misread(twin, "_blocks.3._depthwise_conv", zero_point=3)
 
 
 def lite0_scale_doubled():
     """Block 3's depthwise output read with twice its scale (a requantization multiplier computed with the
-    wrong scale)."""
+    wrong scale).
+    Reported: tensorflow/tensorflow#23800."""
     fp32, twin = _lite0_twin()
     return fp32, _int8_misread(twin, "_blocks.3._depthwise_conv", scale=2.0)
 
 
 def lite0_tf_normalization():
     """The twin's pipeline normalizes with mean 0.5 and std 0.5 (TensorFlow's [-1, 1] convention) where the
-    model was trained with ImageNet's mean and std (preprocessing drift between reference and deployment)."""
+    model was trained with ImageNet's mean and std (preprocessing drift between reference and deployment).
+    Reported: mlcommons/training#48."""
     fp32, twin = _lite0_twin()
     _, pre, _ = _lite0()
     mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
