@@ -454,6 +454,17 @@ def table(family: str, report: dict) -> dict:
     return row
 
 
+def shown_options(command: list[str]) -> list[str]:
+    """The sample-size and decision options of a kept report's command, with their values (``--opt=v`` or
+    ``--opt v``), to title its table."""
+    shown = []
+    for i, arg in enumerate(command):
+        if arg.startswith(("--qrobust-max-samples", "--qrobust-decision")):
+            takes_next = "=" not in arg and i + 1 < len(command)
+            shown += [arg, command[i + 1]] if takes_next else [arg]
+    return shown
+
+
 def main(argv: list[str]) -> list[dict]:
     """``--pairs lenet|lite0|all`` (default all); every other argument passes to ``qrobust run``
     (``--qrobust-decision familywise``, ``--qrobust-max-samples 200``). ``--keep-report DIR`` saves each
@@ -476,7 +487,7 @@ def main(argv: list[str]) -> list[dict]:
             if args.keep_report:
                 args.keep_report.mkdir(parents=True, exist_ok=True)
             report = gate(family, extra, args.keep_report / f"{family}.json" if args.keep_report else None, args.only)
-        options = extra or [a for a in report.get("command", []) if "max-samples" in a or "decision" in a]
+        options = extra or shown_options(report.get("command", []))
         print(f"\n#### {family}: qrobust run {' '.join(options)}\n")
         rows.append(table(family, report))
         if not args.from_report:

@@ -4,8 +4,8 @@
 A check whose verdict differs between runs is a coin toss at its sample size; each is listed with
 whether the runs flagged it fragile (the gate's own warning that a verdict may reverse).
 
-Run: .venv/bin/python benchmarks/seed_stability.py [--qrobust-pairs A,B]   (a built-in gate run per seed:
-about 5 minutes each on an idle 2-core machine)
+Run: .venv/bin/python benchmarks/seed_stability.py [qrobust run options: --qrobust-pairs A,B, ...]   (a
+built-in gate run per seed: about 5 minutes each on an idle 2-core machine)
 """
 from __future__ import annotations
 
@@ -30,8 +30,12 @@ def main(extra: list[str]) -> None:
         for name, seed, threads in RUNS:
             env = {**os.environ, **({"OMP_NUM_THREADS": threads} if threads else {})}
             report_dir = Path(folder) / name.replace(" ", "_").replace(",", "")
-            subprocess.run([sys.executable, "-m", "qrobust", "run", "-q", "-p", "no:randomly", f"--qrobust-seed={seed}",
-                            f"--qrobust-report={report_dir}", *extra], cwd=folder, env=env, capture_output=True)
+            run = subprocess.run([sys.executable, "-m", "qrobust", "run", "-q", "-p", "no:randomly",
+                                  f"--qrobust-seed={seed}", f"--qrobust-report={report_dir}", *extra],
+                                 cwd=folder, env=env, capture_output=True, text=True)
+            if not (report_dir / "report.json").exists():
+                raise SystemExit(f"{name}: qrobust run wrote no report (exit {run.returncode}):\n"
+                                 f"{run.stdout[-3000:]}{run.stderr[-3000:]}")
             results[name] = verdicts(json.loads((report_dir / "report.json").read_text()))
     reference = results[RUNS[0][0]]
     print("| run | checks | failed | verdicts differing from seed 0 | of which flagged fragile |")
@@ -48,4 +52,7 @@ def main(extra: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):  # qrobust run's own help would write no report
+        print(__doc__)
+        sys.exit(0)
     main(sys.argv[1:])

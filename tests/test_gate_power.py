@@ -72,3 +72,9 @@ def test_fitted_entry_reads_back_as_the_numbers_it_printed(gate_power):
     block = yaml.safe_load("pairs:\n  p:\n" + entry(fitted))["pairs"]["p"]["perturbations"]
     assert block == {"awgn": {"at": {0.2: {"kl_mean": 8e-05, "agreement": 0.97}}},
                      "blur": {"at": {1.0: {"cam_kld": 0.0012}}}}
+
+
+def test_a_kept_reports_table_is_titled_with_its_decision_and_sample_size(gate_power):
+    command = ["qrobust", "run", "power.yaml", "-q", "--qrobust-decision", "familywise", "--qrobust-max-samples=200"]
+    assert gate_power.shown_options(command) == ["--qrobust-decision", "familywise", "--qrobust-max-samples=200"]
+    assert gate_power.shown_options(["qrobust", "run", "-q"]) == []
