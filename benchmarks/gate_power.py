@@ -15,8 +15,8 @@ decision fails on the same measurements.
 
 Run: .venv/bin/python benchmarks/gate_power.py [--pairs lenet|lite0|all] [--keep-report DIR]
      [qrobust run options: --qrobust-decision familywise, --qrobust-max-samples 200, ...]
-LeNet's 14 twins take about 10 minutes on an idle 2-core machine; each Lite0 twin costs about what the
-built-in tuned pair's 27 cases do (~80 s idle). ``--only a,b`` gates a subset (split a family over processes
+LeNet's 18 twins take about 12 minutes on an idle 2-core machine; Lite0's 13 about 69 minutes (a benign
+twin ~3 minutes, a fault ~6: every failing case is also diagnosed layer by layer). ``--only a,b`` gates a subset (split a family over processes
 with --keep-report, then merge the reports' cases): verdicts do not depend on which twins share a run, since
 every perturbation and bootstrap is seeded by the gate's seed and the sample ids.
 """
