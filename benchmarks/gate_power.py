@@ -15,10 +15,11 @@ decision fails on the same measurements.
 
 Run: .venv/bin/python benchmarks/gate_power.py [--pairs lenet|lite0|all] [--keep-report DIR]
      [qrobust run options: --qrobust-decision familywise, --qrobust-max-samples 200, ...]
-LeNet's 18 twins take about 12 minutes on an idle 2-core machine; Lite0's 13 about 69 minutes (a benign
-twin ~3 minutes, a fault ~6: every failing case is also diagnosed layer by layer). ``--only a,b`` gates a subset (split a family over processes
-with --keep-report, then merge the reports' cases): verdicts do not depend on which twins share a run, since
-every perturbation and bootstrap is seeded by the gate's seed and the sample ids.
+LeNet's 18 twins take about 16 minutes on an idle 2-core machine (n = 200: 8); Lite0's 13 about 69 minutes
+(a benign twin ~3 minutes, a fault ~6: every failing case is also diagnosed layer by layer). ``--only a,b``
+gates a subset (split a family over processes with --keep-report, then merge the reports' cases): verdicts
+do not depend on which twins share a run, since every perturbation and bootstrap is seeded by the gate's
+seed and the sample ids.
 """
 from __future__ import annotations
 
