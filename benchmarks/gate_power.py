@@ -27,7 +27,6 @@ import copy
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ import torch
 import yaml
 from torch import nn
 
+from gate_run import gate_report
 from qrobust import get_preset, load_dataset, load_pair, quantize_model
 
 PAIR = "lenet5-digits-int8-x86"
@@ -390,12 +390,7 @@ def gate(family: str, extra: list[str], keep: Path | None = None, only: list[str
         path = Path(folder) / "power.yaml"
         path.write_text(yaml.safe_dump(thresholds(family, only)))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-        run = subprocess.run([sys.executable, "-m", "qrobust", "run", str(path), "-q", "-p", "no:randomly", *extra],
-                             cwd=folder, env=env, capture_output=True, text=True, timeout=7200)
-        report_path = Path(folder) / "qrobust-report" / "report.json"
-        if not report_path.exists():
-            raise SystemExit(f"qrobust run wrote no report (exit {run.returncode}):\n{run.stdout[-3000:]}{run.stderr[-3000:]}")
-        report = json.loads(report_path.read_text())
+        report, run = gate_report([str(path), *extra], folder, env, timeout=7200)
     broken = [line for line in run.stdout.splitlines() if "cannot be gated" in line]
     if broken:
         raise SystemExit("pairs that could not be gated:\n" + "\n".join(dict.fromkeys(broken)))

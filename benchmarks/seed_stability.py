@@ -9,12 +9,12 @@ built-in gate run per seed: about 5 minutes each on an idle 2-core machine)
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from gate_run import gate_report
 
 RUNS = [("seed 0", 0, None), ("seed 1", 1, None), ("seed 2", 2, None), ("seed 3", 3, None), ("seed 4", 4, None),
         ("seed 0, 1 thread", 0, "1")]
@@ -30,13 +30,9 @@ def main(extra: list[str]) -> None:
         for name, seed, threads in RUNS:
             env = {**os.environ, **({"OMP_NUM_THREADS": threads} if threads else {})}
             report_dir = Path(folder) / name.replace(" ", "_").replace(",", "")
-            run = subprocess.run([sys.executable, "-m", "qrobust", "run", "-q", "-p", "no:randomly",
-                                  f"--qrobust-seed={seed}", f"--qrobust-report={report_dir}", *extra],
-                                 cwd=folder, env=env, capture_output=True, text=True)
-            if not (report_dir / "report.json").exists():
-                raise SystemExit(f"{name}: qrobust run wrote no report (exit {run.returncode}):\n"
-                                 f"{run.stdout[-3000:]}{run.stderr[-3000:]}")
-            results[name] = verdicts(json.loads((report_dir / "report.json").read_text()))
+            report, _ = gate_report([f"--qrobust-seed={seed}", f"--qrobust-report={report_dir}", *extra], folder, env,
+                                    report_dir, label=f"{name}: qrobust run")
+            results[name] = verdicts(report)
     reference = results[RUNS[0][0]]
     print("| run | checks | failed | verdicts differing from seed 0 | of which flagged fragile |")
     print("|---|---|---|---|---|")

@@ -78,3 +78,20 @@ def test_a_kept_reports_table_is_titled_with_its_decision_and_sample_size(gate_p
     command = ["qrobust", "run", "power.yaml", "-q", "--qrobust-decision", "familywise", "--qrobust-max-samples=200"]
     assert gate_power.shown_options(command) == ["--qrobust-decision", "familywise", "--qrobust-max-samples=200"]
     assert gate_power.shown_options(["qrobust", "run", "-q"]) == []
+
+
+def test_a_benchmark_gate_run_that_writes_no_report_says_so_in_one_line(gate_power, tmp_path):
+    from gate_run import gate_report
+
+    with pytest.raises(SystemExit, match=r"^seed 0: qrobust run wrote no report \(exit [1-9]"):
+        gate_report(["--qrobust-no-such-option"], tmp_path, label="seed 0: qrobust run")
+
+
+def test_a_benchmark_gate_run_passes_its_thresholds_file_and_options_and_returns_the_report(gate_power, tmp_path):
+    from gate_run import gate_report
+
+    (tmp_path / "t.yaml").write_text("max_samples: 60\nreplicates: 100\ndefaults: {kl_mean: 0.02}\n"
+                                     "perturbations:\n  awgn: {levels: [0]}\ngate:\n  lenet5-digits-int8-x86: {}\n")
+    report, run = gate_report(["t.yaml", "--qrobust-seed=3"], tmp_path)
+    assert run.returncode == 0 and report["environment"]["seed"] == 3
+    assert {c["pair"] for c in report["cases"]} == {"lenet5-digits-int8-x86"}
