@@ -62,3 +62,78 @@ def test_a_broken_twin_fails_the_bundled_suite_naming_pair_and_layer(pytester):
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*broken-twin / 2.output: zero point must be a whole number in [[]0, 255] "
                                  "(counterexample: zero_point[[]0] = 300)*"])
+
+
+# ---- PyTorch's quantize op against the kernel reference, at float32 ties --------------------------------
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from qrobust.quant.properties import (  # noqa: E402
+    Quantizer, TIE_STEPS, check_drawn_values, kernel_code, tie_distance, torch_code_mismatch,
+)
+
+GRIDS = {torch.quint8: (0, 255), torch.qint8: (-128, 127)}
+
+
+def test_the_reported_float32_tie_is_no_violation():
+    """An AVX-512 host drew this value: x / scale is 254.50001 in float64 but exactly 254.5 in float32,
+    which torch rounds half to even to 254 (the old float64 reference said 255)."""
+    x, scale = 69.61763000488281, 0.27354666590690613
+    assert kernel_code(x, scale, 0, 0, 255) == 254
+    distance, step = tie_distance(x, scale, 0)
+    assert distance < step  # within one float32 step of the tie: rounding order decides
+    assert torch_code_mismatch(x, scale, 0, torch.quint8) is None
+    activation = Quantizer("classifier.1.output", QParams(torch.tensor(scale), torch.tensor(0), 0, 255), torch.quint8)
+    check_drawn_values(activation, examples=200)
+
+
+@st.composite
+def near_ties(draw):
+    """A float32 scale, a zero point and a code on the grid, and x a few float32 steps (nextafter) from
+    the exact tie between that code and the next: where host arithmetic differs."""
+    dtype = draw(st.sampled_from(sorted(GRIDS, key=str)))
+    q_min, q_max = GRIDS[dtype]
+    scale = float(np.float32(draw(st.floats(1e-4, 10.0))))
+    zero_point = draw(st.integers(q_min, q_max))
+    code = draw(st.sampled_from([q_min, q_min + 1, 0, q_max - 1, q_max - 2] + [draw(st.integers(q_min, q_max - 1))]))
+    tie = np.float32(scale * (code + 0.5 - zero_point))
+    steps = draw(st.integers(-3, 3))
+    x = tie
+    for _ in range(abs(steps)):
+        x = np.nextafter(x, np.float32(math.copysign(np.inf, steps)), dtype=np.float32)
+    return float(x), scale, zero_point, dtype
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(near_ties())
+def test_torch_agrees_with_the_kernel_reference_next_to_every_tie(case):
+    """Values on both sides of exact ties, at codes near the grid's ends (-128, 127, 255) and zero: the
+    property never fails for host arithmetic, and away from the band it holds torch to the exact code."""
+    x, scale, zero_point, dtype = case
+    assert torch_code_mismatch(x, scale, zero_point, dtype) is None
+    q_min, q_max = GRIDS[dtype]
+    theirs = int(torch.quantize_per_tensor(torch.tensor([x]), scale, zero_point, dtype).int_repr())
+    distance, step = tie_distance(x, scale, zero_point)
+    if distance > TIE_STEPS * step:
+        assert theirs == kernel_code(x, scale, zero_point, q_min, q_max)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(st.sampled_from(sorted(GRIDS, key=str)), st.floats(1e-4, 10.0), st.data())
+def test_a_real_defect_is_still_caught(dtype, scale, data):
+    """The tie band is float32 precision, not a blanket tolerance: an op whose zero point is one off is
+    caught on any value that is not next to a tie (the drawn values of the property are mostly such)."""
+    q_min, q_max = GRIDS[dtype]
+    scale = float(np.float32(scale))
+    zero_point = data.draw(st.integers(q_min, q_max - 1))
+    code = data.draw(st.integers(q_min, q_max - 1))
+    x = float(np.float32(scale * (code - zero_point + data.draw(st.sampled_from([0.0, 0.2, 0.4, 0.6, 0.8])))))
+
+    def off_by_one(values, s, z, d):
+        return torch.quantize_per_tensor(values, s, z + 1, d)
+
+    assert torch_code_mismatch(x, scale, zero_point, dtype) is None
+    found = torch_code_mismatch(x, scale, zero_point, dtype, quantize_op=off_by_one)
+    assert found is not None and "reference" in found
