@@ -1,12 +1,17 @@
 """The gate's quantizer-property suite passes real twins and catches a broken scale or zero point."""
 import copy
+import math
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from helpers import small_net
 from qrobust.quant import get_preset, quantize_model
-from qrobust.quant.properties import check_twin, quantizers
+from qrobust.quant.properties import (
+    TIE_STEPS, Quantizer, check_drawn_values, check_twin, kernel_code, quantizers, tie_distance, torch_code_mismatch,
+)
 from qrobust.quant.quantizer import QParams
 
 
@@ -65,15 +70,6 @@ def test_a_broken_twin_fails_the_bundled_suite_naming_pair_and_layer(pytester):
 
 
 # ---- PyTorch's quantize op against the kernel reference, at float32 ties --------------------------------
-import math  # noqa: E402
-
-import numpy as np  # noqa: E402
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
-from qrobust.quant.properties import (  # noqa: E402
-    Quantizer, TIE_STEPS, check_drawn_values, kernel_code, tie_distance, torch_code_mismatch,
-)
-
 GRIDS = {torch.quint8: (0, 255), torch.qint8: (-128, 127)}
 
 
