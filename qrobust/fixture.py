@@ -16,6 +16,7 @@ from qrobust.gate.plan import CaseSpec
 from qrobust.gate.verdict import judge
 from qrobust.metrics.catalog import METRICS
 from qrobust.metrics.stats import Estimate
+from qrobust.placement import feed, place, stage
 from qrobust.plugin import CASE_PROPERTY, DIAGNOSIS_PROPERTY
 from qrobust.session import PairUnavailable, QrobustSession
 
@@ -70,8 +71,9 @@ class QrobustCheck:
         config = session.thresholds.explanations
         pair = self._pair(pair_name)
         data = session.evaluator.dataset(pair.dataset).subset(config.samples, session.seed)
-        estimates = explanation_quality(pair, data, session.evaluator.cam_methods[pair_name], session.seed,
-                                        session.thresholds.replicates, config.steps)
+        with stage("explain", pair_name):
+            estimates = explanation_quality(pair, data, session.evaluator.cam_methods[pair_name], session.seed,
+                                            session.thresholds.replicates, config.steps)
         case = CaseSpec(pair_name, "clean", 0.0, MappingProxyType(dict(config.tolerances)))
         failures = []
         for metric in case.tolerances:
@@ -97,18 +99,20 @@ class QrobustCheck:
         pixels = torch.rand(config.batch, pair.preprocess.channels, h, w,
                             generator=torch.Generator().manual_seed(session.seed))
         x = pair.preprocess.normalize(pixels)
-        x_fp, x_q = x.to(session.evaluator.device), x.to(session.evaluator.twin_device(pair))
-        if benchmark is not None:  # pytest-benchmark's own table, of the quantized forward
-            with torch.inference_mode():
-                benchmark.pedantic(pair.quantized, args=(x_q,), rounds=config.rounds, iterations=1, warmup_rounds=2)
-        reference = same_runtime_fp32(pair.fp32, pair.quantized, x)  # like with like: the twin's runtime
-        x_ref = x_fp if reference is pair.fp32 else x_q
-        timings = {"speedup": interleaved_speedup(reference, pair.quantized, x_ref, x_q, rounds=config.rounds)}
-        if pair.target_layer:  # seed 002 times inference plus EigenCAM on both models: one hooked forward each
-            timings["cam_speedup"] = interleaved_speedup(
-                lambda v: compute_cams(reference, v, pair.target_layer, ["eigencam"]),
-                lambda v: compute_cams(pair.quantized, v, pair.quantized_target_layer, ["eigencam"]),
-                x_ref, x_q, rounds=config.rounds)
+        with stage("latency", pair_name):
+            reference = same_runtime_fp32(pair.fp32, pair.quantized, x)  # like with like: the twin's runtime
+            x_ref, x_q = place(reference, x), place(pair.quantized, x)  # moved before the clock starts
+            if benchmark is not None:  # pytest-benchmark's own table, of the quantized forward
+                with torch.inference_mode():
+                    benchmark.pedantic(feed, args=(pair.quantized, x_q), rounds=config.rounds, iterations=1,
+                                       warmup_rounds=2)
+            timings = {"speedup": interleaved_speedup(lambda v: feed(reference, v), lambda v: feed(pair.quantized, v),
+                                                      x_ref, x_q, rounds=config.rounds)}
+            if pair.target_layer:  # seed 002 times inference plus EigenCAM on both models: one hooked forward each
+                timings["cam_speedup"] = interleaved_speedup(
+                    lambda v: compute_cams(reference, v, pair.target_layer, ["eigencam"]),
+                    lambda v: compute_cams(pair.quantized, v, pair.quantized_target_layer, ["eigencam"]),
+                    x_ref, x_q, rounds=config.rounds)
         runtimes = {"fp32_runtime": runtime_name(reference), "quantized_runtime": runtime_name(pair.quantized)}
         case = CaseSpec(pair.name, "latency", float(config.batch), config.tolerances)
         failures = []
@@ -146,8 +150,8 @@ class QrobustCheck:
 
         session = self._session
         h, w = pair.preprocess.resolution
-        device = next(pair.fp32.parameters(), torch.zeros(())).device
-        coverage = mac_coverage(pair.fp32, pair.quantized, torch.zeros(1, pair.preprocess.channels, h, w, device=device))
+        with stage("coverage", case.pair):
+            coverage = mac_coverage(pair.fp32, pair.quantized, torch.zeros(1, pair.preprocess.channels, h, w))
         entry = session.thresholds.gate.get(case.pair)
         configured = {**session.thresholds.defaults, **(entry.tolerances if entry else {})}
         estimate = Estimate(coverage["fraction"], None, coverage["total"],

@@ -198,16 +198,17 @@ class QrobustSession:
             import torch
 
             from qrobust.metrics.classification import kl_per_sample
+            from qrobust.placement import feed, stage
             from qrobust.quant.diagnosis import describe, layer_errors
 
             ev, pair = self.evaluator, self.pair(case.pair)
             x, ids = ev.case_inputs(case.pair, case.perturbation, case.level, candidates)
-            x_fp, x_q = x.to(ev.device), x.to(ev.twin_device(pair))
-            with torch.inference_mode():
-                kl = kl_per_sample(pair.fp32(x_fp).cpu(), pair.quantized(x_q).cpu())
-            ev.forward_passes["diagnosis"] += 2
-            worst = kl.argsort(descending=True)[:keep]
-            rows = layer_errors(pair.fp32, pair.quantized, x_fp[worst.to(x_fp.device)], x_q[worst.to(x_q.device)])
+            with stage("diagnose", case.pair):
+                with torch.inference_mode():
+                    kl = kl_per_sample(feed(pair.fp32, x, role="fp32").cpu(), feed(pair.quantized, x, role="twin").cpu())
+                ev.forward_passes["diagnosis"] += 2
+                worst = kl.argsort(descending=True)[:keep]
+                rows = layer_errors(pair.fp32, pair.quantized, x[worst])
             ev.forward_passes["diagnosis"] += 2
             self._diagnoses[key] = {"line": describe(rows), "layers": [r.as_dict() for r in rows],
                                     "samples": ids[worst].tolist()}
@@ -315,14 +316,14 @@ class QrobustSession:
         import torch
 
         from qrobust.gate.html_report import thumbnail
+        from qrobust.placement import feed, stage
 
         if not (r.cam and r.cam.overlays) or r.pair not in self._pairs:
             return None
-        ev, o, pair = self._evaluator, r.cam.overlays[0], self._pairs[r.pair]
+        o, pair = r.cam.overlays[0], self._pairs[r.pair]
         x = pair.preprocess.normalize(o["pixels"][None])
-        with torch.inference_mode():
-            top1 = [int(model(x.to(device)).argmax()) for model, device in
-                    ((pair.fp32, ev.device), (pair.quantized, ev.twin_device(pair)))]
+        with torch.inference_mode(), stage("CAM", r.pair):
+            top1 = [int(feed(model, x, role=role).argmax()) for model, role in ((pair.fp32, "fp32"), (pair.quantized, "twin"))]
         return {"pair": r.pair, "perturbation": r.perturbation, "level": r.level, "id": o["id"], "rmse": o["rmse"],
                 "method": r.cam.method, "top1_fp32": top1[0], "top1_quant": top1[1], "image": thumbnail(o["pixels"]),
                 "fp32": thumbnail(o["pixels"], o["fp32"]), "quantized": thumbnail(o["pixels"], o["quantized"])}

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qrobust.errors import UnsupportedError, invalid
+from qrobust.placement import feed
 from qrobust.quant.convert import layer_root
 from qrobust.runtimes.base import RuntimeModel, differentiable
 from qrobust.registry import Registry
@@ -154,10 +155,10 @@ def compute_cams(model: nn.Module, x: torch.Tensor, target_layer: str, methods, 
     act, grads = None, None
     if not any(m.uses_layer for m in methods):
         with torch.inference_mode():
-            logits = model(x)
+            logits = feed(model, x)
         targets = _check_targets(logits, targets)
     elif isinstance(model, RuntimeModel):
-        logits, acts = model.run(x, [target_layer])
+        logits, acts = feed(model, x, [target_layer], call=model.run)
         targets = _check_targets(logits, targets)
         act = _checked(acts[target_layer], target_layer)
     else:
@@ -165,20 +166,25 @@ def compute_cams(model: nn.Module, x: torch.Tensor, target_layer: str, methods, 
         with _Capture(layer, on_input=split_layer(target_layer)[1]) as capture:
             if needs_grad:
                 with torch.enable_grad():
-                    logits = model(x.detach().requires_grad_(True))  # a graph even for frozen weights
+                    logits = feed(model, x.detach().requires_grad_(True))  # a graph even for frozen weights
                     targets = _check_targets(logits, targets)
                     act = _checked(capture.output, target_layer)
                     grads, = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), act)
                 act, grads = act.detach(), grads.detach()
             else:
                 with torch.inference_mode():
-                    logits = model(x)
+                    logits = feed(model, x)
                     targets = _check_targets(logits, targets)
                     act = _checked(capture.output, target_layer)
     size = tuple(x.shape[-2:])
-    maps = {m.name: postprocess(m.raw(act.float(), grads if m.uses_gradients else None) if m.uses_layer
-                                else m.probe(model, x, targets, logits), size) for m in methods}
-    return CamOutputs(maps, targets, logits.detach(), None if act is None else act.float())
+    maps = {m.name: _on_cpu(postprocess(m.raw(act.float(), grads if m.uses_gradients else None) if m.uses_layer
+                                        else m.probe(model, x, targets, logits), size)) for m in methods}
+    return CamOutputs(maps, targets.cpu(), logits.detach().cpu(), None if act is None else act.float().cpu())
+
+
+def _on_cpu(maps: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A method's (maps, degenerate) on the CPU, where metrics are computed whatever the model's device."""
+    return maps[0].cpu(), maps[1].cpu()
 
 
 CAM_METHODS: Registry[type[CamMethod]] = Registry("CAM method")
@@ -278,7 +284,7 @@ class Occlusion(CamMethod):
                 masked = x.repeat(len(chunk), 1, 1, 1)
                 for k, (r, c) in enumerate(chunk):
                     masked[k * n:(k + 1) * n, :, rows[r]:rows[r + 1], cols[c]:cols[c + 1]] = fill[0]
-                probs = torch.log_softmax(model(masked).double(), 1).cpu()
+                probs = torch.log_softmax(feed(model, masked).double(), 1).cpu()
                 for k, (r, c) in enumerate(chunk):
                     drops[:, r, c] = base - probs[k * n:(k + 1) * n].gather(1, targets[:, None])[:, 0]
         return drops.float()

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from qrobust.explain.cam import INPUT, resolve_layer, split_layer
+from qrobust.placement import feed
 from qrobust.quant.convert import layer_root, twin_layer_name
 
 
@@ -39,9 +40,11 @@ def _called_modules(model: nn.Module) -> list[str]:
 
 
 def _float(t) -> torch.Tensor | None:
+    """A copy of a captured tensor as float on the CPU (where FP32's and the twin's are compared; a copy,
+    as an in-place op after the hook, such as a residual add, would change it)."""
     if not isinstance(t, torch.Tensor):
         return None
-    return (t.dequantize() if t.is_quantized else t).detach().float().clone()
+    return (t.dequantize() if t.is_quantized else t).detach().to("cpu", torch.float32, copy=True)
 
 
 @contextlib.contextmanager
@@ -77,7 +80,7 @@ def activation(model: nn.Module, spec: str, x: torch.Tensor) -> torch.Tensor:
               else layer.register_forward_hook(lambda m, i, o: box.__setitem__("t", _float(o))))
     try:
         with torch.inference_mode():
-            model(x)
+            feed(model, x)
     finally:
         handle.remove()
     return box["t"]
@@ -87,18 +90,17 @@ def relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     return float((candidate - reference).norm() / reference.norm().clamp_min(1e-12))
 
 
-def match_twin_layer(fp32: nn.Module, twin: nn.Module, name: str, x: torch.Tensor,
-                     x_twin: torch.Tensor | None = None) -> tuple[str, float]:
-    """The twin's tensor (module name, or ``name:input``) closest to FP32's ``name`` on the batch ``x``
-    (``x_twin``: the same batch on the twin's device), with its relative L2 error."""
-    reference = activation(fp32, name, x).cpu()
+def match_twin_layer(fp32: nn.Module, twin: nn.Module, name: str, x: torch.Tensor) -> tuple[str, float]:
+    """The twin's tensor (module name, or ``name:input``) closest to FP32's ``name`` on the batch ``x``,
+    with its relative L2 error."""
+    reference = activation(fp32, name, x)
     guess = twin_layer_name(fp32, twin, name)
     called = _called_modules(twin)
     candidates = _candidates(called, name, guess)
     modules = list(dict.fromkeys(split_layer(c)[0] for c in candidates if split_layer(c)[0] in called))
     with _record_all(twin, modules) as seen, torch.inference_mode():
-        twin(x if x_twin is None else x_twin)
-    scores = {spec: relative_error(reference, t.cpu()) for spec, t in seen.items()
+        feed(twin, x, role="twin")
+    scores = {spec: relative_error(reference, t) for spec, t in seen.items()
               if spec in candidates and t is not None and t.shape == reference.shape}
     if not scores:
         return guess, float("nan")

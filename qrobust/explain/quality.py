@@ -17,6 +17,7 @@ from qrobust.errors import invalid
 from qrobust.explain.cam import compute_cams
 from qrobust.metrics.saliency import activation_stats
 from qrobust.metrics.stats import BootstrapMean, Estimate, poisson_weights
+from qrobust.placement import feed
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def deletion_insertion(model, normalize, images: torch.Tensor, maps: torch.Tenso
             masks = _step_masks(cam_map, steps)[:, None].to(img.dtype)
             variants = {"deletion": img * (1 - masks), "insertion": base + masks * (img - base)}
             for kind, batch in variants.items():
-                probs = torch.cat([torch.softmax(model(normalize(chunk)), dim=1)[:, target]
+                probs = torch.cat([torch.softmax(feed(model, normalize(chunk)), dim=1)[:, target].cpu()
                                    for chunk in batch.split(batch_size)])
                 curves[kind].append(probs.float().cpu())
     deletion, insertion = torch.stack(curves["deletion"]), torch.stack(curves["insertion"])

@@ -6,12 +6,13 @@ made once, the FP32 model runs on it once, and every quantized twin in the group
 together. Forward passes are counted per model so duplicated work shows up in the report.
 
 Placement: FP32 and fake-quant models run on ``device``; real int8 twins on the CPU, their kernels'
-only home. Perturbations are made on the CPU (pixel-identical whatever the device; FGSM, which needs the
-FP32 model's gradient, runs on the FP32 model's device), and the batch is handed to each model on its
-device. Metrics are computed on the CPU from the models' outputs.
+only home. Batches are made and perturbed on the CPU (pixel-identical whatever the device; FGSM's
+gradient flows back through the move) and meet each model only through ``qrobust.placement.feed``, on
+the model's device. Metrics are computed on the CPU from the models' outputs.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections import Counter
@@ -29,6 +30,7 @@ from qrobust.metrics.classification import PairMetrics
 from qrobust.metrics.saliency import CamAgreement
 from qrobust.metrics.stats import Estimate, poisson_weights
 from qrobust.models.pair import ModelPair
+from qrobust.placement import feed, stage
 from qrobust.runtimes.base import differentiable, runtime_name
 
 CLEAN = "clean"  # cache key of the unperturbed input (level 0 of every perturbation)
@@ -133,6 +135,7 @@ class Evaluator:
         self._cache: dict[tuple[str, str, float], CaseResult] = {}
         self._loader = loader
         self._model_work: dict[int, BoundedCache] = {}  # per FP32 model: fgsm's gradient signs by batch
+        self._fp64: dict[int, torch.nn.Module] = {}  # per FP32 model: its float64 copy, for fgsm's gradient
         self.forward_passes: Counter[str] = Counter()
         self.perturbed_batches: Counter[str] = Counter()
         # progress(label, batches done, batches in all), called after every batch (the plugin draws it)
@@ -195,8 +198,8 @@ class Evaluator:
                                                    f"{pair.name!r} expects {(pair.preprocess.channels, *pair.preprocess.resolution)}")
         self._check_labels(pair, batch.labels)
         x = pair.preprocess.normalize(batch.images)
-        with torch.inference_mode():
-            outputs = {"fp32": pair.fp32(x.to(self.device)), "quantized": pair.quantized(x.to(self.twin_device(pair)))}
+        with torch.inference_mode(), stage("probe", pair.name):
+            outputs = {"fp32": feed(pair.fp32, x, role="fp32"), "quantized": feed(pair.quantized, x, role="twin")}
         self.forward_passes["probe"] += 2
         expected = (len(x), pair.num_classes)
         for model, out in outputs.items():
@@ -211,8 +214,8 @@ class Evaluator:
                                        f"(first ids {batch.ids[bad][:5].tolist()})")
         if pair.target_layer is not None and not pair.twin_layer_given and differentiable(pair.fp32):
             # the twin's CAM tensor must be FP32's: settle the structural guess with this batch
-            layer, error = match_twin_layer(pair.fp32, pair.quantized, pair.target_layer, x.to(self.device),
-                                            x.to(self.twin_device(pair)))
+            with stage("match layer", pair.name):
+                layer, error = match_twin_layer(pair.fp32, pair.quantized, pair.target_layer, x)
             pair.quantized_target_layer = layer
             pair.metadata["cam_layer_match_error"] = error
 
@@ -284,23 +287,23 @@ class Evaluator:
             self.perturbed_batches[fp_label] += 1
             x = normalize(pixels)
             weights = poisson_weights(self.seed, batch.groups, self.replicates)
-            x_fp = x.to(self.device)
-            fp_cams = compute_cams(lead.fp32, x_fp, fp_layer, fp_methods) if fp_methods else None
-            with torch.inference_mode():
-                fp_logits = (fp_cams.logits if fp_cams else lead.fp32(x_fp)).cpu()
+            with stage("CAM" if fp_methods else "evaluate", lead.name):
+                fp_cams = compute_cams(lead.fp32, x, fp_layer, fp_methods) if fp_methods else None
+                with torch.inference_mode():
+                    fp_logits = fp_cams.logits if fp_cams else feed(lead.fp32, x, role="fp32").cpu()
             self.forward_passes[fp_label] += 1
             for pair in group:
                 cam = cam_states.get(pair.name)
-                x_q = x.to(self.twin_device(pair))
                 if cam is None:
-                    with torch.inference_mode():
-                        q_logits = pair.quantized(x_q).cpu()
+                    with torch.inference_mode(), stage("evaluate", pair.name):
+                        q_logits = feed(pair.quantized, x, role="twin").cpu()
                 else:  # the CAM forward's logits serve the classification metrics: no second forward
-                    q_cams = compute_cams(pair.quantized, x_q, pair.quantized_target_layer, [cam.method],
-                                          targets=fp_cams.targets.to(x_q.device))
-                    q_logits = q_cams.logits.cpu()
-                    cam.update(_on_cpu(fp_cams.maps[cam.method]), _on_cpu(q_cams.maps[cam.method]), batch.ids,
-                               weights, pixels, batch.saliency)
+                    with stage("CAM", pair.name):
+                        q_cams = compute_cams(pair.quantized, x, pair.quantized_target_layer, [cam.method],
+                                              targets=fp_cams.targets)
+                    q_logits = q_cams.logits
+                    cam.update(fp_cams.maps[cam.method], q_cams.maps[cam.method], batch.ids, weights, pixels,
+                               batch.saliency)
                 self.forward_passes[pair.name] += 1
                 states[pair.name].update(fp_logits, q_logits, batch.labels, batch.ids, batch.groups, weights)
             if self.progress is not None:
@@ -324,14 +327,23 @@ class Evaluator:
                                        f"FP32 runs on {runtime_name(lead.fp32)}: give the pair a torch FP32 model")
             normalize = lead.preprocess.normalize
             cache = self._model_work.setdefault(id(lead.fp32), BoundedCache(MODEL_WORK_BYTES))
+            fp64 = self._float64(lead.fp32)
 
             def model(x):  # counted: the attack's gradient pass is model work too
                 self.forward_passes[f"{fp32_label(self.group_of(lead))} gradient"] += 1
-                return lead.fp32(x)
+                return feed(fp64, x.double(), role="fp32 (float64 copy)")
 
-            return perturb(perturbation, batch.images.to(self.device), level, ids=batch.ids, seed=self.seed,
-                           boxes=batch.boxes, model=model, normalize=normalize, cache=cache).cpu()
+            with stage("attack", lead.name):
+                return perturb(perturbation, batch.images, level, ids=batch.ids, seed=self.seed, boxes=batch.boxes,
+                               model=model, normalize=normalize, cache=cache)
         return perturb(perturbation, batch.images, level, ids=batch.ids, seed=self.seed, boxes=batch.boxes)
+
+    def _float64(self, fp32: torch.nn.Module) -> torch.nn.Module:
+        """A float64 copy of an FP32 model, made once: FGSM's gradient signs are then the same on every CPU
+        (``qrobust.data.perturbations.fgsm``). Kept while the session runs, beside the FP32 model."""
+        if id(fp32) not in self._fp64:
+            self._fp64[id(fp32)] = copy.deepcopy(fp32).double()
+        return self._fp64[id(fp32)]
 
     def case_inputs(self, pair: str, perturbation: str, level: float, count: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalized model inputs of a case's first ``count`` samples (as the gate fed them: the same
@@ -362,7 +374,3 @@ class Evaluator:
         return {"forward_passes": dict(self.forward_passes), "perturbed_batches": dict(self.perturbed_batches),
                 "forwards_per_perturbed_batch": forwards_per_batch(self.forward_passes, self.perturbed_batches,
                                                                    self.groups())}
-
-
-def _on_cpu(maps: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return maps[0].cpu(), maps[1].cpu()

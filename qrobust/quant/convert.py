@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from qrobust.errors import UnsupportedError, invalid
+from qrobust.placement import feed, stage
 from qrobust.quant.presets import QuantConfig, TensorSpec
 from qrobust.quant.quantizer import QParams, fake_quantize, make_observer, quant_range
 
@@ -103,9 +104,9 @@ def fake_quantize_model(model: nn.Module, config: QuantConfig, calibration: Iter
     wrapped = [m for m in fq.modules() if isinstance(m, FakeQuantLayer)]
     for m in wrapped:
         m.calibrating = True
-    with torch.no_grad(), one_thread():
+    with torch.no_grad(), one_thread(), stage("calibrate"):
         for batch in _calibration_batches(calibration):
-            fq(batch)
+            feed(fq, batch, role="twin being calibrated")
     for m in wrapped:
         m.calibrating = False
         m.act_qparams = m.act_observer.qparams()
@@ -119,6 +120,8 @@ class Int8Model(nn.Module):
     restores the previous one afterwards, so pairs for different engines live in one session and no
     forward leaves a global changed behind it.
     """
+
+    input_device = "cpu"  # qrobust.placement: where the kernels take their inputs
 
     def __init__(self, graph: nn.Module, engine: str):
         super().__init__()
@@ -228,7 +231,7 @@ def convert_int8(model: nn.Module, config: QuantConfig, calibration: Iterable[to
     if config.kind != "int8":
         raise invalid("config", config.name, "is not an int8 config")
     engine = check_engine(config.engine)
-    fp32 = copy.deepcopy(model).eval()
+    fp32 = copy.deepcopy(model).cpu().eval()  # a copy (prepare_fx changes it) on the CPU, the kernels' home
     _quantizable_layers(fp32, config.keep_fp32)
     batches = iter(_calibration_batches(calibration))
     first = next(batches)
@@ -247,14 +250,13 @@ def convert_int8(model: nn.Module, config: QuantConfig, calibration: Iterable[to
         mapping = get_default_qconfig_mapping(engine).set_global(_torch_qconfig(config))
         for name in config.keep_fp32:
             mapping.set_module_name(name, None)
-        prepared = prepare_fx(fp32, mapping, example_inputs=(first[:1],))
+        prepared = prepare_fx(fp32, mapping, example_inputs=(first[:1].cpu(),))
         fused = _fused_relu_modules(prepared, folded)
         for module in fused:  # calibrate with ReLU6 semantics, so the observed output range is [0, <= 6]
             module[1] = nn.ReLU6()
-        with one_thread():
-            prepared(first)
-            for batch in batches:
-                prepared(batch)
+        with one_thread(), stage("calibrate"):
+            for batch in (first, *batches):
+                feed(prepared, batch, role="twin being calibrated")
         for module in fused:
             module[1] = nn.ReLU()
         converted = convert_fx(prepared)

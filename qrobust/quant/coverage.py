@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qrobust.placement import feed
 from qrobust.quant.convert import FakeQuantLayer, layer_root
 
 COMPUTE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -46,7 +47,7 @@ def mac_coverage(fp32: nn.Module, twin: nn.Module, x: torch.Tensor) -> dict:
             if isinstance(module, COMPUTE):
                 handles.append(module.register_forward_hook(count(name)))
         with torch.inference_mode():
-            fp32(x[:1])
+            feed(fp32, x[:1], role="fp32")
     finally:
         for handle in handles:
             handle.remove()

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from qrobust.errors import UnsupportedError
+from qrobust.placement import feed
 from qrobust.quant.convert import FakeQuantLayer, is_int8, layer_root
 
 
@@ -51,7 +52,7 @@ def _quantized_layers(twin: nn.Module) -> list[str]:
     return [n for n, m in root.named_modules() if isinstance(m, FakeQuantLayer)]
 
 
-def _capture(model: nn.Module, names: list[str], x: torch.Tensor) -> tuple[dict, dict]:
+def _capture(model: nn.Module, names: list[str], x: torch.Tensor, role: str) -> tuple[dict, dict]:
     """Float outputs (and integer codes with their grid, for quantized outputs) of the named modules."""
     root, floats, codes, handles = layer_root(model), {}, {}, []
 
@@ -64,8 +65,8 @@ def _capture(model: nn.Module, names: list[str], x: torch.Tensor) -> tuple[dict,
                 lo, hi = torch.iinfo(q.dtype).min, torch.iinfo(q.dtype).max
                 codes[name] = (q, lo, hi, int(output.q_zero_point()) if output.qscheme() == torch.per_tensor_affine else None)
                 floats[name] = output.dequantize().float()
-            else:
-                floats[name] = output.detach().float().clone()
+            else:  # a copy (an in-place op may follow), compared on the CPU with the other model's
+                floats[name] = output.detach().to("cpu", torch.float32, copy=True)
         return keep
 
     modules = dict(root.named_modules())
@@ -74,7 +75,7 @@ def _capture(model: nn.Module, names: list[str], x: torch.Tensor) -> tuple[dict,
             if name in modules:
                 handles.append(modules[name].register_forward_hook(hook(name)))
         with torch.inference_mode():
-            model(x)
+            feed(model, x, role=role)
     finally:
         for handle in handles:
             handle.remove()
@@ -88,7 +89,7 @@ def _clip_fraction(code) -> float:
     return float((at_top | at_bottom).float().mean())
 
 
-def layer_errors(fp32: nn.Module, twin: nn.Module, x: torch.Tensor, x_twin: torch.Tensor | None = None) -> list[LayerError]:
+def layer_errors(fp32: nn.Module, twin: nn.Module, x: torch.Tensor) -> list[LayerError]:
     """Per quantized layer of ``twin``, in execution order, its error against FP32 on the batch ``x``."""
     from qrobust.runtimes import RuntimeModel
 
@@ -96,23 +97,22 @@ def layer_errors(fp32: nn.Module, twin: nn.Module, x: torch.Tensor, x_twin: torc
         raise UnsupportedError("per-layer diagnosis hooks torch modules; an onnxruntime model has none to hook")
     layers = _quantized_layers(twin)
     fp32_leaves = [n for n, m in fp32.named_modules() if n and not list(m.children())]
-    fp_out, _ = _capture(fp32, fp32_leaves, x)
+    fp_out, _ = _capture(fp32, fp32_leaves, x, "fp32")
     twin_names = [name.removesuffix(".layer") for name in layers]
-    q_out, codes = _capture(twin, layers, x if x_twin is None else x_twin)
+    q_out, codes = _capture(twin, layers, x, "twin")
     order = list(fp_out)  # hooks fire in execution order
     rows, previous = [], None
     for name, short in zip(layers, twin_names):
         y = q_out.get(name)
         if y is None:
             continue
-        y = y.cpu()
         start = order.index(short) if short in order else next((i for i, n in enumerate(order) if n.startswith(short + ".")), None)
         if start is None:
             continue
         candidates = [n for n in order[start:start + 4] if fp_out[n].shape == y.shape]  # the layer, then its BN / activation
         if not candidates:
             continue
-        errors = {n: float((y - fp_out[n].cpu()).norm() / fp_out[n].norm().clamp_min(1e-12)) for n in candidates}
+        errors = {n: float((y - fp_out[n]).norm() / fp_out[n].norm().clamp_min(1e-12)) for n in candidates}
         match = min(errors, key=errors.get)
         rel = errors[match]
         sqnr = 20 * math.log10(1 / rel) if rel > 0 else math.inf

@@ -50,14 +50,14 @@ class QParams:
     axis: int | None = None
 
     def _broadcast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.axis is None:
-            return self.scale, self.zero_point
+        if self.axis is None:  # a twin moved to another device takes its quantizers along: they follow x
+            return self.scale.to(x.device), self.zero_point.to(x.device)
         axis = _check_axis(self.axis, x)
         if x.shape[axis] != self.scale.numel():
             raise invalid("x", tuple(x.shape), f"has {x.shape[axis]} slices on axis {axis}, qparams have {self.scale.numel()}")
         shape = [1] * x.dim()
         shape[axis] = -1
-        return self.scale.reshape(shape), self.zero_point.reshape(shape)
+        return self.scale.reshape(shape).to(x.device), self.zero_point.reshape(shape).to(x.device)
 
     @property
     def representable(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,7 +163,7 @@ class MinMaxObserver:
         _check_finite("x", x)
         if x.numel() == 0:
             raise invalid("x", tuple(x.shape), "an observer cannot observe an empty tensor")
-        x = x.detach().float()
+        x = x.detach().float().cpu()  # observed state lives on the CPU, wherever the model runs
         if self.axis is None:
             return x.min(), x.max()
         flat = x.movedim(_check_axis(self.axis, x), 0).reshape(x.shape[self.axis], -1)
@@ -248,7 +248,7 @@ class HistogramObserver(MinMaxObserver):
             self.counts = torch.bincount(self._bin_index(centres), weights=old_counts, minlength=self.bins)
         elif self.min_val is None:
             self._update(new_min, new_max)
-        self.counts += torch.bincount(self._bin_index(x.detach().reshape(-1)), minlength=self.bins).double()
+        self.counts += torch.bincount(self._bin_index(x.detach().reshape(-1).cpu()), minlength=self.bins).double()
         return x
 
     def observed_range(self) -> tuple[torch.Tensor, torch.Tensor]:

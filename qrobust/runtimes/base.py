@@ -16,6 +16,7 @@ class RuntimeModel(nn.Module):
     """
 
     runtime = "runtime"
+    input_device = "cpu"  # qrobust.placement: a runtime takes CPU tensors and places them itself
 
     def run(self, x: torch.Tensor, layers: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits of the batch ``x`` (float, CPU) and the named intermediate tensors, from one call."""

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from qrobust.errors import UnsupportedError, invalid, show
+from qrobust.placement import cpu_copy, feed, stage
 from qrobust.runtimes.base import RuntimeModel
 
 QUANTIZE = ("quantize_per_tensor", "quantize_per_channel")
@@ -158,7 +159,7 @@ def quantize_pt2e(model: nn.Module, config, calibration: Iterable[torch.Tensor])
     batches = list(calibration)
     if not batches:
         raise invalid("calibration", [], "PT2E quantization needs at least one calibration batch")
-    model = model.cpu().eval()
+    model = cpu_copy(model).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # export and torchao warn about their own deprecations
         try:
@@ -168,9 +169,9 @@ def quantize_pt2e(model: nn.Module, config, calibration: Iterable[torch.Tensor])
             for name in config.keep_fp32:
                 quantizer.set_module_name_qconfig(name, None)
             prepared = pt2e.prepare_pt2e(graph, quantizer)
-            with torch.no_grad():
+            with torch.no_grad(), stage("calibrate"):
                 for batch in batches:
-                    prepared(batch.cpu())
+                    feed(prepared, batch, role="twin being calibrated")
             converted = pt2e.convert_pt2e(prepared)
         except Exception as exc:  # noqa: BLE001 - export and torchao raise many types; one line says which
             raise UnsupportedError(f"torchao PT2E cannot quantize {type(model).__name__}: {type(exc).__name__}: "

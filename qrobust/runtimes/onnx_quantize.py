@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from qrobust.errors import UnsupportedError, invalid, show
+from qrobust.placement import cpu_copy
 from qrobust.runtimes.onnxrt import OnnxModel, require_onnxruntime
 
 CALIBRATE_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -32,7 +33,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor) -> OnnxModel:
     require_onnxruntime()
     if isinstance(model, OnnxModel):
         return model
-    model = model.cpu().eval()
+    model = cpu_copy(model).eval()
     quiet = io.StringIO()
     try:
         with contextlib.redirect_stdout(quiet), warnings.catch_warnings():
