@@ -4,6 +4,22 @@ Every perturbation takes float images (N, C, H, W) in [0, 1] at model resolution
 mean/std normalization, and returns a new tensor (never modifies its input). Level 0 is the identity.
 Randomness for a sample comes from (seed, sample id, perturbation, level) alone, so a sample's perturbed
 pixels are the same whatever the batch size, order, thread count or xdist worker.
+
+The pixels are also the same on every CPU, by construction. Float32 kernels differ between CPUs: a
+reduction sums in another order with another vector width, and a vectorized transcendental (torch's
+float32 normal sampler, oneDNN's convolution) is another approximation. So:
+
+* pixels are computed with elementwise IEEE operations only (+, -, *, /, clamp), which every CPU rounds
+  the same; blur and bilinear resizing sum their taps one by one in a fixed order;
+* noise is drawn in float64 and rounded once to float32, means and deviations are ``math.fsum``s
+  (correctly rounded, whatever the order), and the FFT is numpy's (no run-time CPU dispatch). A host
+  whose float64 transcendental differs in the last bit changes a pixel only where that bit straddles a
+  float32 rounding boundary: about one value in 5e8;
+* FGSM's gradient comes from a float64 copy of the model and its sign has a dead band (``fgsm``).
+
+tests/data/test_host_stability.py runs every family under ATEN_CPU_CAPABILITY=default and avx2,
+ONEDNN_MAX_CPU_ISA=SSE41, MKL_ENABLE_INSTRUCTIONS=SSE4_2, libjpeg-turbo without SIMD and one thread,
+and compares the bytes.
 """
 from __future__ import annotations
 
@@ -12,6 +28,7 @@ import math
 from dataclasses import dataclass
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -75,7 +92,8 @@ def sample_generator(seed: int, sample_id: int, name: str, level: float) -> torc
 
 
 def _per_sample(images: torch.Tensor, ctx: Context, name: str, level: float, draw) -> torch.Tensor:
-    """Stack ``draw(generator, shape)`` over samples, each from its own seeded generator."""
+    """Stack ``draw(generator, shape)`` over samples, each from its own seeded generator (a float64 draw
+    is rounded once to the images' dtype here)."""
     shape = images.shape[1:]
     noise = [draw(sample_generator(ctx.seed, i, name, level), shape) for i in ctx.ids.tolist()]
     return torch.stack(noise).to(device=images.device, dtype=images.dtype)
@@ -84,27 +102,36 @@ def _per_sample(images: torch.Tensor, ctx: Context, name: str, level: float, dra
 @register("awgn", unit="sigma (pixel units)", levels=(0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.6), tags=("noise",))
 def awgn(images, level, ctx):
     """Additive white Gaussian noise, truncated at +-3 sigma (seed 004), then clipped to [0, 1]."""
-    noise = _per_sample(images, ctx, "awgn", level,
-                        lambda g, s: torch.nn.init.trunc_normal_(torch.empty(s), 0.0, 1.0, -3.0, 3.0, generator=g))
+    noise = _per_sample(images, ctx, "awgn", level, lambda g, s: torch.nn.init.trunc_normal_(
+        torch.empty(s, dtype=torch.float64), 0.0, 1.0, -3.0, 3.0, generator=g))
     return (images + level * noise).clamp_(0, 1)
+
+
+def exact_mean(values: torch.Tensor) -> torch.Tensor:
+    """Means over the last dimension as correctly rounded float64 (``math.fsum``): the same on every CPU,
+    where a vectorized reduction's order, and so its last bits, depend on the vector width."""
+    rows = values.detach().double().cpu().reshape(-1, values.shape[-1]).numpy()
+    means = [math.fsum(row) / len(row) for row in rows]
+    return torch.tensor(means, dtype=torch.float64).reshape(values.shape[:-1])
 
 
 def brownian_field(white: torch.Tensor) -> torch.Tensor:
     """Seed 004's Brownian field from white noise (..., H, W): B = W / (fx^2 + fy^2), DC removed, unit std.
 
     Dividing the spectrum by f^2 makes the amplitude spectrum fall as 1/f^2 (seed 004 eq. 2.13, which
-    calls it "1/f^2" noise); its power spectrum therefore falls as 1/f^4.
+    calls it "1/f^2" noise); its power spectrum therefore falls as 1/f^4. Computed in float64 with
+    numpy's FFT (no run-time CPU dispatch, unlike MKL's) and an exactly summed deviation.
     """
     h, w = white.shape[-2:]
-    fy = torch.fft.fftfreq(h, dtype=torch.float64).view(-1, 1)
-    fx = torch.fft.fftfreq(w, dtype=torch.float64).view(1, -1)
-    f2 = fx**2 + fy**2
+    f2 = np.fft.fftfreq(w)[None, :] ** 2 + np.fft.fftfreq(h)[:, None] ** 2
     f2[0, 0] = 1.0
-    spectrum = torch.fft.fft2(white.double()) / f2
+    spectrum = np.fft.fft2(white.double().numpy()) / f2
     spectrum[..., 0, 0] = 0
-    field = torch.fft.ifft2(spectrum).real
-    std = field.flatten(-2).std(dim=-1).clamp_min(1e-12)
-    return (field / std[..., None, None]).float()
+    field = torch.from_numpy(np.ascontiguousarray(np.fft.ifft2(spectrum).real))
+    flat = field.flatten(-2)
+    centred = flat - exact_mean(flat)[..., None]
+    std = (exact_mean(centred * centred) * (flat.shape[-1] / max(1, flat.shape[-1] - 1))).sqrt().clamp_min(1e-12)
+    return field / std[..., None, None]
 
 
 @register("brownian", unit="sigma (pixel units)", levels=(0, 0.05, 0.1, 0.2, 0.3, 0.4), tags=("noise",))
@@ -114,7 +141,8 @@ def brownian(images, level, ctx):
     Seed 004 used sigma 10-80 on an unnormalized scale; here the field is rescaled to standard deviation
     sigma in pixel units, so brownian sigma is comparable with awgn sigma.
     """
-    noise = _per_sample(images, ctx, "brownian", level, lambda g, s: brownian_field(torch.randn(s, generator=g)))
+    noise = _per_sample(images, ctx, "brownian", level,
+                        lambda g, s: brownian_field(torch.randn(s, generator=g, dtype=torch.float64)))
     return (images + level * noise).clamp_(0, 1)
 
 
@@ -160,19 +188,27 @@ def occlusion_horizontal(images, level, ctx):
     return _occlude(images, level, ctx, vertical=False)
 
 
+def _taps(x: torch.Tensor, weights: list[float], dim: int, size: int) -> torch.Tensor:
+    """``sum_k weights[k] * x.narrow(dim, k, size)``, one IEEE multiply and add per tap in this order: the
+    same bits on every CPU (a convolution kernel's summation order and fused multiply-adds are not)."""
+    out = None
+    for k, weight in enumerate(weights):
+        term = x.narrow(dim, k, size) * weight
+        out = term if out is None else out + term
+    return out
+
+
 @register("gaussian_blur", unit="sigma (pixels)", levels=(0, 0.5, 1.0, 1.5, 2.0, 3.0), tags=("blur",))
 def gaussian_blur(images, level, ctx):
-    """Separable Gaussian blur, kernel radius ceil(3 sigma), reflect padding."""
+    """Separable Gaussian blur, kernel radius ceil(3 sigma), reflect padding. The weights are computed in
+    float64 and summed exactly, then rounded to float32; the taps are summed in a fixed order."""
     radius = max(1, math.ceil(3 * level))
     radius = min(radius, images.shape[-1] - 1, images.shape[-2] - 1)
-    t = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    kernel = torch.exp(-(t**2) / (2 * level**2))
-    kernel = kernel / kernel.sum()
-    c = images.shape[1]
-    x = F.pad(images, (radius, radius, 0, 0), mode="reflect")
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    x = F.pad(x, (0, 0, radius, radius), mode="reflect")
-    x = F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    raw = [math.exp(-(t * t) / (2 * level * level)) for t in range(-radius, radius + 1)]
+    weights = [float(np.float32(w / math.fsum(raw))) for w in raw]
+    h, w = images.shape[-2:]
+    x = _taps(F.pad(images, (radius, radius, 0, 0), mode="reflect"), weights, -1, w)
+    x = _taps(F.pad(x, (0, 0, radius, radius), mode="reflect"), weights, -2, h)
     return x.clamp_(0, 1)
 
 
@@ -215,14 +251,36 @@ def glass_blur(images, level, ctx):
     return gaussian_blur(x, sigma, ctx)
 
 
+def _linear(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """Linear resampling of ``dim`` to ``size`` as ``F.interpolate(mode="bilinear", align_corners=False,
+    antialias=False)`` defines it (source = (i + 0.5) * in / out - 0.5, clamped at 0), with the two taps'
+    weights computed in float64 and each output summed as ``a * w0 + b * w1``: the same bits on every
+    CPU (torch's kernel differs between vector widths and thread counts)."""
+    length = x.shape[dim]
+    low, high, weights = [], [], []
+    for i in range(size):
+        source = max(0.0, (i + 0.5) * length / size - 0.5)
+        first = min(int(source), length - 1)
+        low.append(first)
+        high.append(min(first + 1, length - 1))
+        weights.append(source - first)
+    shape = [1] * x.dim()
+    shape[dim] = size
+    near, far = (torch.tensor(w, dtype=torch.float64).to(x).view(shape) for w in ([1 - v for v in weights], weights))
+    index = {k: torch.tensor(v, device=x.device) for k, v in (("low", low), ("high", high))}
+    return x.index_select(dim, index["low"]) * near + x.index_select(dim, index["high"]) * far
+
+
 def _resized(images: torch.Tensor, level: float, mode: str) -> torch.Tensor:
     """Down to ``1 - level`` of the size and back up with ``mode``, no antialiasing: a deployment
     pipeline that resizes differently from training."""
     height, width = images.shape[-2:]
     small = (max(1, round(height * (1 - level))), max(1, round(width * (1 - level))))
-    kwargs = {} if mode == "nearest" else {"align_corners": False, "antialias": False}
-    down = F.interpolate(images, size=small, mode=mode, **kwargs)
-    return F.interpolate(down, size=(height, width), mode=mode, **kwargs).clamp_(0, 1)
+    if mode == "nearest":
+        down = F.interpolate(images, size=small, mode=mode)
+        return F.interpolate(down, size=(height, width), mode=mode).clamp_(0, 1)
+    down = _linear(_linear(images, small[0], -2), small[1], -1)
+    return _linear(_linear(down, height, -2), width, -1).clamp_(0, 1)
 
 
 RESIZE_UNIT = "downscale fraction (to 1 - level and back: 0.5, 0.75, 0.875 are 2x, 4x, 8x)"
@@ -265,7 +323,7 @@ def jpeg(images, level, ctx):
           tags=("digital",), max_level=1)
 def contrast(images, level, ctx):
     """Blend each image towards its per-channel mean: x' = m + (1 - level)(x - m)."""
-    mean = images.mean(dim=(-2, -1), keepdim=True)
+    mean = exact_mean(images.flatten(-2)).to(images)[..., None, None]
     return (mean + (1 - level) * (images - mean)).clamp_(0, 1)
 
 
@@ -275,12 +333,20 @@ def brightness(images, level, ctx):
     return (images + level).clamp_(0, 1)
 
 
+FGSM_DEAD_BAND = 1e-9  # gradients within this fraction of the sample's largest |gradient| count as 0
+
+
 @register("fgsm", unit="epsilon (pixel units)", levels=(0, 0.01, 0.02, 0.05, 0.1), tags=("adversarial",),
           needs_model=True)
 def fgsm(images, level, ctx):
     """Fast gradient sign attack on the FP32 model, against its own prediction; both models see the result.
 
-    The loss is summed over the batch so each sample's gradient is independent of its batch mates.
+    The loss is summed over the batch so each sample's gradient is independent of its batch mates. The
+    gradient's sign is taken with a dead band: a pixel whose gradient is within ``FGSM_DEAD_BAND`` of
+    the sample's largest is not moved. The gate's ``ctx.model`` computes in float64 (a copy of the FP32
+    model): a float32 gradient's sign near 0 is rounding noise that differs between CPUs (summation
+    order, vector width), in float64 that noise is ~1e-15 of the largest gradient, far inside the band,
+    so every host moves the same pixels the same way.
     """
     key = ("fgsm", tuple(ctx.ids.tolist()))
     direction = ctx.cache.get(key) if ctx.cache is not None else None
@@ -290,7 +356,8 @@ def fgsm(images, level, ctx):
             logits = ctx.model(ctx.normalize(x))
             target = logits.argmax(dim=1).detach()
             grad, = torch.autograd.grad(F.cross_entropy(logits, target, reduction="sum"), x)
-        direction = grad.sign().to(torch.int8)
+        band = FGSM_DEAD_BAND * grad.abs().flatten(1).amax(dim=1).view(-1, *[1] * (grad.dim() - 1))
+        direction = torch.where(grad.abs() > band, grad.sign(), torch.zeros_like(grad)).to(torch.int8)
         if ctx.cache is not None:
             ctx.cache[key] = direction
     return (images + level * direction.to(images.dtype)).clamp_(0, 1).detach()
