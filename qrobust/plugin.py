@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -43,19 +44,19 @@ def pytest_addoption(parser):
 
 
 def ini_type(kind: str):
-    """What an ini key of this kind (opts.INI_TYPES) is registered as.
+    """What an ini key of this kind (opts.INI_TYPES) is registered as, on this pytest.
 
-    An int or bool key is ``int | str`` (``bool | str``): pytest converts a good value (``3``, ``yes``; in
-    TOML also a bare 3 or true) and hands any other text to our parser, whose one line names the key and
-    the file. Registered as plain ``int``, ``qrobust_seed = abc`` would stop pytest (exit 4) with only
-    ``invalid literal for int() with base 10: 'abc'``, and ``bool`` with ``invalid truth value 'maybe'``:
-    neither names the key. Unions need pytest 9.2; before it these keys are plain strings (parsed by us alike).
+    From pytest 9.2 an int or bool key is ``int | str`` (``bool | str``): pytest converts a good value
+    (``3``, ``yes``; in TOML a bare 3 or true) and hands any other text to our parser, whose one line
+    names the key and the file. Before 9.2 they are pytest's own ``int`` (from 8.4) and ``bool``, so a
+    native ``[tool.pytest]`` table (pytest 9.0 and 9.1) takes a bare 3 or true; older pytest reads int
+    keys as text, parsed by us. A value pytest refuses is one line naming the key (``_from_ini``).
     """
     if kind not in ("int", "bool"):
         return kind
-    if pytest.version_tuple < (9, 2):
-        return "string"
-    return int | str if kind == "int" else bool | str
+    if pytest.version_tuple >= (9, 2):
+        return int | str if kind == "int" else bool | str
+    return "string" if kind == "int" and pytest.version_tuple < (8, 4) else kind
 
 
 def _flag_dest(name: str) -> str:
@@ -100,10 +101,13 @@ def _from_ini(config, key: str, kind: str, parse, default):
     """An ini key's value through the option's own parser. pytest has converted it to its type, split a
     list (shell-style in an ini file) and made paths absolute; a value of the wrong TOML type is pytest's
     own usage error, which names the file and the key."""
-    raw = config.getini(key)
+    source = _ini_source(config, key)
+    try:
+        raw = config.getini(key)
+    except (TypeError, ValueError, pytest.UsageError) as exc:  # pytest refused the value (9.0/9.1: a TypeError)
+        raise pytest.UsageError(f"{source}: {_ini_refusal(str(exc), key, kind)}") from None
     if raw is None or raw == "" or raw == []:
         return default
-    source = _ini_source(config, key)
     if kind == "paths":
         if len(raw) != 1:
             raise pytest.UsageError(f"{source}: expected one path, got {len(raw)}: {' '.join(map(str, raw))} "
@@ -112,6 +116,21 @@ def _from_ini(config, key: str, kind: str, parse, default):
     elif kind == "args":
         raw = ",".join(raw)
     return _parse(parse, str(raw), source)
+
+
+def _ini_refusal(text: str, key: str, kind: str) -> str:
+    """pytest's reason for refusing an ini value, in our words where it converted text (int and bool keys
+    before pytest 9.2), else its own without its file prefix, and how to write a path or list key in a
+    native ``[tool.pytest]`` table: as a TOML list, like pytest's own testpaths."""
+    value = re.search(r"(?:base 10: |truth value )('.*')$", text)
+    if value and kind in ("int", "bool"):
+        expected = "a whole number" if kind == "int" else "yes/no, true/false, on/off or 1/0"
+        return f"expected {expected}, got {value.group(1)}"
+    reason = text.split(f"config option '{key}' ", 1)[-1]
+    if kind in ("paths", "args"):
+        example = '["out"]' if kind == "paths" else '["pair-a", "pair-b"]'
+        reason += f" (in a [tool.pytest] table write a TOML list: {key} = {example})"
+    return reason
 
 
 def _ini_source(config, key: str) -> str:

@@ -193,10 +193,12 @@ def readme_options() -> dict[str, tuple]:
 
 
 def shown_ini_type(documented: str) -> str:
-    """How pytest --help shows a documented ini type (an int or bool key also takes text, see ini_type)."""
-    if documented in ("int", "bool"):
-        return f"{documented} | string" if pytest.version_tuple >= (9, 2) else "string"
-    return documented
+    """How pytest --help shows a documented ini type (see ini_type: from 9.2 an int or bool key also takes
+    text; before 8.4 an int key is text)."""
+    from qrobust.plugin import ini_type
+
+    kind = ini_type(documented)
+    return kind if isinstance(kind, str) else f"{documented} | string"
 
 
 def test_help_shows_the_metavars_env_and_ini_types_the_readme_documents(pytester):
@@ -216,12 +218,15 @@ def test_help_shows_the_metavars_env_and_ini_types_the_readme_documents(pytester
         assert env in out and key in out, flag
 
 
-def test_int_and_bool_keys_take_text_before_pytest_9_2(monkeypatch):
+def test_int_and_bool_keys_are_registered_as_each_pytest_takes_them(monkeypatch):
     from qrobust.plugin import ini_type
 
-    assert ini_type("int") == int | str and ini_type("bool") == bool | str and ini_type("paths") == "paths"
-    monkeypatch.setattr(pytest, "version_tuple", (9, 1, 0))
-    assert ini_type("int") == ini_type("bool") == "string" and ini_type("args") == "args"
+    for version, int_type, bool_type in (((9, 2, 0), int | str, bool | str), ((9, 1, 0), "int", "bool"),
+                                         ((8, 4, 0), "int", "bool"), ((8, 3, 5), "string", "bool"),
+                                         ((7, 4, 4), "string", "bool")):
+        monkeypatch.setattr(pytest, "version_tuple", version)
+        assert (ini_type("int"), ini_type("bool"), ini_type("paths"), ini_type("args")) == (
+            int_type, bool_type, "paths", "args"), version
 
 
 SESSION_OPTIONS = """
@@ -249,10 +254,20 @@ SESSION_OPTIONS = """
         qrobust_overwrite_baseline = 0
         """),
     ("pyproject.toml", """\
+        [tool.pytest.ini_options]
+        qrobust_thresholds = "gates/gate.yaml"
+        qrobust_seed = 3
+        qrobust_max_samples = "8"
+        qrobust_pairs = ["lenet5-digits-int8-x86"]
+        qrobust_report = ["out dir"]
+        qrobust_baseline_any_env = true
+        qrobust_overwrite_baseline = "no"
+        """),
+    ("pyproject.toml", """\
         [tool.pytest]
         qrobust_thresholds = ["gates/gate.yaml"]
         qrobust_seed = 3
-        qrobust_max_samples = "8"
+        qrobust_max_samples = 8
         qrobust_pairs = ["lenet5-digits-int8-x86"]
         qrobust_report = ["out dir"]
         qrobust_baseline_any_env = true
@@ -260,6 +275,8 @@ SESSION_OPTIONS = """
         """),
 ])
 def test_typed_ini_keys_reach_the_session(pytester, monkeypatch, name, config):
+    if "[tool.pytest]" in config and pytest.version_tuple < (9, 0):
+        pytest.skip("pytest < 9.0 reads no native [tool.pytest] table")
     (pytester.path / name).write_text(textwrap.dedent(config))
     pytester.mkdir("gates")
     (pytester.path / "gates" / "gate.yaml").write_text(thresholds())
@@ -279,15 +296,15 @@ def test_typed_ini_keys_reach_the_session(pytester, monkeypatch, name, config):
     ("pytest.ini", "[pytest]\nqrobust_markdown = a b\n", [], "pytest.ini: qrobust_markdown: expected one path, got 2"),
     ("pytest.ini", "[pytest]\n", ["-o", "qrobust_seed=-1"], "-o qrobust_seed: must be >= 0, got -1"),
     ("pyproject.toml", "[tool.pytest.ini_options]\nqrobust_seed = \"x\"\n", [], "pyproject.toml: qrobust_seed: expected a whole number, got 'x'"),
-    # a value of the wrong TOML type is pytest's own usage error, which names the file and the key
-    ("pyproject.toml", "[tool.pytest]\nqrobust_seed = 2.5\n", [],
-     "pyproject.toml: config option 'qrobust_seed' expects one of int | string, got float: 2.5"),
+    # a value of the wrong TOML type in a native table (pytest 9.0+): pytest's reason, one line naming the key
+    ("pyproject.toml", "[tool.pytest]\nqrobust_seed = 2.5\n", [], "pyproject.toml: qrobust_seed: expects "),
     ("pyproject.toml", "[tool.pytest]\nqrobust_report = \"out\"\n", [],
-     "pyproject.toml: config option 'qrobust_report' expects a list for type 'paths', got str: 'out'"),
+     "pyproject.toml: qrobust_report: expects a list for type 'paths', got str: 'out' (in a [tool.pytest] table "
+     "write a TOML list: qrobust_report = [\"out\"])"),
 ])
 def test_bad_ini_values_are_one_line_naming_the_key(pytester, name, config, args, message):
-    if "expects one of" in message and pytest.version_tuple < (9, 2):
-        pytest.skip("pytest < 9.2 registers int keys as strings")
+    if "[tool.pytest]" in config and pytest.version_tuple < (9, 0):
+        pytest.skip("pytest < 9.0 reads no native [tool.pytest] table")
     (pytester.path / name).write_text(config)
     assert message in start_error(pytester, *args)
 
