@@ -43,6 +43,15 @@ def parse_decision(text: str) -> str:
     return text
 
 
+X86_KERNELS = ("fbgemm", "onednn")  # the libraries PyTorch's x86 engine picks between (qrobust.quant.convert)
+
+
+def parse_x86_kernels(text: str) -> str:
+    if text not in X86_KERNELS:
+        raise argparse.ArgumentTypeError(f"expected {' or '.join(X86_KERNELS)}, got {show(text)}")
+    return text
+
+
 def parse_pairs(text: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
     if not names:
@@ -121,6 +130,9 @@ OPTIONS = (
     OptionSpec("sensitivity", "on a failing case, requantize the pair with each of its N worst layers kept in FP32 "
                               "and suggest a keep_fp32 list (off by default: it costs N+ calibrations)", _whole(0),
                metavar="N", ini="int"),
+    OptionSpec("x86-kernels", "run x86-engine int8 twins' convolutions on onednn (as CPUs with AVX512-VNNI do) or "
+                              "fbgemm (as other CPUs do) instead of this CPU's choice: gate as another runner "
+                              "would", parse_x86_kernels, metavar="LIB"),
     OptionSpec("markdown", "write a Markdown summary (for a PR comment) to this file; $GITHUB_STEP_SUMMARY gets it "
                            "too when set", parse_path, is_path=True),
 )

@@ -182,7 +182,8 @@ def pytest_configure(config):
         report=option(config, "report"), decision=option(config, "decision"),
         max_samples=option(config, "max-samples"), save_baseline=option(config, "save-baseline"),
         overwrite_baseline=flag(config, "overwrite-baseline"), baseline=option(config, "baseline"),
-        baseline_any_env=flag(config, "baseline-any-env"), sensitivity=option(config, "sensitivity") or 0)
+        baseline_any_env=flag(config, "baseline-any-env"), sensitivity=option(config, "sensitivity") or 0,
+        x86_kernels=option(config, "x86-kernels"))
     option(config, "markdown")  # read at the end; a bad value is a usage error now, not after the run
     worker = _is_worker(config)
     try:

@@ -37,6 +37,7 @@ class Options:
     baseline: str | None = None
     baseline_any_env: bool = False
     sensitivity: int = 0  # try this many worst layers in FP32 on a failing case (0: off)
+    x86_kernels: str | None = None  # run x86-engine int8 convs on this library (another CPU's path); None: this CPU's
 
 
 class PairUnavailable(QrobustError):
@@ -116,8 +117,10 @@ class QrobustSession:
 
         declared = self.thresholds.pairs.get(name)
         if declared:
-            return build_pair(name, declared, Path(self.thresholds.path).parent, self.datasets, self._fp32_cache)
-        return load_pair(name)
+            pair = build_pair(name, declared, Path(self.thresholds.path).parent, self.datasets, self._fp32_cache)
+        else:
+            pair = load_pair(name)
+        return pair if self.options.x86_kernels is None else with_x86_kernels(pair, self.options.x86_kernels)
 
     @property
     def datasets(self) -> dict:
@@ -276,6 +279,7 @@ class QrobustSession:
         return out
 
     def _provenance(self) -> dict[str, dict]:
+        from qrobust.quant.convert import int8_kernels, is_int8
         from qrobust.runtimes import runtime_name
 
         ev = self._evaluator
@@ -284,6 +288,7 @@ class QrobustSession:
             out[name] = {**{k: v for k, v in pair.metadata.items() if k != "weights_fingerprint"},
                          "kind": pair.kind, "dataset": pair.dataset, "num_classes": pair.num_classes,
                          "runtimes": {"fp32": runtime_name(pair.fp32), "quantized": runtime_name(pair.quantized)},
+                         **({"kernels": int8_kernels(pair.quantized)} if is_int8(pair.quantized) else {}),
                          "cam": {"method": ev.cam_methods.get(name) if ev else None, "fp32_layer": pair.target_layer,
                                  "quantized_layer": pair.quantized_target_layer},
                          "samples": len(ev.dataset(pair.dataset)) if ev else None}
@@ -368,6 +373,28 @@ class QrobustSession:
         self.summary_lines.append(f"report: {json_path}  {html_path}  (run {run_id})")
         if baseline:
             self.summary_lines.append(f"baseline saved: {baseline[0]}")
+
+
+def with_x86_kernels(pair, library: str):
+    """``pair`` with its x86-engine int8 twin (and every requantized one) running its convolutions on
+    ``library``, as another CPU would; a copy, so the process-wide built-in pair stays as this CPU runs it."""
+    import copy
+    import dataclasses
+
+    from qrobust.quant.convert import is_int8, route_x86_convs
+
+    def routed(twin):
+        if not is_int8(twin) or twin.engine != "x86":
+            return twin
+        twin = copy.deepcopy(twin)
+        route_x86_convs(twin, library)
+        return twin
+
+    requantize = pair.requantize
+    copied = dataclasses.replace(pair, quantized=routed(pair.quantized),
+                                 requantize=None if requantize is None else lambda keep: routed(requantize(keep)))
+    copied.twin_layer_given = pair.twin_layer_given  # an init=False field: replace() resets it
+    return copied
 
 
 def summary_lines(report: dict, per_batch: dict[str, float], *, verbose: bool = False) -> list[str]:

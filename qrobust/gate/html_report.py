@@ -325,6 +325,14 @@ def _okey(o: dict) -> tuple:
     return o["pair"], "clean" if o["level"] == 0 else o["perturbation"], o["level"]
 
 
+def _int8_units(features: dict | None) -> str:
+    """The CPU units that switch int8 kernels, as the report's CPU line names them."""
+    if not features:
+        return ""
+    return ", " + ", ".join(("" if features.get(k) else "no ") + label
+                            for k, label in (("avx512_vnni", "AVX512-VNNI"), ("amx_int8", "AMX")))
+
+
 def provenance(report: dict) -> dict:
     env = report["environment"]
     run = {"date": report.get("timestamp"), "duration": _duration(report.get("duration_s")),
@@ -332,12 +340,17 @@ def provenance(report: dict) -> dict:
            "command": " ".join(map(str, report.get("command") or [])), "thresholds": report.get("thresholds_path"),
            "thresholds sha256": env.get("thresholds_sha256"), "decision": env.get("decision"), "seed": env.get("seed"),
            "torch": env.get("torch"), "torchvision": env.get("torchvision"), "python": env.get("python"),
-           "CPU": f"{env.get('machine')} ({env.get('cpu_capability')}, {env.get('threads')} threads)"}
+           "CPU": f"{env.get('machine')} ({env.get('cpu_capability')}{_int8_units(env.get('cpu_features'))}, "
+                  f"{env.get('threads')} threads)"}
     pairs = []
     for name, p in (env.get("pairs") or {}).items():
         cam = p.get("cam") or {}
-        pairs.append({"pair": name, "recipe": p.get("recipe") or p.get("kind"), "engine": p.get("engine") or
-                      (p.get("runtimes") or {}).get("quantized"), "cam": f"{cam.get('method')}: {cam.get('fp32_layer')}"
+        engine = p.get("engine") or (p.get("runtimes") or {}).get("quantized")
+        kernels = "; ".join(f"{kind}s on {', '.join(f'{lib} ({n})' for lib, n in libs.items())}"
+                            for kind, libs in (p.get("kernels") or {}).items())
+        pairs.append({"pair": name, "recipe": p.get("recipe") or p.get("kind"),
+                      "engine": f"{engine}: {kernels}" if kernels else engine,
+                      "cam": f"{cam.get('method')}: {cam.get('fp32_layer')}"
                       + ("" if cam.get("quantized_layer") in (None, cam.get("fp32_layer")) else f" / {cam['quantized_layer']}"),
                       "data": f"{p.get('dataset')} ({p.get('samples')} samples)",
                       "weights": env.get("weights", {}).get(name, "")})

@@ -60,9 +60,12 @@ def environment(*, seed: int, decision: str, thresholds_sha256: str | None, weig
     import torch
     import torchvision
 
+    from qrobust.quant.convert import cpu_features
+
     return {
         "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_features": cpu_features(),
+        "threads": torch.get_num_threads(),
         "machine": platform.machine(), "python": platform.python_version(), "seed": seed, "decision": decision,
         "thresholds_sha256": thresholds_sha256, "weights": dict(sorted(weights.items())),
         "pairs": dict(sorted(pairs.items())),

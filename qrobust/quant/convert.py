@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from qrobust._options import X86_KERNELS
 from qrobust.errors import UnsupportedError, invalid
 from qrobust.placement import feed, stage
 from qrobust.quant.presets import QuantConfig, TensorSpec
@@ -127,6 +128,7 @@ class Int8Model(nn.Module):
         super().__init__()
         self.graph = graph
         self.engine = engine
+        self.x86_convs: str | None = None  # the library route_x86_convs repacked the convs for, if any
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with _engine(self.engine):
@@ -276,6 +278,77 @@ def quantize_model(model: nn.Module, config: QuantConfig, calibration: Iterable[
     if config.kind == "fake":
         return fake_quantize_model(model, config, calibration)
     return convert_int8(model, config, calibration)
+
+
+# ---- which kernels an int8 twin runs on: the part of a verdict that depends on the CPU --------------------
+X86_ONEDNN_MAX_GROUPS = 100  # PyTorch's should_use_onednn_quant: more groups (depthwise convs) stay on FBGEMM
+
+
+def cpu_features() -> dict:
+    """The CPU features that switch PyTorch's int8 kernels, for the report: ATen's vector width, and the
+    AVX512-VNNI and AMX units (torch.backends.cpu.get_cpu_capability says "AVX512" with or without them)."""
+    import platform
+
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "os": platform.system(),
+            **{name: bool(caps.get(name, False)) for name in ("avx2", "avx512_f", "avx512_vnni", "avx_vnni", "amx_int8")}}
+
+
+def _x86_routes_to_onednn(module: nn.Module, features: dict) -> bool:
+    """PyTorch's x86 engine packs a quantized conv for oneDNN when the CPU has AVX512-VNNI, the conv has at
+    most 100 groups and symmetric weights (every zero point 0), on Linux (aten's should_use_onednn_quant);
+    linears always go to FBGEMM under x86."""
+    if not hasattr(module, "groups") or module.groups > X86_ONEDNN_MAX_GROUPS:
+        return False
+    weight = module.weight()
+    zeros = weight.q_per_channel_zero_points() if weight.qscheme() in (torch.per_channel_affine,
+                                                                       torch.per_channel_symmetric) else torch.tensor(
+        [weight.q_zero_point()])
+    return bool((zeros == 0).all()) and features["avx512_vnni"] and features["os"] == "Linux"
+
+
+def _quantized_modules(model: Int8Model) -> dict[str, nn.Module]:
+    """The twin's quantized convolutions and linears (modules with packed weights and an output scale)."""
+    prefixes = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
+    return {n: m for n, m in model.graph.named_modules()
+            if type(m).__module__.startswith(prefixes) and hasattr(m, "set_weight_bias") and hasattr(m, "scale")}
+
+
+def int8_kernels(model: Int8Model) -> dict:
+    """Where the twin's quantized convolutions and linears run: ``{"conv": {"fbgemm": 2}, "linear": ...}``.
+    Under the x86 engine this depends on the CPU (or on ``route_x86_convs``, which emulates another one)."""
+    features, found = cpu_features(), {}
+    for module in _quantized_modules(model).values():
+        kind = "conv" if hasattr(module, "groups") else "linear"
+        if model.engine != "x86":
+            library = model.engine
+        elif model.x86_convs is not None and kind == "conv":
+            library = model.x86_convs if _x86_routes_to_onednn(module, {**features, "avx512_vnni": True, "os": "Linux"}) \
+                else "fbgemm"
+        else:
+            library = "onednn" if kind == "conv" and _x86_routes_to_onednn(module, features) else "fbgemm"
+        found.setdefault(kind, {}).setdefault(library, 0)
+        found[kind][library] += 1
+    return found
+
+
+def route_x86_convs(model: Int8Model, library: str) -> None:
+    """Repack an x86-engine twin's convolutions for ``library`` as PyTorch's x86 engine would on another CPU:
+    ``onednn`` where a CPU with AVX512-VNNI sends them (at most 100 groups, symmetric weights), ``fbgemm``
+    everywhere (a CPU without it). The kernels the run then calls are the other CPU's; their integer
+    results (7-bit activations cannot saturate either library) and requantization are what a verdict
+    depends on. Other engines pick no kernel by CPU and are left alone."""
+    if library not in X86_KERNELS:
+        raise invalid("library", library, f"must be one of {', '.join(X86_KERNELS)}")
+    if model.engine != "x86":
+        return
+    vnni = {**cpu_features(), "avx512_vnni": True, "os": "Linux"}
+    for module in _quantized_modules(model).values():
+        if hasattr(module, "groups"):
+            target = library if _x86_routes_to_onednn(module, vnni) else "fbgemm"
+            with _engine(target):
+                module.set_weight_bias(*module._weight_bias())
+    model.x86_convs = library
 
 
 def quantized_module_names(model: nn.Module) -> list[str]:

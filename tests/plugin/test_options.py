@@ -180,7 +180,7 @@ def test_the_summary_flags_fragile_verdicts(pytester):
 
 
 README = Path(__file__).parents[2] / "README.md"
-ROW = re.compile(r"^\| `(--qrobust-[a-z-]+)(?: ([^`]+))?` \| `(QROBUST_[A-Z_]+)` \| `(qrobust_[a-z_]+)` \((\w+)\) \|")
+ROW = re.compile(r"^\| `(--qrobust-[a-z0-9-]+)(?: ([^`]+))?` \| `(QROBUST_[A-Z0-9_]+)` \| `(qrobust_[a-z0-9_]+)` \((\w+)\) \|")
 
 
 def readme_options() -> dict[str, tuple]:
@@ -210,9 +210,9 @@ def test_help_shows_the_metavars_env_and_ini_types_the_readme_documents(pytester
                                     "bool") for n in opts.FLAGS}
     assert documented == declared
     out = pytester.runpytest("--help").stdout.str()
-    metavars = dict(re.findall(r"^  (--qrobust-[a-z-]+)(?:=(\S+))?", out, flags=re.M))
+    metavars = dict(re.findall(r"^  (--qrobust-[a-z0-9-]+)(?:=(\S+))?", out, flags=re.M))
     assert metavars == {flag: metavar or "" for flag, (metavar, *_) in documented.items()}
-    ini = dict(re.findall(r"^  (qrobust_[a-z_]+) \(([^)]+)\):", out, flags=re.M))
+    ini = dict(re.findall(r"^  (qrobust_[a-z0-9_]+) \(([^)]+)\):", out, flags=re.M))
     assert ini == {key: shown_ini_type(kind) for _, _, key, kind in documented.values()}
     for flag, (_, env, key, _) in documented.items():
         assert env in out and key in out, flag
