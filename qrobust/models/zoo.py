@@ -17,15 +17,23 @@ from qrobust._files import sha256_file
 from qrobust.data import builtin, load_dataset
 from qrobust.models.checkpoints import tensor_fingerprint
 from qrobust.models.lenet import DIGITS_PREPROCESS, LENET5_WEIGHTS, lenet5_digits
-from qrobust.models.pair import ModelPair, Preprocess, register_pair
+from qrobust.models.pair import ModelPair, Preprocess, pair_entry, register_pair
 from qrobust.quant import PRESETS, QuantConfig, get_preset, quantize_model
+from qrobust.quant.calibration import apply_shipped
 
 DIGITS_CALIBRATION = 256  # the first 256 training digits: PTQ calibration never sees the test split
+CALIBRATION = Path(__file__).parent / "calibration"  # shipped activation ranges (qrobust.quant.calibration)
 
 
 def digits_calibration(batch_size: int = 64, count: int = DIGITS_CALIBRATION) -> list[torch.Tensor]:
     train = load_dataset("digits-train")
     return list(DIGITS_PREPROCESS.normalize(train.images[:count]).split(batch_size))
+
+
+def shipped_twin(name: str, twin: nn.Module, config: QuantConfig) -> tuple[nn.Module, dict]:
+    """The twin with its shipped activation ranges (the same integer arithmetic on every CPU), and what
+    the report records of them."""
+    return twin, apply_shipped(twin, CALIBRATION / f"{name}.json", config.name)
 
 
 def provenance(config: QuantConfig, fp32: nn.Module, weights: Path, calibration: dict) -> dict:
@@ -36,21 +44,27 @@ def provenance(config: QuantConfig, fp32: nn.Module, weights: Path, calibration:
 
 
 # ---- LeNet-5 on scikit-learn's digits -----------------------------------------------------------------------
+def _lenet_twin(preset: str) -> nn.Module:
+    """LeNet's twin for ``preset``, calibrated on this CPU (the shipped ranges replace it in the pair)."""
+    return quantize_model(lenet5_digits(), PRESETS.get(preset), digits_calibration())
+
+
 @cache
 def _lenet_pair(preset: str) -> ModelPair:
     config = PRESETS.get(preset)
     fp32 = lenet5_digits()
-    quantized = quantize_model(fp32, config, digits_calibration())
+    name = f"lenet5-digits-{preset.removeprefix('fake-')}"
+    quantized, shipped = shipped_twin(name, _lenet_twin(preset), config)
 
     def requantize(keep: tuple[str, ...]) -> nn.Module:
         return quantize_model(fp32, replace(config, keep_fp32=config.keep_fp32 + tuple(keep)), digits_calibration())
 
     return ModelPair(
-        f"lenet5-digits-{preset.removeprefix('fake-')}", fp32, quantized, config, DIGITS_PREPROCESS,
-        num_classes=10, dataset="digits-test",
+        name, fp32, quantized, config, DIGITS_PREPROCESS, num_classes=10, dataset="digits-test",
         # the second conv block's ReLU output (FX fuses conv+ReLU: the int8 graph calls it features.3)
         target_layer="features.4", requantize=requantize,
-        metadata=provenance(config, fp32, LENET5_WEIGHTS, {"dataset": "digits-train", "samples": DIGITS_CALIBRATION}),
+        metadata=provenance(config, fp32, LENET5_WEIGHTS, {"dataset": "digits-train", "samples": DIGITS_CALIBRATION,
+                                                           **shipped}),
     )
 
 
@@ -87,6 +101,17 @@ def lite0_fp32() -> nn.Module:
     return efficientnet_lite0()
 
 
+def _lite0_calibration() -> tuple[torch.Tensor, ...]:
+    photos = builtin.calibration_photos(IMAGENET_PREPROCESS.resolution[0])
+    return IMAGENET_PREPROCESS.normalize(photos).split(16)
+
+
+def _lite0_twin(suffix: str) -> nn.Module:
+    """EfficientNet-Lite0's twin ``suffix`` calibrated on this CPU (the shipped ranges replace it in the pair)."""
+    preset, keep = LITE0_TWINS[suffix]
+    return quantize_model(lite0_fp32(), get_preset(preset, keep_fp32=keep), _lite0_calibration())
+
+
 @cache
 def _lite0_pair(suffix: str) -> ModelPair:
     from qrobust.models.efficientnet_lite import lite0_weights_path
@@ -94,9 +119,8 @@ def _lite0_pair(suffix: str) -> ModelPair:
     preset, keep = LITE0_TWINS[suffix]
     config = get_preset(preset, keep_fp32=keep)
     fp32 = lite0_fp32()
-    photos = builtin.calibration_photos(IMAGENET_PREPROCESS.resolution[0])
-    batches = IMAGENET_PREPROCESS.normalize(photos).split(16)
-    quantized = quantize_model(fp32, config, batches)
+    batches = _lite0_calibration()
+    quantized, shipped = shipped_twin(f"efficientnet-lite0-{suffix}", _lite0_twin(suffix), config)
 
     def requantize(keep: tuple[str, ...]) -> nn.Module:
         return quantize_model(fp32, replace(config, keep_fp32=config.keep_fp32 + tuple(keep)), batches)
@@ -107,8 +131,19 @@ def _lite0_pair(suffix: str) -> ModelPair:
         # the head's ReLU6 (in an int8 twin that folds ReLU6, the fused head conv: see quant.twin_layer_name)
         target_layer="_act1", requantize=requantize,
         metadata=provenance(config, fp32, lite0_weights_path(),
-                            {"dataset": "calibration-photos", "samples": len(photos)}),
+                            {"dataset": "calibration-photos", "samples": sum(len(b) for b in batches), **shipped}),
     )
+
+
+def calibrated_here(name: str) -> tuple[nn.Module, QuantConfig]:
+    """A built-in pair's twin as calibrated on this CPU, with its recipe (tools/calibrate_builtins.py
+    ships its ranges)."""
+    if name.startswith("lenet5-digits-"):
+        preset = pair_entry(name).preset
+        return _lenet_twin(preset), PRESETS.get(preset)
+    suffix = name.removeprefix("efficientnet-lite0-")
+    preset, keep = LITE0_TWINS[suffix]
+    return _lite0_twin(suffix), get_preset(preset, keep_fp32=keep)
 
 
 for _suffix, (_preset, _keep) in LITE0_TWINS.items():
