@@ -58,6 +58,12 @@ def show(value, limit: int = SHOW_LIMIT) -> str:
     return text
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one bounded line (its message, else its type), for the line a check fails with."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 20] + f"...({len(text)} chars)"
+
+
 def invalid(name: str, value, reason: str) -> InvalidArgument:
     """Build the one-line error every bad-argument check uses: ``name=value!r: reason``."""
     return InvalidArgument(f"{name}={show(value)}: {reason}")

@@ -1,37 +1,49 @@
 """The per-test check object behind the ``qrobust_check`` fixture (pytest-benchmark's BenchmarkFixture
 pattern): it owns the test's node, so suites never pass ``request.node``, and offers one verb per gate.
 
-Each verb evaluates through the session (cached), gets verdicts from ``qrobust.gate.verdict``, records
-every check on the node (the controller collects them, also from xdist workers) and fails the test once
-with every violation.
+Each verb evaluates through the session (cached), gets its records from ``qrobust.gate.verdict`` (a
+verdict, or an error when the check cannot be judged: its pair cannot be built, the metric cannot be
+computed, the check crashed), hands every record to ``carry`` (the plugin puts it on the test report,
+which reaches the controller, also from xdist workers) and fails the test once with every violation.
 """
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
+from types import MappingProxyType
 
 import pytest
 import torch
 
-from qrobust.gate.plan import CaseSpec
-from qrobust.gate.verdict import judge
+from qrobust.gate.plan import CaseSpec, Check
+from qrobust.gate.verdict import CheckRecord, error_record, fails, judge, settle_expected_failure
 from qrobust.metrics.catalog import METRICS
 from qrobust.metrics.stats import Estimate
 from qrobust.placement import feed, place, stage
-from qrobust.plugin import CASE_PROPERTY, DIAGNOSIS_PROPERTY
+from qrobust.errors import one_line
 from qrobust.session import PairUnavailable, QrobustSession
 
 
+class ExpectedFailureCaught(AssertionError):
+    """A strict expected failure's violation, caught: the only exception its xfail marker accepts, so an
+    error (a pair that cannot be built, a crash) in a known-bad case fails the test instead of passing
+    as expected."""
+
 
 class QrobustCheck:
-    def __init__(self, node, session: QrobustSession):
-        self._node, self._session = node, session
+    def __init__(self, node, session: QrobustSession, carry: Callable[[str, dict], None]):
+        self._node, self._session, self._carry = node, session, carry
 
     def __call__(self, case: CaseSpec, metrics: str | list[str]) -> None:
         """``qrobust_check(case, "top1_delta")`` or with a list of metrics: the same as ``metric``."""
         names = [metrics] if isinstance(metrics, str) else list(metrics)
         self.metric(case, *names)
 
-    # ---- the three gates ------------------------------------------------------------------------------
+    # ---- the gates ----------------------------------------------------------------------------------------
+    def judge(self, check: Check) -> None:
+        """One check of the plan (the catalogue-driven gate suite's test)."""
+        __tracebackhide__ = True
+        self.metric(check.case, check.metric)
+
     def metric(self, case: CaseSpec, *names: str) -> None:
         """Decide the named metrics of ``case`` against their tolerances (and the baseline)."""
         __tracebackhide__ = True
@@ -41,65 +53,90 @@ class QrobustCheck:
         tolerances = {m: t for m in names if (t := self._tolerance(case.tolerances, m)) is not None}
         if not tolerances:
             pytest.skip(f"no tolerance configured for {', '.join(names)} on {case.id}")
-        result = self._result(case)
-        if not result.healthy:
-            message = result.health_message()
-            for metric, tolerance in tolerances.items():
-                self._decide(case, metric, Estimate(float("nan"), None, result.n, {"error": message}), tolerance)
-            pytest.fail(message, pytrace=False)
-        context = {k: result.estimates[k].value for k in ("top1_fp32", "top1_quant", "logit_sqnr_db")}
-        failures, missing, failed = [], [], []
-        for metric, tolerance in tolerances.items():
-            if metric in result.estimates:
-                messages = self._decide(case, metric, result.metric(metric), tolerance, context)
-                failures += messages
-                failed += [(metric, tolerance, result.metric(metric).value)] if messages else []
-            else:
-                missing.append(self._why_missing(case, metric))
-        if failures:
-            pytest.fail("\n".join(failures + self._diagnosis(case, failed)), pytrace=False)
-        if missing:
-            pytest.skip("; ".join(missing))
+        self._guarded(case, tolerances, lambda: self._case_records(case, tolerances))
 
     def explanations(self, pair_name: str) -> None:
         """Seed 002's deletion / insertion / WSOL / activation comparison on clean images of the pair."""
-        from types import MappingProxyType
-
-        from qrobust.explain.quality import explanation_quality
-
-        session = self._session
-        config = session.thresholds.explanations
-        pair = self._pair(pair_name)
-        data = session.evaluator.dataset(pair.dataset).subset(config.samples, session.seed)
-        with stage("explain", pair_name):
-            estimates = explanation_quality(pair, data, session.evaluator.cam_methods[pair_name], session.seed,
-                                            session.thresholds.replicates, config.steps)
+        __tracebackhide__ = True
+        config = self._session.thresholds.explanations
         case = CaseSpec(pair_name, "clean", 0.0, MappingProxyType(dict(config.tolerances)))
-        failures = []
-        for metric in case.tolerances:
-            if metric not in estimates:
-                pytest.skip(f"{metric} needs ground-truth boxes; dataset {pair.dataset!r} has none")
-            failures += self._decide(case, metric, estimates[metric], self._tolerance(case.tolerances, metric))
-        if failures:
-            pytest.fail("\n".join(failures), pytrace=False)
+        self._guarded(case, case.tolerances, lambda: self._explanation_records(case))
 
     def speedup(self, pair_name: str, benchmark=None) -> None:
         """FP32 / quantized latency, interleaved (and inference + EigenCAM when the pair has a CAM layer).
         Gated when the thresholds set a tolerance; otherwise measured and reported ("measured")."""
-        import torch
+        __tracebackhide__ = True
+        config = self._session.thresholds.latency
+        case = CaseSpec(pair_name, "latency", float(config.batch), config.tolerances)
+        self._guarded(case, {"speedup": None, **case.tolerances}, lambda: self._latency_records(case, benchmark))
 
+    def quantizer(self, pair_name: str, examples: int = 25) -> None:
+        """Quantizer properties of the twin's own quantizers (qrobust.quant.properties): fails with one
+        line per violating quantizer, naming the layer, the property and the drawn counterexample; and
+        the share of MACs it quantizes (``quantized_fraction``) where the thresholds set it."""
+        __tracebackhide__ = True
+        case = CaseSpec(pair_name, "clean", 0.0, {"quantizer_violations": 0.0})
+        self._guarded(case, case.tolerances, lambda: self._quantizer_records(case, examples))
+
+    # ---- what each gate measures ----------------------------------------------------------------------------
+    def _case_records(self, case: CaseSpec, tolerances: dict) -> tuple[list[CheckRecord], list[str]]:
+        result = self._session.evaluate(case)
+        if not result.healthy:
+            message = result.health_message()
+            return [self._decide(case, m, Estimate(float("nan"), None, result.n, {"error": message}), t)[0]
+                    for m, t in tolerances.items()], [message]
+        context = {k: result.estimates[k].value for k in ("top1_fp32", "top1_quant", "logit_sqnr_db")}
+        records, messages, failed = [], [], []
+        for metric, tolerance in tolerances.items():
+            if metric not in result.estimates:
+                reason = self._why_missing(case, metric)
+                records.append(self._error(case, metric, reason))
+                messages.append(reason)
+                continue
+            record, message = self._decide(case, metric, result.metric(metric), tolerance, context)
+            records.append(record)
+            if message:
+                messages.append(message)
+                failed.append((metric, tolerance, result.metric(metric).value))
+        if failed:
+            messages += self._diagnosis(case, failed)
+        return records, messages
+
+    def _explanation_records(self, case: CaseSpec) -> tuple[list[CheckRecord], list[str]]:
+        from qrobust.explain.quality import explanation_quality
+
+        session = self._session
+        config = session.thresholds.explanations
+        pair = session.pair(case.pair)
+        data = session.evaluator.dataset(pair.dataset).subset(config.samples, session.seed)
+        with stage("explain", case.pair):
+            estimates = explanation_quality(pair, data, session.evaluator.cam_methods[case.pair], session.seed,
+                                            session.thresholds.replicates, config.steps)
+        records, messages = [], []
+        for metric in case.tolerances:
+            if metric not in estimates:
+                reason = f"{metric} needs ground-truth boxes; dataset {pair.dataset!r} has none"
+                records.append(self._error(case, metric, reason))
+                messages.append(reason)
+                continue
+            record, message = self._decide(case, metric, estimates[metric], self._tolerance(case.tolerances, metric))
+            records.append(record)
+            messages += [message] if message else []
+        return records, messages
+
+    def _latency_records(self, case: CaseSpec, benchmark) -> tuple[list[CheckRecord], list[str]]:
         from qrobust.explain.cam import compute_cams
         from qrobust.metrics.timing import interleaved_speedup
         from qrobust.runtimes import runtime_name, same_runtime_fp32
 
         session = self._session
         config = session.thresholds.latency
-        pair = self._pair(pair_name)
+        pair = session.pair(case.pair)
         h, w = pair.preprocess.resolution
         pixels = torch.rand(config.batch, pair.preprocess.channels, h, w,
                             generator=torch.Generator().manual_seed(session.seed))
         x = pair.preprocess.normalize(pixels)
-        with stage("latency", pair_name):
+        with stage("latency", case.pair):
             reference = same_runtime_fp32(pair.fp32, pair.quantized, x)  # like with like: the twin's runtime
             x_ref, x_q = place(reference, x), place(pair.quantized, x)  # moved before the clock starts
             if benchmark is not None:  # pytest-benchmark's own table, of the quantized forward
@@ -114,41 +151,36 @@ class QrobustCheck:
                     lambda v: compute_cams(pair.quantized, v, pair.quantized_target_layer, ["eigencam"]),
                     x_ref, x_q, rounds=config.rounds)
         runtimes = {"fp32_runtime": runtime_name(reference), "quantized_runtime": runtime_name(pair.quantized)}
-        case = CaseSpec(pair.name, "latency", float(config.batch), config.tolerances)
-        failures = []
+        records, messages = [], []
         for metric, s in timings.items():
             estimate = Estimate(s.speedup, s.interval, s.rounds, {"fp32_ms": s.fp32_ms, "quantized_ms": s.quantized_ms,
                                                                     "batch": config.batch, **runtimes})
-            failures += self._decide(case, metric, estimate, self._tolerance(case.tolerances, metric))
-        if failures:
-            pytest.fail("\n".join(failures), pytrace=False)
+            record, message = self._decide(case, metric, estimate, self._tolerance(case.tolerances, metric))
+            records.append(record)
+            messages += [message] if message else []
+        for metric in set(case.tolerances) - set(timings):  # cam_speedup of a pair without a CAM layer
+            reason = f"{metric}: pair {case.pair!r} has no CAM target layer to time EigenCAM on"
+            records.append(self._error(case, metric, reason))
+            messages.append(reason)
+        return records, messages
 
-    def quantizer(self, pair_name: str, examples: int = 25) -> None:
-        """Quantizer properties of the twin's own quantizers (qrobust.quant.properties): fails with one
-        line per violating quantizer, naming the layer, the property and the drawn counterexample."""
+    def _quantizer_records(self, case: CaseSpec, examples: int) -> tuple[list[CheckRecord], list[str]]:
+        from qrobust.quant.coverage import mac_coverage
         from qrobust.quant.properties import check_twin, quantizers
 
+        session = self._session
         try:
-            pair = self._session.built(pair_name)
-        except Exception as exc:  # noqa: BLE001 - a pair that cannot be built fails with one line
-            pytest.fail(f"pair {pair_name} cannot be built: {type(exc).__name__}: {exc}"[:300], pytrace=False)
+            pair = session.built(case.pair)  # the properties read even a twin too broken for the probe
+        except Exception as exc:  # noqa: BLE001 - a pair that cannot be built is one line
+            raise PairUnavailable(f"pair {case.pair} cannot be built: {one_line(exc)}") from None
         failures = check_twin(pair.quantized, examples)
         count = len(quantizers(pair.quantized))
-        case = CaseSpec(pair_name, "clean", 0.0, {"quantizer_violations": 0.0})
         estimate = Estimate(float(len(failures)), None, count, {"violations": failures[:10]})
-        messages = []
-        if self._decide(case, "quantizer_violations", estimate, 0.0):
-            messages = [f"{pair_name}: {len(failures)} of {count} quantizers break a property"] + [
-                f"{pair_name} / {line}" for line in failures[:10]]
-        messages += self._coverage(case, pair)
-        if messages:
-            pytest.fail("\n".join(messages), pytrace=False)
-
-    def _coverage(self, case: CaseSpec, pair) -> list[str]:
-        """The share of MACs the twin quantizes, gated by ``quantized_fraction`` where the thresholds set it."""
-        from qrobust.quant.coverage import mac_coverage
-
-        session = self._session
+        record, message = self._decide(case, "quantizer_violations", estimate, 0.0)
+        records, messages = [record], []
+        if message:
+            messages = [f"{case.pair}: {len(failures)} of {count} quantizers break a property"] + [
+                f"{case.pair} / {line}" for line in failures[:10]]
         h, w = pair.preprocess.resolution
         with stage("coverage", case.pair):
             coverage = mac_coverage(pair.fp32, pair.quantized, torch.zeros(1, pair.preprocess.channels, h, w))
@@ -157,9 +189,43 @@ class QrobustCheck:
         estimate = Estimate(coverage["fraction"], None, coverage["total"],
                             {"quantized_layers": coverage["quantized"],
                              "float_layers": [r["layer"] for r in coverage["layers"] if not r["quantized"]][:20]})
-        return self._decide(case, "quantized_fraction", estimate, self._tolerance(configured, "quantized_fraction"))
+        record, message = self._decide(case, "quantized_fraction", estimate,
+                                       self._tolerance(configured, "quantized_fraction"))
+        return records + [record], messages + ([message] if message else [])
 
     # ---- shared steps -----------------------------------------------------------------------------------
+    def _guarded(self, case: CaseSpec, tolerances, measure: Callable[[], tuple[list[CheckRecord], list[str]]]) -> None:
+        """Run ``measure``, carry its records (errors where it could not judge) and fail the test with every
+        violation. A pair that cannot be gated is one line; any other exception is a crashed check: its
+        records say so, and the exception propagates with its traceback."""
+        __tracebackhide__ = True
+        try:
+            records, messages = measure()
+        except PairUnavailable as exc:
+            records, messages = [self._error(case, m, str(exc)) for m in tolerances], [str(exc)]
+        except Exception as exc:
+            self._settle_and_carry(case, [self._error(case, m, f"the check crashed: {one_line(exc)}")
+                                          for m in tolerances])
+            raise
+        self._settle_and_carry(case, records)
+        verdicts = {r.verdict for r in records}
+        if case.xfail and "error" not in verdicts:
+            if "xfail" in verdicts:
+                raise ExpectedFailureCaught("\n".join(messages))
+            return  # not caught: pytest's strict xfail fails the test (XPASS), as the records say
+        if any(fails(r.as_dict()) for r in records):
+            pytest.fail("\n".join(messages), pytrace=False)
+
+    def _settle_and_carry(self, case: CaseSpec, records: list[CheckRecord]) -> None:
+        if case.xfail:
+            settle_expected_failure(records, case.xfail)
+        for record in records:
+            self._carry("case", record.as_dict())
+
+    def _error(self, case: CaseSpec, metric: str, reason: str) -> CheckRecord:
+        return error_record(test=self._node.nodeid, pair=case.pair, perturbation=case.perturbation, level=case.level,
+                            metric=metric, mode=self._session.decision, error=reason)
+
     def _diagnosis(self, case: CaseSpec, failed: list[tuple[str, float, float]]) -> list[str]:
         """The failing case's worst layers (one line) and, with --qrobust-sensitivity, a fix to try; both
         attached to its records for the report."""
@@ -175,33 +241,21 @@ class QrobustCheck:
                 lines.append(describe(found["sensitivity"], metric))
         except Exception as exc:  # noqa: BLE001 - a diagnosis that cannot run must not hide the failure
             return [f"(no per-layer diagnosis: {type(exc).__name__}: {exc})"[:300]]
-        self._node.user_properties.append((DIAGNOSIS_PROPERTY, json.dumps({"pair": case.pair, "perturbation":
-                                           case.perturbation, "level": case.level, **found})))
+        self._carry("diagnosis", {"pair": case.pair, "perturbation": case.perturbation, "level": case.level, **found})
         return lines
 
     def _why_missing(self, case: CaseSpec, metric: str) -> str:
-        """The one-line reason a metric of a case has no value (the check skips with it)."""
+        """The one-line reason a metric of a case has no value (its check is an error)."""
         pair = self._session.pair(case.pair)
-        if METRICS[metric].family in ("cam", "saliency_gt") and not pair.target_layer:
-            return (f"{metric}: pair {case.pair!r} has no CAM target layer (set target_layer to gate CAM metrics, "
-                    "or cam: {method: occlusion}, which needs none)")
-        if METRICS[metric].family == "saliency_gt":
-            return f"{metric} needs ground-truth saliency maps; dataset {pair.dataset!r} has none"
+        if METRICS[metric].needs_cam and not pair.target_layer:
+            return (f"{metric} cannot be judged: pair {case.pair!r} has no CAM target layer (set target_layer, or "
+                    "cam: {method: occlusion}, which needs none)")
+        if METRICS[metric].needs_saliency:
+            return f"{metric} cannot be judged: dataset {pair.dataset!r} has no ground-truth saliency maps"
         if metric == "top5_delta" and pair.num_classes <= 5:
-            return f"top5_delta: pair {case.pair!r} has {pair.num_classes} classes, so every label is in its top 5"
+            return (f"top5_delta cannot be judged: pair {case.pair!r} has {pair.num_classes} classes, so every label "
+                    "is in its top 5")
         return f"{metric} was not computed for {case.id}"
-
-    def _pair(self, name: str):
-        try:
-            return self._session.pair(name)
-        except PairUnavailable as exc:
-            pytest.fail(str(exc), pytrace=False)
-
-    def _result(self, case: CaseSpec):
-        try:
-            return self._session.evaluate(case)
-        except PairUnavailable as exc:
-            pytest.fail(str(exc), pytrace=False)
 
     def _tolerance(self, configured, metric: str) -> float | None:
         """A ``qrobust_tolerance`` marker's value (validated at collection) over the configured one."""
@@ -211,18 +265,12 @@ class QrobustCheck:
         return configured.get(metric)
 
     def _decide(self, case: CaseSpec, metric: str, estimate: Estimate, tolerance: float | None,
-                context: dict | None = None) -> list[str]:
-        """Judge, record on the node, return the failure message (if any) as a list."""
+                context: dict | None = None) -> tuple[CheckRecord, str | None]:
+        """The record of one measured metric and its failure message (None when it passes)."""
         session = self._session
         mismatch = session.baseline_mismatch()
         old = None if mismatch else session.baseline_value(case.pair, case.perturbation, case.level, metric)
-        record, message = judge(test=self._node.nodeid, pair=case.pair, perturbation=case.perturbation,
-                                level=case.level, metric=metric, estimate=estimate, tolerance=tolerance,
-                                mode=session.decision, context=context, baseline_old=old,
-                                baseline_margin=session.thresholds.baseline_margin(metric),
-                                family_size=session.family_sizes.get(case.pair))
-        if mismatch and tolerance is not None:
-            record["verdict"], record["failed_by"] = "fail", "baseline"
-            message = "\n".join(filter(None, [message, mismatch]))
-        self._node.user_properties.append((CASE_PROPERTY, json.dumps(record)))
-        return [message] if message else []
+        return judge(test=self._node.nodeid, pair=case.pair, perturbation=case.perturbation, level=case.level,
+                     metric=metric, estimate=estimate, tolerance=tolerance, mode=session.decision, context=context,
+                     baseline_old=old, baseline_margin=session.thresholds.baseline_margin(metric),
+                     family_size=session.family_sizes.get(case.pair), baseline_mismatch=mismatch)

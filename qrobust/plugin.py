@@ -25,8 +25,8 @@ SESSION_KEY = pytest.StashKey["object"]()
 CASE_PROPERTY = "qrobust_case"  # a check's record, on its test report (how records reach the controller)
 DIAGNOSIS_PROPERTY = "qrobust_diagnosis"  # a failing case's per-layer diagnosis
 COLLECTOR = "qrobust-collector"
-GATE_FIXTURES = {"qrobust_check", "qrobust_case", "qrobust_bitwidth_case", "qrobust_latency_pair",
-                 "qrobust_explanation_pair", "qrobust_quantizer_pair"}
+GATE_FIXTURES = {"qrobust_check", "qrobust_gate_check", "qrobust_case", "qrobust_bitwidth_case",
+                 "qrobust_latency_pair", "qrobust_explanation_pair", "qrobust_quantizer_pair"}
 
 
 def pytest_addoption(parser):
@@ -275,9 +275,9 @@ def _session(config):
 
 
 def pytest_generate_tests(metafunc):
-    for fixture, kind in (("qrobust_case", "gate"), ("qrobust_bitwidth_case", "bitwidth"),
-                          ("qrobust_latency_pair", "latency"), ("qrobust_explanation_pair", "explanations"),
-                          ("qrobust_quantizer_pair", "quantizer")):
+    for fixture, kind in (("qrobust_gate_check", "check"), ("qrobust_case", "gate"),
+                          ("qrobust_bitwidth_case", "bitwidth"), ("qrobust_latency_pair", "latency"),
+                          ("qrobust_explanation_pair", "explanations"), ("qrobust_quantizer_pair", "quantizer")):
         if fixture not in metafunc.fixturenames:
             continue
         plan = _session(metafunc.config).plan
@@ -286,13 +286,25 @@ def pytest_generate_tests(metafunc):
                      "quantizer": plan.quantizer_pairs}[kind]
             metafunc.parametrize(fixture, list(pairs) or [_nothing_gated(metafunc, kind)], ids=str)
             continue
-        cases = plan.cases if kind == "gate" else plan.bitwidth_cases
-        declared = metafunc.definition.get_closest_marker("qrobust_metrics")
-        if declared is not None:  # a pair restricted to other metrics (gate.<pair>.metrics) gets no test here
-            cases = [c for c in cases if set(declared.args) & set(c.tolerances)]
-        params = [pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=c.xfail)] if c.xfail else [])
-                  for c in cases]
+        if kind == "check":
+            items = [(check, check.id, check.case.xfail) for check in plan.checks]
+        else:
+            cases = plan.cases if kind == "gate" else plan.bitwidth_cases
+            declared = metafunc.definition.get_closest_marker("qrobust_metrics")
+            if declared is not None:  # a pair restricted to other metrics (gate.<pair>.metrics) gets no test here
+                cases = [c for c in cases if set(declared.args) & set(c.tolerances)]
+            items = [(c, c.id, c.xfail) for c in cases]
+        params = [pytest.param(value, id=name, marks=_expected_failure(xfail)) for value, name, xfail in items]
         metafunc.parametrize(fixture, params or [_nothing_gated(metafunc, kind)])
+
+
+def _expected_failure(reason: str | None) -> list:
+    """A known-bad case's strict xfail: only a caught violation counts (an error or a crash fails the test)."""
+    if reason is None:
+        return []
+    from qrobust.fixture import ExpectedFailureCaught
+
+    return [pytest.mark.xfail(strict=True, reason=reason, raises=ExpectedFailureCaught)]
 
 
 def _nothing_gated(metafunc, kind: str):
@@ -304,9 +316,38 @@ def _nothing_gated(metafunc, kind: str):
     return pytest.param(None, id="nothing-gated", marks=pytest.mark.skip(reason=reason))
 
 
+@pytest.hookimpl(tryfirst=True)  # the whole collection, before -k / -m deselect what the user chose not to run
 def pytest_collection_modifyitems(config, items):
-    """Mark gate tests, and refuse a qrobust marker with an unknown metric (a typo would otherwise
-    leave a test gated by the default tolerance, silently)."""
+    """Mark gate tests, refuse a qrobust marker with an unknown metric (a typo would otherwise leave a
+    test gated by the default tolerance, silently), and, when gate tests are collected, refuse a
+    tolerance none of them judges (a run collecting no gate test, such as a project's unit tests, is
+    not a gate run)."""
+    _check_markers(items)
+    qsession = config.stash.get(SESSION_KEY, None)
+    if qsession is None:
+        return
+    judged: set = set()
+    for item in items:
+        judged.update(_checks_of(item, qsession.plan))
+    if not judged:
+        return
+    missing = sorted(qsession.plan.required() - judged, key=str)
+    if missing:
+        shown = "; ".join(f"{m} at {p} / {pert} @ {lv:g}" for p, pert, lv, m in missing[:3])
+        raise pytest.UsageError(f"qrobust: {len(missing)} tolerance(s) of {qsession.thresholds.path} are judged by no "
+                                f"collected test ({shown}{'; ...' if len(missing) > 3 else ''}): collect the qrobust "
+                                "suites (qrobust run, or pytest --pyargs qrobust.suites) or remove them")
+
+
+def _checks_of(item, plan) -> list[tuple]:
+    """The checks (pair, perturbation, level, metric) a collected test judges, from its qrobust parameter."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    marker = item.get_closest_marker("qrobust_metrics")
+    return [check for name, value in params.items() if name in GATE_FIXTURES and value is not None
+            for check in plan.judged_by(name, value, tuple(marker.args) if marker else None)]
+
+
+def _check_markers(items) -> None:
     for item in items:
         if GATE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker("qrobust")
@@ -358,7 +399,9 @@ def qrobust_check(request, qrobust):
     ``.speedup(pair)``: evaluate (once per session), decide, record, fail with every violated metric."""
     from qrobust.fixture import QrobustCheck
 
-    return QrobustCheck(request.node, qrobust)
+    node = request.node
+    properties = {"case": CASE_PROPERTY, "diagnosis": DIAGNOSIS_PROPERTY}
+    return QrobustCheck(node, qrobust, carry=lambda kind, value: node.user_properties.append((properties[kind], value)))
 
 
 @pytest.fixture(scope="session")
@@ -380,10 +423,10 @@ class _Collector:
     def pytest_runtest_logreport(self, report):
         if self.worker:
             return
-        if report.when == "call" and "qrobust" in report.keywords:
+        if report.when == "setup" and "qrobust" in report.keywords:  # every test has one (a skipped one too)
             self.gate_reports += 1
         kept = []
-        diagnosis = next((json.loads(v) for n, v in report.user_properties if n == DIAGNOSIS_PROPERTY), None)
+        diagnosis = next((v for n, v in report.user_properties if n == DIAGNOSIS_PROPERTY), None)
         for name, value in report.user_properties:
             if name == DIAGNOSIS_PROPERTY:
                 kept.append(("qrobust_worst_layers", diagnosis["line"]))
@@ -391,19 +434,14 @@ class _Collector:
             if name != CASE_PROPERTY:
                 kept.append((name, value))
                 continue
-            record = json.loads(value)
+            record = dict(value)
             if diagnosis is not None and record["verdict"] in ("fail", "inconclusive"):
                 record["diagnosis"] = {k: diagnosis[k] for k in ("line", "layers", "samples", "sensitivity")
                                        if k in diagnosis}
-            if report.when == "call":
-                if getattr(report, "wasxfail", None) is not None and report.skipped:
-                    record["verdict"] = "xfail"
-                elif report.failed and "XPASS(strict)" in str(report.longrepr):  # a strict xfail that passed
-                    record["verdict"] = "fail"
-                    record["note"] = "XPASS(strict): a known-bad configuration was not caught"
+            if report.when in ("setup", "call"):
                 self.records.append(record)
             kept += junit_properties(record)
-        report.user_properties = kept  # JUnit gets flat properties, not the transport's JSON blob
+        report.user_properties = kept  # JUnit gets flat properties, not the transport's records
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node, error):
@@ -417,22 +455,41 @@ HTML_HISTORY = pytest.StashKey[list]()  # this process's records, for the pytest
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """With pytest-html, a failing check carries its chart (the levels recorded so far) and its case's
+    """A gate test that failed without a record of its checks (a fixture or setup error, a crash before
+    the check object ran) gets error records for them, so report.json says what JUnit and the exit code
+    say. With pytest-html, a failing check carries its chart (the levels recorded so far) and its case's
     CAM overlay as the test's extras."""
     outcome = yield
     report = outcome.get_result()
     qsession = item.config.stash.get(SESSION_KEY, None)
-    if report.when != "call" or qsession is None or not item.config.pluginmanager.hasplugin("html"):
+    if qsession is None or report.when not in ("setup", "call") or "qrobust" not in item.keywords:
+        return
+    if report.failed and not any(n == CASE_PROPERTY for n, _ in report.user_properties):
+        reason = _failure_line(call, report)
+        errors = [(CASE_PROPERTY, qsession.error_record(item.nodeid, *check, reason))
+                  for check in _checks_of(item, qsession.plan)]
+        report.user_properties = [*report.user_properties, *errors]
+        item.user_properties += errors  # JUnit reads the properties of the teardown report
+    if report.when != "call" or not item.config.pluginmanager.hasplugin("html"):
         return
     from qrobust.gate.html_report import case_extras
 
-    records = [json.loads(v) for n, v in report.user_properties if n == CASE_PROPERTY]
+    records = [v for n, v in report.user_properties if n == CASE_PROPERTY]
     history = item.config.stash.setdefault(HTML_HISTORY, [])
     history += records
     for r in records:
         if r["verdict"] in ("fail", "inconclusive"):
             overlays = qsession.case_overlays(r["pair"], r["perturbation"], r["level"])
             report.extras = [*getattr(report, "extras", []), *case_extras(r, history, overlays)]
+
+
+def _failure_line(call, report) -> str:
+    """One line of why a test failed: its exception's message, else the first line of its report."""
+    from qrobust.errors import one_line
+
+    if call.excinfo is not None:
+        return f"{call.excinfo.typename}: {one_line(call.excinfo.value)}"
+    return one_line(Exception(str(report.longrepr).splitlines()[0] if report.longrepr else "failed"))
 
 
 def junit_properties(record: dict) -> list[tuple[str, object]]:
@@ -443,6 +500,9 @@ def junit_properties(record: dict) -> list[tuple[str, object]]:
               "direction": record["direction"], "verdict": record["verdict"], "interval_low": interval[0],
               "interval_high": interval[1], "n": record["n"], "fragile": record.get("fragile", False)}
     return [(f"qrobust_{name}", "" if value is None else value) for name, value in fields.items()]
+
+
+OUTCOME_KEY = pytest.StashKey["object"]()  # the finished run's Outcome (qrobust.session), for the terminal summary
 
 
 @pytest.hookimpl(tryfirst=True)  # before junitxml writes its file
@@ -457,28 +517,38 @@ def pytest_sessionfinish(session, exitstatus):
     collector = config.pluginmanager.get_plugin(COLLECTOR)
     if collector.gate_reports == 0 and not collector.records:
         return
+    from qrobust.session import Outcome
+
     if exitstatus == pytest.ExitCode.INTERRUPTED:
-        qsession.problems.append("run interrupted: report not written, the previous report is left intact")
-        qsession.summary_lines = []
+        config.stash[OUTCOME_KEY] = Outcome([], ["run interrupted: report not written, the previous report is left intact"])
         return
     outputs = [qsession.worker_output()] + collector.worker_outputs
-    judged = [r for r in collector.records if r["verdict"] not in ("xfail", "measured")]
     try:
-        qsession.finish(collector.records, outputs, option(config, "report"), verbose=config.option.verbose > 0,
-                        markdown=_markdown_paths(config), command=["pytest", *map(str, config.invocation_params.args)])
-        _suite_properties(config, qsession)
+        outcome = qsession.finish(collector.records, outputs, option(config, "report"), gate_tests=collector.gate_reports,
+                                  verbose=config.option.verbose > 0, markdown=_markdown_paths(config),
+                                  command=["pytest", *map(str, config.invocation_params.args)])
+        _suite_properties(config, outcome)
     except Exception as exc:  # noqa: BLE001 - a report that cannot be written must fail the run, visibly
         from qrobust.errors import show
 
-        qsession.problems.append(f"report not written: {type(exc).__name__}: {show(str(exc), 300)}")
-        qsession.summary_lines = qsession.summary_lines or []
-    if not judged:
-        broken = {**qsession.broken, **{k: v for out in collector.worker_outputs for k, v in out.get("broken", {}).items()}}
-        why = f"{len(broken)} pair(s) could not be gated, above" if broken else "all skipped?"
-        qsession.problems.append(f"{collector.gate_reports} gate tests ran but none produced a verdict "
-                                 f"({why}): a gate that checks nothing does not pass")
-    if qsession.problems and session.exitstatus == 0:
+        outcome = Outcome([], [f"report not written: {type(exc).__name__}: {show(str(exc), 300)}"])
+    config.stash[OUTCOME_KEY] = outcome
+    for line in outcome.failures:  # a failure of the run itself is a failed test too: JUnit and the exit code agree
+        _report_gate_failure(config, line)
+    if outcome.failures and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _report_gate_failure(config, line: str) -> None:
+    """A failed test report for a failure of the whole run, through pytest's own hook, so the terminal's
+    counts and JUnit XML list it (as ``qrobust::gate``) like any failed check."""
+    from _pytest.reports import TestReport
+
+    from qrobust.session import GATE_TEST
+
+    report = TestReport(GATE_TEST, ("qrobust", None, "qrobust gate"), {"qrobust": 1}, "failed",
+                        f"qrobust: {line}", "call")
+    config.hook.pytest_runtest_logreport(report=report)
 
 
 def _markdown_paths(config) -> list[str]:
@@ -489,27 +559,27 @@ def _markdown_paths(config) -> list[str]:
     return paths
 
 
-def _suite_properties(config, qsession) -> None:
+def _suite_properties(config, outcome) -> None:
     """JUnit testsuite properties, written by the controller (so they are there under -n too)."""
     from _pytest.junitxml import xml_key
 
     xml = config.stash.get(xml_key, None)
-    if xml is None or qsession.report is None:
+    if xml is None or outcome.report is None:
         return
-    env = qsession.report["environment"]
+    env = outcome.report["environment"]
     for name in ("run_id", "qrobust_version"):
-        xml.add_global_property(f"qrobust_{name}", qsession.report[name])
+        xml.add_global_property(f"qrobust_{name}", outcome.report[name])
     for name in ("torch", "cpu_capability", "seed", "decision", "thresholds_sha256"):
         xml.add_global_property(f"qrobust_{name}", env[name])
-    xml.add_global_property("qrobust_report", str(qsession.report_paths[1]))
+    xml.add_global_property("qrobust_report", str(outcome.paths[1]))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    qsession = config.stash.get(SESSION_KEY, None)
-    if qsession is None or _is_worker(config) or (qsession.summary_lines is None and not qsession.problems):
+    outcome = config.stash.get(OUTCOME_KEY, None)
+    if outcome is None or _is_worker(config):
         return
     terminalreporter.section("qrobust")
-    for line in qsession.summary_lines or []:
+    for line in outcome.lines:
         terminalreporter.write_line(line)
-    for problem in qsession.problems:
-        terminalreporter.write_line(f"qrobust: FAILED: {problem}", red=True)
+    for line in outcome.failures:
+        terminalreporter.write_line(f"qrobust: FAILED: {line}", red=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
 
-from qrobust.errors import ConfigError, QrobustError, show
+from qrobust.errors import ConfigError, QrobustError, one_line, show
 from qrobust.gate.baseline import (
     baseline_document, case_key, environment_mismatch, fingerprint, load_baseline,
 )
@@ -40,6 +40,20 @@ class Options:
     x86_kernels: str | None = None  # run x86-engine int8 convs on this library (another CPU's path); None: this CPU's
 
 
+GATE_TEST = "qrobust::gate"  # the record of a failure of the run itself (qrobust.plugin reports it as a test)
+
+
+@dataclass
+class Outcome:
+    """A finished run: the terminal's summary lines, the failures of the run itself (each an error record
+    and a failed test), and the report written (None when it could not be)."""
+
+    lines: list[str]
+    failures: list[str]
+    report: dict | None = None
+    paths: tuple[Path, Path] | None = None
+
+
 class PairUnavailable(QrobustError):
     """A pair could not be built or failed its probe; every check of it fails with this one line."""
 
@@ -54,7 +68,8 @@ class QrobustSession:
         self.decision = options.decision or t.decision
         self.max_samples = options.max_samples or t.max_samples
         self.device = options.device
-        self.plan: GatePlan = make_plan(t, self._bits_of, list(options.pairs) if options.pairs else None)
+        self.plan: GatePlan = make_plan(t, self._bits_of, list(options.pairs) if options.pairs else None,
+                                        facts=self.facts_of)
         self.family_sizes = self.plan.family_sizes(t)  # checks per pair, for the familywise decision
         if options.save_baseline and Path(options.save_baseline).exists() and not options.overwrite_baseline \
                 and not worker:
@@ -73,10 +88,36 @@ class QrobustSession:
         self._fingerprint_cache: tuple[tuple, dict] = ((None,), {})
         self.progress: Callable[[str, int, int], None] | None = None  # batch progress (the plugin sets it)
         self.announce: Callable[[str], None] | None = None  # a line per long phase (the plugin sets it)
-        self.problems: list[str] = []
-        self.summary_lines: list[str] | None = None
-        self.report: dict | None = None
-        self.report_paths: tuple[Path, Path] | None = None
+
+    def facts_of(self, name: str):
+        """What pair ``name`` can compute, before it is built: a registered pair's declared facts, a
+        declared pair's from its YAML (its target layer or its architecture's, its dataset's maps)."""
+        import dataclasses
+
+        from qrobust.explain.cam import method
+        from qrobust.models import PairFacts, pair_entry
+        from qrobust.models.archs import TORCHVISION_ARCHS
+
+        t = self.thresholds
+        layer_free = t.cam_method != "auto" and not method(t.cam_method).uses_layer
+        spec = t.pairs.get(name)
+        if spec is None:
+            facts = pair_entry(name).facts
+            return dataclasses.replace(facts, cam=True) if layer_free else facts
+        layer = spec.get("target_layer") or TORCHVISION_ARCHS.get(spec.get("arch", ""))
+        return PairFacts(cam=layer_free or layer is not None, saliency=self._has_saliency(spec["dataset"]),
+                         classes=spec["num_classes"], dataset=spec["dataset"])
+
+    def _has_saliency(self, dataset: str) -> bool | None:
+        """Whether a dataset carries ground-truth saliency maps: a declared one's ``saliency:`` key, a
+        built-in's ``saliency`` tag; None for other registered datasets (known once loaded)."""
+        from qrobust.data import DATASETS
+
+        if dataset in self.thresholds.datasets:
+            return "saliency" in self.thresholds.datasets[dataset]
+        if dataset in DATASETS.names("builtin"):
+            return dataset in DATASETS.names("saliency")
+        return None
 
     def _bits_of(self, name: str) -> int | None:
         from qrobust.models import pair_entry
@@ -99,7 +140,7 @@ class QrobustSession:
                 self.evaluator.add(pair)  # probes it: a pair that fails raises and is not added
                 self._pairs[name] = pair
             except Exception as exc:  # noqa: BLE001 - any failure of user code is one line, once per pair
-                self.broken[name] = f"pair {name} cannot be gated: {_one_line(exc)}"
+                self.broken[name] = f"pair {name} cannot be gated: {one_line(exc)}"
                 raise PairUnavailable(self.broken[name]) from None
         return self._pairs[name]
 
@@ -189,7 +230,7 @@ class QrobustSession:
         except PairUnavailable:
             raise
         except QrobustError as exc:
-            self.broken.setdefault(case.pair, f"pair {case.pair} cannot be gated: {_one_line(exc)}")
+            self.broken.setdefault(case.pair, f"pair {case.pair} cannot be gated: {one_line(exc)}")
             raise PairUnavailable(self.broken[case.pair]) from None
 
     # ---- diagnosis of failing cases -------------------------------------------------------------------
@@ -333,9 +374,17 @@ class QrobustSession:
                 "method": r.cam.method, "top1_fp32": top1[0], "top1_quant": top1[1], "image": thumbnail(o["pixels"]),
                 "fp32": thumbnail(o["pixels"], o["fp32"]), "quantized": thumbnail(o["pixels"], o["quantized"])}
 
-    def finish(self, records: list[dict], outputs: list[dict], report_dir: str, *, verbose: bool = False,
-               markdown: list[str] = (), command: list[str] | None = None) -> None:
-        """Merge every process's output, write the report set (and baseline), prepare the summary lines."""
+    def error_record(self, test: str, pair: str, perturbation: str, level: float, metric: str, error: str) -> dict:
+        """The report record of a check that could not be judged (qrobust.gate.verdict.error_record)."""
+        from qrobust.gate.verdict import error_record
+
+        return error_record(test=test, pair=pair, perturbation=perturbation, level=level, metric=metric,
+                            mode=self.decision, error=error).as_dict()
+
+    def finish(self, records: list[dict], outputs: list[dict], report_dir: str, *, gate_tests: int,
+               verbose: bool = False, markdown: list[str] = (), command: list[str] | None = None) -> Outcome:
+        """Merge every process's output, write the report set (and baseline); the Outcome says what to print.
+        A run whose gate tests produced no verdict fails as a whole: its error record says so."""
         from qrobust.gate.engine import forwards_per_batch
 
         weights, pairs, forwards, batches, groups, loads, overlays, broken = {}, {}, Counter(), Counter(), {}, [], [], {}
@@ -349,14 +398,21 @@ class QrobustSession:
             broken.update(out["broken"])
             if out["pair_loads"]:
                 loads.append(out["pair_loads"])
+        failures = []
+        if not any(r["verdict"] not in ("xfail", "measured") for r in records):
+            why = f"{len(broken)} pair(s) could not be gated, above" if broken else "all skipped?"
+            failures.append(f"{gate_tests} gate tests ran but none produced a verdict ({why}): a gate that checks "
+                            "nothing does not pass")
+            records = [*records, self.error_record(GATE_TEST, "", "", 0.0, "", failures[-1])]
         env = self.environment(weights, pairs)
         per_batch = forwards_per_batch(forwards, batches, groups)
         forward_info = {"forward_passes": dict(forwards), "perturbed_batches": dict(batches),
                         "forwards_per_perturbed_batch": per_batch, "pair_loads_per_process": loads}
         run_id = uuid.uuid4().hex[:12]
         report = build_report(records, env, forward_info, run_id, command, thresholds_path=self.thresholds.path,
-                              duration_s=time.monotonic() - self.started)
-        self.report = report
+                              duration_s=time.monotonic() - self.started,
+                              not_applicable=[{"pair": p, "metric": m, "reason": why}
+                                              for p, m, why in self.plan.not_applicable])
         baseline = None
         if self.options.save_baseline:
             path = Path(self.options.save_baseline)
@@ -364,15 +420,14 @@ class QrobustSession:
                 raise ConfigError(f"{path}: baseline exists; pass --qrobust-overwrite-baseline to replace it")
             baseline = (path, json.dumps(baseline_document(report), indent=1, sort_keys=True))
         json_path, html_path = write_report(report_dir, report, overlays, baseline)
-        self.report_paths = (json_path, html_path)
         for path in markdown:
             append_text(Path(path), render_markdown(report, html_path))
-        for reason in broken.values():
-            self.problems.append(reason)
-        self.summary_lines = summary_lines(report, per_batch, verbose=verbose)
-        self.summary_lines.append(f"report: {json_path}  {html_path}  (run {run_id})")
+        lines = summary_lines(report, per_batch, verbose=verbose)
+        lines += [f"could not be gated: {reason}" for reason in broken.values()]
+        lines.append(f"report: {json_path}  {html_path}  (run {run_id})")
         if baseline:
-            self.summary_lines.append(f"baseline saved: {baseline[0]}")
+            lines.append(f"baseline saved: {baseline[0]}")
+        return Outcome(lines, failures, report, (json_path, html_path))
 
 
 def with_x86_kernels(pair, library: str):
@@ -401,9 +456,11 @@ def summary_lines(report: dict, per_batch: dict[str, float], *, verbose: bool = 
     """The terminal summary: counts, then the worst case per pair and metric (failures first)."""
     s = report["summary"]
     env = report["environment"]
-    lines = [f"{s['total']} checks: {s['pass']} pass, {s['fail']} fail, {s['inconclusive']} inconclusive, "
-             f"{s['xfail']} expected failures caught, {s['measured']} measured without tolerance, "
-             f"{s['fragile']} fragile (decision: {env['decision']}, seed {env['seed']})"]
+    lines = [f"qrobust gate: {'PASSED' if report['passed'] else 'FAILED'}: {s['total']} checks: {s['pass']} pass, "
+             f"{s['fail']} fail, {s['error']} error, {s['inconclusive']} inconclusive, {s['xfail']} expected failures "
+             f"caught, {s['measured']} measured without tolerance, {s['fragile']} fragile "
+             f"(decision: {env['decision']}, seed {env['seed']})"]
+    lines += [f"  not judged: {n['metric']} on {n['pair']}: {n['reason']}" for n in report.get("not_applicable", [])]
     worst = sorted(worst_cases(report["cases"]).values(), key=lambda c: (c["verdict"] == "pass", c["pair"], c["metric"]))
     width_pair = max((len(c["pair"]) for c in worst), default=0)
     width_metric = max((len(c["metric"]) for c in worst), default=0)
@@ -418,7 +475,3 @@ def summary_lines(report: dict, per_batch: dict[str, float], *, verbose: bool = 
                      + ", ".join(f"{k} {v:g}" for k, v in per_batch.items()))
     return lines
 
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:280] + f"...({len(text)} chars)"

@@ -118,6 +118,7 @@ def test_the_whole_gate_feeds_the_models(pytester):
         if "guarded-int8" not in PAIRS:
             for name, pair in pairs.items():
                 register_pair(name, lambda pair=pair: pair)
+        if "synthetic" not in DATASETS:
             DATASETS.register("synthetic", lambda: synthetic_set(60))
     """)
     pytester.makefile(".yaml", thresholds=GATE)

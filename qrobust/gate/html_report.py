@@ -23,8 +23,8 @@ from qrobust.gate.charts import Series, level_chart
 from qrobust.gate.verdict import describe_fragility
 
 TEMPLATE_ENV = "QROBUST_REPORT_TEMPLATE"  # path of a user's Jinja2 template replacing the shipped one
-BAD = ("fail", "inconclusive")
-SEVERITY = {"fail": 0, "inconclusive": 1, "xfail": 2, "pass": 3, "measured": 4}
+BAD = ("error", "fail", "inconclusive")
+SEVERITY = {"error": 0, "fail": 1, "inconclusive": 2, "xfail": 3, "pass": 4, "measured": 5}
 CHART_METRICS = ("agreement", "kl_mean", "cam_sim")  # charted for every pair and perturbation
 MAX_CARDS = 40  # failing cases shown in full; the rest are in the table of every check
 OVERLAYS_PER_CASE = 2
@@ -61,7 +61,7 @@ def context(report: dict, overlays: list[dict]) -> dict:
     cards = _cards(cases, bad, by_case)
     pairs = sorted({c["pair"] for c in cases}, key=lambda p: (_pair_rank(p, unique), p))
     return {
-        "report": report, "run_id": report.get("run_id", ""), "failed": bool(bad), "counts": counts,
+        "report": report, "run_id": report.get("run_id", ""), "failed": not report["passed"], "counts": counts,
         "checks": len(unique), "repeats": len(cases) - len(unique), "cards": cards,
         "more_failures": max(0, len({_key(c) for c in bad}) - len(cards)),
         "caught": _caught(unique), "summary": _summary(unique), "charts": _charts(cases, pairs),
@@ -91,6 +91,8 @@ def comparison(c: dict) -> str:
     """The decisive comparison: ``agreement 0.9244 < 0.95`` for a violated tolerance, ``0.998 >= 0.95``
     for a met one (an expected failure's test may fail on another metric). Digits are added until the
     value no longer reads as the tolerance."""
+    if c["verdict"] == "error":
+        return f"{c['metric'] or 'the gate'} could not be judged: {c.get('error', '')}"
     if c["value"] is None:
         return f"{c['metric']} not computable"
     if c["tolerance"] is None:
@@ -255,13 +257,9 @@ def x_title(pert: str) -> str:
 
 
 def metric_unit(metric: str) -> str:
-    if metric.startswith("kl_"):
-        return "nats"
-    if metric.endswith("_db"):
-        return "dB"
-    if metric in ("top1_delta", "top5_delta", "agreement"):
-        return "fraction of samples"
-    return "score"
+    from qrobust.metrics.catalog import METRICS
+
+    return METRICS[metric].unit if metric in METRICS else "score"
 
 
 def _anchor(*parts) -> str:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from qrobust._files import remove_stale, write_set
 from qrobust.gate.html_report import fmt, render_html
+from qrobust.gate.verdict import VERDICTS, fails
 
-VERDICTS = ("pass", "fail", "inconclusive", "xfail", "measured")  # measured: reported, no tolerance set
 SCHEMA_ID = "urn:qrobust:report:1"
 SCHEMA_VERSION = 1
 
@@ -27,7 +27,7 @@ REPORT_SCHEMA = {
     "type": "object",
     "$id": SCHEMA_ID,
     "required": ["schema_version", "qrobust_version", "run_id", "timestamp", "command", "environment", "cases",
-                 "forward_passes", "summary"],
+                 "forward_passes", "summary", "passed"],
     "properties": {
         "environment": {
             "type": "object",
@@ -44,12 +44,14 @@ REPORT_SCHEMA = {
                 "interval": {"oneOf": [{"type": "null"},
                                        {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}]},
                 "n": {"type": "integer", "minimum": 0}, "tolerance": {"type": ["number", "null"]},
-                "verdict": {"enum": list(VERDICTS)}, "direction": {"enum": ["<=", ">="]},
-                "fragile": {"type": "boolean"}, "test": {"type": "string"},
+                "verdict": {"enum": list(VERDICTS)}, "direction": {"enum": ["<=", ">=", None]},
+                "fragile": {"type": "boolean"}, "test": {"type": "string"}, "error": {"type": "string"},
             },
         }},
         "forward_passes": {"type": "object"},
-        "summary": {"type": "object", "required": ["total", "pass", "fail", "inconclusive", "xfail"]},
+        "summary": {"type": "object", "required": ["total", "pass", "fail", "inconclusive", "xfail", "error", "failing"]},
+        "passed": {"type": "boolean"},
+        "not_applicable": {"type": "array", "items": {"type": "object", "required": ["pair", "metric", "reason"]}},
     },
 }
 
@@ -73,22 +75,27 @@ def environment(*, seed: int, decision: str, thresholds_sha256: str | None, weig
 
 
 def summarize(cases: list[dict]) -> dict:
+    """Counts per verdict, and ``failing``: the checks that fail the gate (qrobust.gate.verdict.fails)."""
     counts = {v: sum(c["verdict"] == v for c in cases) for v in VERDICTS}
-    return {"total": len(cases), **counts, "fragile": sum(bool(c.get("fragile")) for c in cases)}
+    return {"total": len(cases), **counts, "fragile": sum(bool(c.get("fragile")) for c in cases),
+            "failing": sum(fails(c) for c in cases)}
 
 
 def build_report(cases: list[dict], env: dict, forward_passes: dict, run_id: str,
                  command: list[str] | None = None, *, thresholds_path: str | None = None,
-                 duration_s: float | None = None) -> dict:
-    """The report.json document; ``thresholds_path`` and ``duration_s`` are the HTML page's provenance."""
+                 duration_s: float | None = None, not_applicable: list[dict] = ()) -> dict:
+    """The report.json document; ``thresholds_path`` and ``duration_s`` are the HTML page's provenance.
+    ``passed`` is the run's verdict, from its records alone: every headline reads it."""
     import qrobust
 
     cases = sorted(cases, key=lambda c: (c["pair"], c["perturbation"], c["level"], c["metric"], c["test"]))
+    summary = summarize(cases)
     return {"$schema": SCHEMA_ID, "schema_version": SCHEMA_VERSION, "qrobust_version": qrobust.__version__,
             "run_id": run_id, "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": command or [Path(sys.argv[0]).name, *sys.argv[1:]], "git_commit": _git_commit(),
             "thresholds_path": thresholds_path, "duration_s": duration_s, "environment": env,
-            "summary": summarize(cases), "cases": cases, "forward_passes": forward_passes}
+            "passed": summary["failing"] == 0, "summary": summary, "cases": cases,
+            "not_applicable": list(not_applicable), "forward_passes": forward_passes}
 
 
 def _git_commit() -> str | None:
@@ -104,11 +111,11 @@ def render_markdown(report: dict, html_path: Path | None = None) -> str:
     """A PR-ready page: the verdict, each failure with its reason, the worst case per pair and metric,
     fragile verdicts, and where the full report is."""
     s = report["summary"]
-    failed = [c for c in report["cases"] if c["verdict"] in ("fail", "inconclusive")]
+    failed = [c for c in report["cases"] if c["verdict"] in ("fail", "inconclusive", "error")]
     fragile = [c for c in report["cases"] if c.get("fragile") and c["verdict"] == "pass"]
-    lines = [f"## qrobust gate: {'FAILED' if failed else 'PASSED'}", "",
-             f"{s['total']} checks: {s['pass']} pass, {s['fail']} fail, {s['inconclusive']} inconclusive, "
-             f"{s['xfail']} expected failures caught, {s['fragile']} fragile "
+    lines = [f"## qrobust gate: {'PASSED' if report['passed'] else 'FAILED'}", "",
+             f"{s['total']} checks: {s['pass']} pass, {s['fail']} fail, {s['error']} error, {s['inconclusive']} "
+             f"inconclusive, {s['xfail']} expected failures caught, {s['fragile']} fragile "
              f"(decision {report['environment']['decision']}, seed {report['environment']['seed']}, run {report['run_id']})", ""]
     if failed:
         lines += ["### Failures", "", "| check | value | tolerance | 95% interval | n | cause |", "|---|---|---|---|---|---|"]
@@ -135,9 +142,9 @@ def _md(text: str) -> str:
 
 def _markdown_row(c: dict) -> str:
     interval = "—" if c["interval"] is None else f"[{c['interval'][0]:.4g}, {c['interval'][1]:.4g}]"
-    cause = c.get("failed_by") or c["verdict"]
+    cause = _md(c["error"]) if c.get("error") else c.get("failed_by") or c["verdict"]
     return (f"| {_md(c['pair'])} / {_md(c['perturbation'])} @ {c['level']:g} {c['metric']} | {fmt(c['value'])} | "
-            f"{c['direction']} {fmt(c['tolerance'])} | {interval} | {c['n']} | {cause} |")
+            f"{c['direction'] or ''} {fmt(c['tolerance'])} | {interval} | {c['n']} | {cause} |")
 
 
 def worst_cases(cases: list[dict]) -> dict[tuple[str, str], dict]:

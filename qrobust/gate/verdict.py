@@ -1,6 +1,12 @@
 """Verdicts: an estimate, its tolerance, the decision mode and the baseline -> a record and a message.
 
-Pure functions with no pytest in sight, so a verdict can be computed, tested and reused anywhere.
+Pure functions with no pytest in sight, so a verdict can be computed, tested and reused anywhere. This
+module owns the record of a check (``CheckRecord``) and every outcome it can have: ``judge`` (pass,
+fail, inconclusive, measured, a baseline regression or a baseline from another environment),
+``error_record`` (a check that could not be judged: its pair cannot be built, the metric cannot be
+computed, the check crashed), ``settle_expected_failure`` (xfail, or XPASS for a strict expected
+failure) and ``fails`` (whether a record fails the gate: the one rule behind the report's headline,
+the test outcome, JUnit and the exit code). The fixture and the plugin only carry records.
 
 * Modes: ``point`` compares the estimate with the tolerance; ``strict`` needs the whole 95% interval
   inside the tolerance (an interval straddling it is *inconclusive*, which fails); ``lenient`` fails only
@@ -20,7 +26,7 @@ Pure functions with no pytest in sight, so a verdict can be computed, tested and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 
 from qrobust._options import DECISIONS as MODES
@@ -28,6 +34,7 @@ from qrobust.errors import invalid
 from qrobust.metrics.catalog import METRICS
 from qrobust.metrics.stats import CONFIDENCE, clopper_pearson_interval, paired_delta, wilson_interval
 
+VERDICTS = ("pass", "fail", "inconclusive", "xfail", "measured", "error")  # measured: reported, no tolerance set
 FAMILYWISE_ALPHA = 0.05  # chance that a pair whose true values all meet their tolerances fails
 FRAGILE_FLIPS = 2
 FRAGILE_WIDTHS = 0.1
@@ -121,7 +128,8 @@ def counted_estimate(metric: str, details: dict, n: int, shift: int = 0, confide
     prediction towards the twin doing worse (negative: better); None when impossible at this n.
     ``exact``: agreement gets the Clopper-Pearson interval (the familywise decision's, as its estimate's
     ``interval_at``), not Wilson's."""
-    if metric in ("top1_delta", "top5_delta"):
+    kind = METRICS[metric].counted
+    if kind == "paired":
         b, c = details["b"], details["c"]
         n11 = details["fp32_right"] - b
         table = _shifted_table(n11, b, c, n - n11 - b - c, shift)
@@ -130,7 +138,7 @@ def counted_estimate(metric: str, details: dict, n: int, shift: int = 0, confide
         n11, b, c, _ = table
         delta = paired_delta(n11 + b, n11 + c, b, c, n, confidence)
         return Fraction(b - c, n), delta.delta, delta.interval
-    if metric == "agreement":
+    if kind == "agreement":
         agree = n - details["flips"] - shift
         if not 0 <= agree <= n:
             return None
@@ -141,8 +149,8 @@ def counted_estimate(metric: str, details: dict, n: int, shift: int = 0, confide
 
 def has_counts(metric: str, details: dict) -> bool:
     """Whether ``details`` carry the sample counts of a counted metric (the evaluator's always do)."""
-    needed = {"top1_delta": ("fp32_right", "b", "c"), "top5_delta": ("fp32_right", "b", "c"), "agreement": ("flips",)}
-    return metric in needed and all(k in details for k in needed[metric])
+    needed = {"paired": ("fp32_right", "b", "c"), "agreement": ("flips",)}.get(METRICS[metric].counted)
+    return needed is not None and all(k in details for k in needed)
 
 
 def flips_to_reverse(metric: str, details: dict, n: int, tolerance: float, mode: str,
@@ -189,29 +197,90 @@ def _format(value: float) -> str:
     return f"{value:.4g}"
 
 
+@dataclass
+class CheckRecord:
+    """One check of a gate run: where (test, pair, perturbation, level, metric), the numbers and the
+    verdict. ``as_dict`` is its report.json form; ``extra`` holds the keys only some records have
+    (``family``, ``flips_to_reverse`` or ``margin_widths``, ``error``, ``note``, ``diagnosis``)."""
+
+    test: str
+    pair: str
+    perturbation: str
+    level: float
+    metric: str
+    verdict: str
+    mode: str
+    value: float | None = None
+    interval: list[float] | None = None
+    n: int = 0
+    tolerance: float | None = None
+    failed_by: str | None = None
+    margin: float | None = None
+    fragile: bool = False
+    baseline: dict | None = None
+    context: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out.update(out.pop("extra"))
+        out["direction"] = METRICS[self.metric].direction if self.metric in METRICS else None
+        return out
+
+
+def fails(record: dict) -> bool:
+    """Whether a record fails the gate: a failed or errored check, or an unproven one under strict (lenient
+    and familywise pass an inconclusive check). The headline of every report, the test outcome, the
+    JUnit counts and the exit code follow this one rule."""
+    return record["verdict"] in ("fail", "error") or (record["verdict"] == "inconclusive" and record["mode"] == "strict")
+
+
+def error_record(*, test: str, pair: str, perturbation: str, level: float, metric: str, mode: str,
+                 error: str) -> CheckRecord:
+    """A check that could not be judged (its pair cannot be built or gated, its metric cannot be computed,
+    it crashed): an ``error`` verdict, which fails the gate, with the one-line reason."""
+    return CheckRecord(test, pair, perturbation, level, metric, "error", mode, failed_by="error",
+                       extra={"error": error})
+
+
+def settle_expected_failure(records: list[CheckRecord], reason: str) -> None:
+    """The records of a strict expected failure (a known-bad configuration the gate must keep catching):
+    ``xfail`` when any judged one fails, else ``fail`` (XPASS: it was not caught), as pytest's strict
+    xfail then decides the test. An error stays an error: a check that could not run caught nothing."""
+    judged = [r for r in records if r.verdict != "error"]
+    caught = any(fails(r.as_dict()) for r in judged)
+    for r in judged:
+        r.verdict = "xfail" if caught else "fail"
+        if not caught:
+            r.failed_by = "xpass"
+            r.extra["note"] = f"XPASS(strict): a known-bad configuration was not caught ({reason})"
+
+
 def judge(*, test: str, pair: str, perturbation: str, level: float, metric: str, estimate,
           tolerance: float | None, mode: str, context: dict | None = None, baseline_old: float | None = None,
-          baseline_margin=None, family_size: int | None = None) -> tuple[dict, str | None]:
+          baseline_margin=None, family_size: int | None = None,
+          baseline_mismatch: str | None = None) -> tuple[CheckRecord, str | None]:
     """Decide one measured ``estimate`` (a ``metrics.stats.Estimate``) against its tolerance and, when
-    given, its baseline value. Returns the report record and the failure message (None on a pass).
-    Without a tolerance the value is recorded as ``measured``: reported, not gated. The familywise mode
-    needs ``family_size``, the number of the pair's gated checks."""
+    given, its baseline value. Returns the record and the failure message (None on a pass). Without a
+    tolerance the value is recorded as ``measured``: reported, not gated. The familywise mode needs
+    ``family_size``, the number of the pair's gated checks. ``baseline_mismatch``: why the baseline cannot
+    be compared (another environment): a gated check then fails by baseline, with that reason."""
     from qrobust.gate.baseline import regression
     from qrobust.metrics.stats import required_sample_size
 
     info = METRICS[metric]
     details = dict(estimate.details)
     value, interval, n = estimate.value, estimate.interval, estimate.n
+    where = (test, pair, perturbation, level, metric)
     if tolerance is None:
-        return {"test": test, "pair": pair, "perturbation": perturbation, "level": level, "metric": metric,
-                "direction": info.direction, "value": value, "interval": list(interval) if interval else None,
-                "n": n, "tolerance": None, "verdict": "measured", "mode": mode, "failed_by": None, "margin": None,
-                "fragile": False, "baseline": None, "context": dict(context or {}), "details": details}, None
+        return CheckRecord(*where, "measured", mode, value, list(interval) if interval else None, n,
+                           context=dict(context or {}), details=details), None
     exact_value = counted_estimate(metric, details, n)[0] if has_counts(metric, details) else None
-    if metric in ("top1_delta", "top5_delta") and tolerance > 0 and "b" in details:
+    if info.counted == "paired" and tolerance > 0 and "b" in details:
         details["n_required"] = required_sample_size(details["b"] + details["c"], n, tolerance)
     finite = value is not None and math.isfinite(value)
-    confidence, decided_interval, family = CONFIDENCE, interval, None
+    confidence, decided_interval, extra = CONFIDENCE, interval, {}
     if mode == "familywise":
         if not family_size:
             raise invalid("family_size", family_size, "the familywise decision needs the pair's number of checks")
@@ -219,11 +288,12 @@ def judge(*, test: str, pair: str, perturbation: str, level: float, metric: str,
         adjusted = estimate.interval_at is not None and interval is not None and finite
         if adjusted:
             decided_interval = estimate.interval_at(confidence)
-        family = {"size": family_size, "alpha": FAMILYWISE_ALPHA, "confidence": confidence, "adjusted": adjusted,
-                  "interval": list(decided_interval) if decided_interval and finite else None}
+        extra["family"] = {"size": family_size, "alpha": FAMILYWISE_ALPHA, "confidence": confidence,
+                           "adjusted": adjusted, "interval": list(decided_interval) if decided_interval and finite else None}
     decision = decide(value if finite else float("nan"), decided_interval, tolerance, info.higher_is_better, mode,
                       exact_estimate=exact_value)
     fragile = fragility(metric, decision, details, n, confidence) if finite else {"fragile": False}
+    extra.update({k: v for k, v in fragile.items() if k != "fragile"})
     verdict = decision.verdict
     failed_by = None if decision.passed else "tolerance"
     messages = []
@@ -232,21 +302,18 @@ def judge(*, test: str, pair: str, perturbation: str, level: float, metric: str,
         baseline_message = regression(metric, baseline_old, value, baseline_margin)
         if baseline_message:
             verdict, failed_by = "fail", failed_by or "baseline"
-    record = {
-        "test": test, "pair": pair, "perturbation": perturbation, "level": level, "metric": metric,
-        "direction": info.direction, "value": value if finite else None,
-        "interval": list(interval) if interval and finite else None, "n": n, "tolerance": tolerance,
-        "verdict": verdict, "mode": mode, "failed_by": failed_by, **({"family": family} if family else {}),
-        "margin": decision.margin if math.isfinite(decision.margin) else None,
-        **fragile,
-        "baseline": None if baseline_old is None else {"value": baseline_old, "regressed": bool(baseline_message)},
-        "context": dict(context or {}),
-        "details": details if finite else {**details, "value": repr(value)},
-    }
+    record = CheckRecord(
+        *where, verdict, mode, value if finite else None, list(interval) if interval and finite else None, n,
+        tolerance, failed_by, decision.margin if math.isfinite(decision.margin) else None, fragile["fragile"],
+        None if baseline_old is None else {"value": baseline_old, "regressed": bool(baseline_message)},
+        dict(context or {}), details if finite else {**details, "value": repr(value)}, extra)
     if not decision.passed:
-        messages.append(tolerance_message(record))
+        messages.append(tolerance_message(record.as_dict()))
     if baseline_message:
         messages.append(f"{baseline_message} ({pair} / {perturbation} @ {level:g})")
+    if baseline_mismatch:
+        record.verdict, record.failed_by = "fail", "baseline"
+        messages.append(baseline_mismatch)
     return record, ("\n".join(messages) or None)
 
 

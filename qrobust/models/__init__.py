@@ -1,5 +1,7 @@
 """Models: the pair registry, the built-in pairs (registered on import) and user-declared pairs."""
 from qrobust.models import zoo  # noqa: F401  (registers the built-in pairs: torchvision's models/__init__ pattern)
-from qrobust.models.pair import PAIRS, ModelPair, Preprocess, load_pair, pair_entry, pair_names, register_pair
+from qrobust.models.pair import (
+    PAIRS, ModelPair, PairFacts, Preprocess, load_pair, pair_entry, pair_names, register_pair,
+)
 
-__all__ = ["PAIRS", "ModelPair", "Preprocess", "load_pair", "pair_entry", "pair_names", "register_pair"]
+__all__ = ["PAIRS", "ModelPair", "PairFacts", "Preprocess", "load_pair", "pair_entry", "pair_names", "register_pair"]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from qrobust.errors import InvalidArgument, invalid
+from qrobust.metrics.catalog import METRICS
 from qrobust.quant.presets import QuantConfig
 from qrobust.registry import Registry
 
@@ -119,25 +120,49 @@ def _inference_mode(model: nn.Module) -> bool:
 
 
 @dataclass(frozen=True)
+class PairFacts:
+    """What a pair can compute, known before it is built (None: unknown until then; the check then
+    fails with the reason if the metric turns out not computable)."""
+
+    cam: bool | None = None  # a CAM layer (or a layer-free CAM method)
+    saliency: bool | None = None  # its dataset has ground-truth saliency maps
+    classes: int | None = None
+    dataset: str | None = None
+
+    def cannot(self, metric: str) -> str | None:
+        """Why the pair cannot compute ``metric``, or None (computable, or not known yet)."""
+        info = METRICS[metric]
+        if info.needs_cam and self.cam is False:
+            return "it has no CAM target layer (set target_layer, or cam: {method: occlusion}, which needs none)"
+        if info.needs_saliency and self.saliency is False:
+            return f"its dataset {self.dataset!r} has no ground-truth saliency maps"
+        if metric == "top5_delta" and self.classes is not None and self.classes <= 5:
+            return f"it has {self.classes} classes, so every label is in its top 5"
+        return None
+
+
+@dataclass(frozen=True)
 class PairEntry:
-    """A registered pair: how to build it, and its preset (known before building, for collection)."""
+    """A registered pair: how to build it, and what is known before building it (for collection)."""
 
     builder: Callable[[], ModelPair]
     preset: str | None = None
     group: str | None = None  # pairs of one group share an FP32 model: a gate builds them together
+    facts: PairFacts = PairFacts()
 
 
 PAIRS: Registry[PairEntry] = Registry("pair")
 
 
 def register_pair(name: str, builder: Callable[[], ModelPair], *, tags=(), preset: str | None = None,
-                  group: str | None = None) -> None:
+                  group: str | None = None, facts: PairFacts = PairFacts()) -> None:
     """Make ``builder`` (returning a ModelPair) available by ``name``, for the plugin and users.
 
     ``preset`` names the recipe before anything is built (bit-width sweeps need it); ``group`` names the
     FP32 model that several registered twins share, so a gate builds them together and runs that FP32
-    model once per perturbed batch for all of them."""
-    PAIRS.register(name, PairEntry(builder, preset, group), tags)
+    model once per perturbed batch for all of them; ``facts`` say what it can compute (a CAM layer, its
+    class count), so a file-wide tolerance it cannot judge is left out at collection, with the reason."""
+    PAIRS.register(name, PairEntry(builder, preset, group, facts), tags)
 
 
 def pair_entry(name: str) -> PairEntry:

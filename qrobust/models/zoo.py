@@ -17,7 +17,7 @@ from qrobust._files import sha256_file
 from qrobust.data import builtin, load_dataset
 from qrobust.models.checkpoints import tensor_fingerprint
 from qrobust.models.lenet import DIGITS_PREPROCESS, LENET5_WEIGHTS, lenet5_digits
-from qrobust.models.pair import ModelPair, Preprocess, pair_entry, register_pair
+from qrobust.models.pair import ModelPair, PairFacts, Preprocess, pair_entry, register_pair
 from qrobust.quant import PRESETS, QuantConfig, get_preset, quantize_model
 from qrobust.quant.calibration import apply_shipped
 
@@ -71,7 +71,7 @@ def _lenet_pair(preset: str) -> ModelPair:
 def _register_lenet(preset: str, *tags: str) -> None:
     name = f"lenet5-digits-{preset.removeprefix('fake-')}"
     register_pair(name, lambda: _lenet_pair(preset), tags=("builtin", "lenet5", *tags), preset=preset,
-                  group="lenet5-digits")
+                  group="lenet5-digits", facts=PairFacts(cam=True, saliency=False, classes=10, dataset="digits-test"))
 
 
 _register_lenet("int8-x86", "int8", "default")
@@ -149,4 +149,5 @@ def calibrated_here(name: str) -> tuple[nn.Module, QuantConfig]:
 for _suffix, (_preset, _keep) in LITE0_TWINS.items():
     register_pair(f"efficientnet-lite0-{_suffix}", lambda s=_suffix: _lite0_pair(s),
                   tags=("builtin", "efficientnet-lite0", PRESETS.get(_preset).kind), preset=_preset,
-                  group="efficientnet-lite0")
+                  group="efficientnet-lite0",
+                  facts=PairFacts(cam=True, saliency=False, classes=1000, dataset=LITE0_DATASET))

@@ -12,12 +12,19 @@ from scipy import stats as sps
 
 from qrobust.errors import InvalidArgument
 from qrobust.gate.plan import make_plan
-from qrobust.gate.verdict import FAMILYWISE_ALPHA, decide, family_confidence, judge
+from qrobust.gate import verdict as _verdict
+from qrobust.gate.verdict import FAMILYWISE_ALPHA, decide, family_confidence
 from qrobust.metrics.stats import (
     BootstrapMean, Estimate, clopper_pearson_interval, paired_delta, paired_interval, poisson_weights, wilson_interval,
 )
 
 BUILTIN_FAMILY = 472  # checks of lenet5-digits-int8-x86 in the shipped gate (a test below keeps it honest)
+
+
+def judge(**kwargs):
+    """``qrobust.gate.verdict.judge`` with the record as report.json has it."""
+    record, message = _verdict.judge(**kwargs)
+    return record.as_dict(), message
 
 
 def decided(estimate, tolerance, metric, size=BUILTIN_FAMILY, mode="familywise"):

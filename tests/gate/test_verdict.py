@@ -9,9 +9,16 @@ from qrobust.errors import ConfigError
 from qrobust.gate.baseline import load_baseline, regression
 from qrobust.gate.config import BaselineMargin
 from qrobust.gate.verdict import (
-    FRAGILE_FLIPS, counted_estimate, decide, exact, flips_to_reverse, fragility, judge,
+    FRAGILE_FLIPS, counted_estimate, decide, exact, flips_to_reverse, fragility,
 )
+from qrobust.gate import verdict as _verdict
 from qrobust.metrics.stats import Estimate, paired_delta, wilson_interval
+
+
+def judge(**kwargs):
+    """``qrobust.gate.verdict.judge`` with the record as report.json has it."""
+    record, message = _verdict.judge(**kwargs)
+    return record.as_dict(), message
 
 
 def top1(b, c, n, fp32_right):
@@ -135,3 +142,40 @@ def test_a_baseline_with_non_finite_or_malformed_values_is_refused(tmp_path, val
     path.write_text(json.dumps({"fingerprint": {}, "values": values}))
     with pytest.raises(ConfigError, match="baseline.json: values."):
         load_baseline(path)
+
+
+def test_one_rule_says_which_records_fail_the_gate():
+    from qrobust.gate.verdict import fails
+
+    for verdict, mode, failing in (("pass", "point", False), ("fail", "point", True), ("error", "familywise", True),
+                                   ("inconclusive", "strict", True), ("inconclusive", "familywise", False),
+                                   ("inconclusive", "lenient", False), ("xfail", "point", False),
+                                   ("measured", "point", False)):
+        assert fails({"verdict": verdict, "mode": mode}) is failing, (verdict, mode)
+
+
+def test_an_error_record_fails_and_says_why():
+    from qrobust.gate.verdict import error_record, fails
+
+    record = error_record(test="t", pair="p", perturbation="awgn", level=0.1, metric="cam_cc", mode="point",
+                          error="pair 'p' has no CAM target layer").as_dict()
+    assert fails(record) and record["verdict"] == "error" and record["error"] == "pair 'p' has no CAM target layer"
+    assert record["value"] is None and record["direction"] == ">=" and record["failed_by"] == "error"
+
+
+def test_an_expected_failure_is_caught_by_any_failing_check_and_an_error_is_not_a_catch():
+    from qrobust.gate.verdict import error_record, settle_expected_failure
+
+    failing, _ = _verdict.judge(test="t", pair="p", perturbation="awgn", level=0.1, metric="kl_mean",
+                                estimate=Estimate(0.9, (0.8, 1.0), 50, {}), tolerance=0.02, mode="point")
+    passing, _ = _verdict.judge(test="t", pair="p", perturbation="awgn", level=0.1, metric="top1_delta",
+                                estimate=Estimate(0.0, (-0.01, 0.01), 50, {}), tolerance=0.02, mode="point")
+    settle_expected_failure([failing, passing], "known bad")
+    assert (failing.verdict, passing.verdict) == ("xfail", "xfail")
+    passing.verdict = "pass"
+    settle_expected_failure([passing], "known bad")  # not caught: XPASS
+    assert passing.verdict == "fail" and passing.failed_by == "xpass" and "known bad" in passing.extra["note"]
+    error = error_record(test="t", pair="p", perturbation="awgn", level=0.1, metric="kl_mean", mode="point",
+                         error="crashed")
+    settle_expected_failure([error], "known bad")
+    assert error.verdict == "error"

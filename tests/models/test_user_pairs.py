@@ -11,7 +11,7 @@ from PIL import Image
 from qrobust.data.folders import ImageReader, decode, folder_dataset
 from qrobust.errors import ConfigError, InvalidArgument, QrobustWarning
 from qrobust.gate.config import load_thresholds
-from test_declared import BUILDER, DECLARED, make_folder
+from test_declared import BUILDER, DECLARED, EXPLANATIONS, make_folder
 
 SUITE = """
 def test_top1_delta(qrobust_case, qrobust_check):
@@ -82,7 +82,7 @@ def test_a_file_that_gates_nothing_is_a_usage_error(pytester, text, message):
 
 
 def test_one_broken_pair_fails_its_own_checks_once_per_test_with_one_line(user):
-    text = DECLARED.replace("  user-fake:\n    builder", "  user-fake:\n    builder", 1)
+    text = DECLARED.replace(EXPLANATIONS, "")  # the suite below judges case checks only
     text = text.replace("num_classes: 2\n    preset: fake-w8a8", "num_classes: 5\n    preset: fake-w8a8")
     user.makefile(".yaml", thresholds=text)
     user.makepyfile(test_gate="""
@@ -93,11 +93,14 @@ def test_one_broken_pair_fails_its_own_checks_once_per_test_with_one_line(user):
     result.assert_outcomes(passed=4, failed=4)  # user-int8 passes; user-fake's head has 5 outputs, not 2
     out = result.stdout.str()
     assert out.count("pair user-fake cannot be gated: ") >= 4 and "Traceback" not in out
-    result.stdout.fnmatch_lines(["*qrobust: FAILED: pair user-fake cannot be gated: *returned shape (*, 2)*"])
+    result.stdout.fnmatch_lines(["*could not be gated: pair user-fake cannot be gated: *returned shape (*, 2)*"])
+    errors = [c for c in json.loads((user.path / "qrobust-report" / "report.json").read_text())["cases"]
+              if c["verdict"] == "error"]
+    assert len(errors) == 4 and {c["pair"] for c in errors} == {"user-fake"}
 
 
-def test_a_pair_without_a_cam_layer_skips_its_cam_checks_only(user):
-    text = DECLARED.replace('    target_layer: "3"\n    quantized_target_layer: "2"\n', "")
+def test_a_pair_without_a_cam_layer_is_not_judged_on_file_wide_cam_tolerances_and_says_so(user):
+    text = DECLARED.replace(EXPLANATIONS, "").replace('    target_layer: "3"\n    quantized_target_layer: "2"\n', "")
     user.makefile(".yaml", thresholds=text.replace("  user-fake: {}\n", ""))
     user.makepyfile(test_gate="""
         def test_agreement(qrobust_case, qrobust_check):
@@ -107,12 +110,20 @@ def test_a_pair_without_a_cam_layer_skips_its_cam_checks_only(user):
             qrobust_check(qrobust_case, "cam_sim")
     """)
     result = user.runpytest("-p", "no:cacheprovider", "-rs", "test_gate.py")
-    result.assert_outcomes(passed=4, skipped=4)
-    result.stdout.fnmatch_lines(["*cam_sim: pair 'user-int8' has no CAM target layer (set target_layer*"])
+    result.assert_outcomes(passed=4, skipped=4)  # the defaults' cam_sim does not apply to it: no tolerance
+    result.stdout.fnmatch_lines(["*not judged: cam_sim on user-int8: it has no CAM target layer (set target_layer*"])
+    report = json.loads((user.path / "qrobust-report" / "report.json").read_text())
+    assert [(n["pair"], n["metric"]) for n in report["not_applicable"]] == [("user-int8", "cam_sim")]
+    # set for the pair itself, the same tolerance is a usage error naming the metric and why
+    user.makefile(".yaml", thresholds=text.replace("  user-fake: {}\n", "").replace(
+        "  user-int8: {}\n", "  user-int8: {tolerances: {cam_cc: 0.5}}\n"))
+    result = user.runpytest("-p", "no:cacheprovider", "test_gate.py")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "gate.user-int8: cam_cc cannot be judged: it has no CAM target layer" in result.stderr.str()
 
 
 def test_pairs_on_the_same_weights_share_one_fp32_model(user):
-    user.makefile(".yaml", thresholds=DECLARED)
+    user.makefile(".yaml", thresholds=DECLARED.replace(EXPLANATIONS, ""))
     user.makepyfile(test_gate="""
         def test_agreement(qrobust_case, qrobust_check):
             qrobust_check(qrobust_case, "agreement")

@@ -56,6 +56,7 @@ def test_a_broken_twin_fails_the_bundled_suite_naming_pair_and_layer(pytester):
 
         if "broken-twin" not in PAIRS:
             register_pair("broken-twin", build)
+        if "synthetic" not in DATASETS:
             DATASETS.register("synthetic", synthetic_set)
     """)
     pytester.makefile(".yaml", thresholds="gate: {broken-twin: {}}\nperturbations: {awgn: {levels: [0]}}\n")

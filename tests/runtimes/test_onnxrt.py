@@ -295,4 +295,5 @@ def test_a_gate_whose_only_pair_cannot_load_says_so_in_its_verdict_line(pytester
     result = pytester.runpytest("--pyargs", "qrobust.suites", "--qrobust-thresholds", "thresholds.yaml", "-q")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(["*pair onnx-files cannot be gated: onnx=*junk.onnx*: is not an ONNX model*",
-                                 "*none produced a verdict (1 pair(s) could not be gated, above)*"])
+                                 "*qrobust gate: FAILED:*0 pass, 0 fail, * error*",
+                                 "*could not be gated: pair onnx-files cannot be gated: onnx=*junk.onnx*"])
