@@ -280,7 +280,8 @@ def judge(*, test: str, pair: str, perturbation: str, level: float, metric: str,
     if info.counted == "paired" and tolerance > 0 and "b" in details:
         details["n_required"] = required_sample_size(details["b"] + details["c"], n, tolerance)
     finite = value is not None and math.isfinite(value)
-    confidence, decided_interval, extra = CONFIDENCE, interval, {}
+    confidence, decided_interval = CONFIDENCE, interval
+    extra: dict = {}
     if mode == "familywise":
         if not family_size:
             raise invalid("family_size", family_size, "the familywise decision needs the pair's number of checks")
