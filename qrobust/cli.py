@@ -5,7 +5,8 @@
     qrobust init [PATH] [--pair NAME ...]       write a commented starter thresholds file
     qrobust template                            print the built-in gate's thresholds file
     qrobust schema                              print the JSON Schema of thresholds files
-    qrobust propose [THRESHOLDS] [--seeds 0,1,2 | --from REPORT ...] [-- PYTEST ARGS]
+    qrobust propose THRESHOLDS [--seeds 0,1,2] [-- PYTEST ARGS]
+    qrobust propose [THRESHOLDS] --from REPORT ...
                                                 tolerances fitted to each pair's benign spread
 
 ``run`` is ``pytest --pyargs qrobust.suites --qrobust-thresholds THRESHOLDS`` with the cache provider
@@ -149,7 +150,8 @@ def command(argv: list[str]) -> int:
     commands.add_parser("schema", help="print the JSON Schema of thresholds files (for editors and CI)")
     propose = commands.add_parser("propose", help="print the thresholds file with tolerances fitted to each pair's "
                                                   "benign spread (README: Tolerances fitted to your pair)")
-    propose.add_argument("thresholds", nargs="?", default=str(BUILTIN_THRESHOLDS))
+    propose.add_argument("thresholds", nargs="?", help="the thresholds file to gate at each seed, or that the --from "
+                                                       "reports were gated with (default with --from: the built-in gate)")
     propose.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="gate once per seed (default: 0,1,2)")
     propose.add_argument("--from", dest="reports", nargs="+", metavar="REPORT",
                          help="report.json files of benign runs instead of gating here")
@@ -163,10 +165,16 @@ def command(argv: list[str]) -> int:
         argv, pytest_args = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     args = parser.parse_args(argv)
     if args.command == "propose":
-        from qrobust.gate.propose import main as propose_main
-
         if args.benign and not args.pair:
             parser.error("--benign needs --pair (the pair they are variants of)")
+        if args.thresholds is None and not args.reports:  # gating the built-in gate three times takes hours
+            print("qrobust propose: nothing to fit: give a thresholds file to gate at each seed (qrobust propose "
+                  "my-gate.yaml; for the built-in gate, qrobust template > gate.yaml first) or --from REPORT ...",
+                  file=sys.stderr)
+            return 4
+        from qrobust.gate.propose import main as propose_main
+
+        args.thresholds = args.thresholds or str(BUILTIN_THRESHOLDS)
         args.pytest_args = pytest_args
         try:
             return propose_main(args)

@@ -1,5 +1,5 @@
 """The ``qrobust`` command as a new user meets it after ``pip install qrobust``, from an empty folder:
-its own help, the thresholds file wherever it stands, pipes closed early."""
+its own help, the thresholds file wherever it stands, pipes closed early, nothing-to-do usage errors."""
 import os
 import re
 import subprocess
@@ -39,9 +39,9 @@ def test_run_pytest_help_is_pytests_help(tmp_path):
     assert result.returncode == 0 and "--qrobust-seed=N" in result.stdout and "-k EXPRESSION" in result.stdout
 
 
-def test_help_and_template_import_neither_torch_nor_pytest(tmp_path):
+def test_help_template_and_usage_errors_import_neither_torch_nor_pytest(tmp_path):
     script = ("import contextlib, io, sys\nfrom qrobust.cli import main\n"
-              "for argv in (['--help'], ['run', '--help'], ['template']):\n"
+              "for argv in (['--help'], ['run', '--help'], ['template'], ['propose']):\n"
               "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
               "        try:\n            main(argv)\n        except SystemExit:\n            pass\n"
               "print(sorted({'torch', 'pytest'} & set(sys.modules)))\n")
@@ -118,6 +118,31 @@ def test_options_before_the_thresholds_file_reach_pytest_with_it(tmp_path):
     result = qrobust("run", "-q", "my-gate.yaml", "--collect-only", "-p", "no:randomly", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"\d+ tests? collected", result.stdout) and "lenet5-digits-int8-x86" in result.stdout
+
+
+def test_propose_with_nothing_to_read_is_one_usage_line(tmp_path, capsys):
+    """It used to gate the built-in gate three times (hours), silently."""
+    assert main(["propose"]) == 4
+    assert main(["propose", "--seeds", "0,1", "--", "-n", "2"]) == 4
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0] == err[1]
+    assert err[0] == ("qrobust propose: nothing to fit: give a thresholds file to gate at each seed (qrobust propose "
+                      "my-gate.yaml; for the built-in gate, qrobust template > gate.yaml first) or --from REPORT ...")
+
+
+def test_propose_from_reports_alone_reads_them_against_the_built_in_gate(tmp_path):
+    """`--from` needs no thresholds argument: the reports name the gate they came from, the built-in one
+    unless a file is given."""
+    import json
+
+    from qrobust.gate.config import load_thresholds
+
+    record = {"pair": "lenet5-digits-int8-x86", "perturbation": "awgn", "level": 0, "metric": "kl_mean",
+              "value": 0.0002, "interval": [0.00015, 0.00025], "n": 450}
+    (tmp_path / "r.json").write_text(json.dumps({"cases": [record]}))
+    out = tmp_path / "fitted.yaml"
+    assert main(["propose", "--from", str(tmp_path / "r.json"), "--pair", record["pair"], "-o", str(out)]) == 0
+    assert set(load_thresholds(out).gate) == set(load_thresholds(cli.BUILTIN_THRESHOLDS).gate)
 
 
 def test_pytest_xdist_comes_with_qrobust():
