@@ -1,22 +1,102 @@
 """The ``qrobust`` command: run the gate without a checkout, and write a starter thresholds file.
 
-    qrobust run [THRESHOLDS] [-- PYTEST ARGS]   gate with THRESHOLDS (default: the built-in gate)
+    qrobust run [THRESHOLDS] [PYTEST ARGS]      gate with THRESHOLDS (default: the built-in gate)
+    qrobust run --help                          THRESHOLDS and the --qrobust-* options (--pytest-help: pytest's)
     qrobust init [PATH] [--pair NAME ...]       write a commented starter thresholds file
     qrobust template                            print the built-in gate's thresholds file
     qrobust schema                              print the JSON Schema of thresholds files
-    qrobust propose [THRESHOLDS] [--seeds 0,1,2 | --from REPORT ...] [-- PYTEST ARGS]
+    qrobust propose THRESHOLDS [--seeds 0,1,2] [-- PYTEST ARGS]
+    qrobust propose [THRESHOLDS] --from REPORT ...
                                                 tolerances fitted to each pair's benign spread
 
 ``run`` is ``pytest --pyargs qrobust.suites --qrobust-thresholds THRESHOLDS`` with the cache provider
-off (the suites live in site-packages); any further arguments go to pytest unchanged.
+off (the suites live in site-packages); THRESHOLDS may stand before or after pytest's arguments, which go
+to pytest unchanged. A reader that stops early (``qrobust template | head -1``) ends the command quietly.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from qrobust import _options as opts
+from qrobust.errors import ConfigError, show
+
 BUILTIN_THRESHOLDS = Path(__file__).parent / "thresholds.yaml"
+YAML_SUFFIXES = (".yaml", ".yml")
+# pytest's options whose value may stand apart from them (`--junitxml out.yml`): pytest's own, and those of
+# the plugins qrobust installs (xdist, hypothesis, pytest-benchmark) that take a path or a name. Such a value
+# is never the thresholds file; qrobust's own options with a value come from _options.OPTIONS.
+PYTEST_VALUE_OPTIONS = frozenset({
+    "-k", "-m", "-c", "--config-file", "-o", "--override-ini", "-p", "-W", "--pythonwarnings", "-r",
+    "--report-chars", "--maxfail", "--rootdir", "--basetemp", "--confcutdir", "--ignore", "--ignore-glob",
+    "--deselect", "--import-mode", "--junitxml", "--junit-xml", "--junitprefix", "--junit-prefix", "--tb",
+    "--capture", "--durations", "--durations-min", "--color", "--verbosity", "--show-capture", "--doctest-glob",
+    "--log-level", "--log-file", "--log-cli-level", "--log-file-level",
+    "-n", "--numprocesses", "--dist", "--maxprocesses", "--hypothesis-profile", "--hypothesis-seed",
+    "--benchmark-json", "--benchmark-save", "--benchmark-storage",
+})
+
+
+def split_run(args: list[str]) -> tuple[list[str], list[str], set[str]]:
+    """``qrobust run``'s arguments as (thresholds files, pytest's arguments, the options standing alone).
+
+    The thresholds file is the first argument when it is not an option (whatever its suffix), and any
+    argument ending in .yaml or .yml that is neither an option nor an option's value, wherever it stands;
+    after ``--`` every argument is pytest's."""
+    end = args.index("--") if "--" in args else len(args)
+    takes_value = PYTEST_VALUE_OPTIONS | {o.flag for o in opts.OPTIONS}
+    files, options, value_next = [], set(), False
+    for i, arg in enumerate(args[:end]):
+        if value_next:
+            value_next = False
+        elif arg.startswith("-"):
+            options.add(arg)
+            value_next = arg in takes_value
+        elif i == 0 or arg.lower().endswith(YAML_SUFFIXES):
+            files.append(i)
+    rest = [a for i, a in enumerate(args[:end]) if i not in files] + args[end + 1:]
+    return [args[i] for i in files], rest, options
+
+
+def run_usage() -> str:
+    """``qrobust run --help``: what THRESHOLDS is and qrobust's options, from the list the plugin registers
+    (pytest's own help is 500 lines, qrobust's options past line 300)."""
+    parser = argparse.ArgumentParser(
+        prog="qrobust run", usage="%(prog)s [THRESHOLDS] [PYTEST ARGS]", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Gate with a thresholds file: pytest --pyargs qrobust.suites --qrobust-thresholds THRESHOLDS\n"
+                    "(cache provider off). Every other argument goes to pytest unchanged: -q, -x, -k EXPR,\n"
+                    "-n N (pytest-xdist, installed with qrobust), --junitxml PATH; after --, all of them.",
+        epilog="pytest's own options (qrobust's among them): qrobust run --pytest-help")
+    parser.add_argument("thresholds", metavar="THRESHOLDS", nargs="?",
+                        help="the thresholds YAML to gate with (default: the built-in gate; qrobust template prints "
+                             "it, qrobust init writes a starter): the first argument when it is not an option, else "
+                             "the one ending in .yaml or .yml, before or after pytest's arguments")
+    parser.add_argument("--pytest-help", action="store_true", help="print pytest's help instead")
+    group = parser.add_argument_group("qrobust options", "each also read from its environment variable QROBUST_<NAME>\n"
+                                                         "and ini key qrobust_<name> (README: Options)")
+    for option in opts.OPTIONS:
+        if option.name != "thresholds":  # THRESHOLDS
+            group.add_argument(option.flag, metavar=option.metavar, help=option.help.replace("%", "%%"))
+    for name, help_text in opts.FLAGS.items():
+        group.add_argument(f"--qrobust-{name}", action="store_true", help=help_text.replace("%", "%%"))
+    return parser.format_help()
+
+
+def run_command(args: list[str]) -> int:
+    """``qrobust run``: its own usage, or pytest on the thresholds file found among the arguments."""
+    files, pytest_args, options = split_run(args)
+    if options & {"-h", "--help"}:
+        sys.stdout.write(run_usage())
+        return 0
+    if "--pytest-help" in options:
+        pytest_args = ["--help" if a == "--pytest-help" else a for a in pytest_args]
+    if len(files) > 1:
+        print(f"qrobust run: {len(files)} thresholds files given ({', '.join(map(show, files))}); gate one at a time "
+              "(or pass the others to pytest after --)", file=sys.stderr)
+        return 4
+    return run(files[0] if files else None, pytest_args)
 
 
 def run(thresholds: str | None, pytest_args: list[str]) -> int:
@@ -24,7 +104,8 @@ def run(thresholds: str | None, pytest_args: list[str]) -> int:
 
     path = Path(thresholds).resolve() if thresholds else BUILTIN_THRESHOLDS
     if not path.is_file():
-        print(f"qrobust run: thresholds file {path} does not exist (qrobust init writes a starter)", file=sys.stderr)
+        print(f"qrobust run: thresholds file {show(thresholds)} {'is a folder' if path.is_dir() else 'does not exist'} "
+              "(qrobust init writes a starter)", file=sys.stderr)
         return 4
     args = ["--pyargs", "qrobust.suites", "-p", "no:cacheprovider", f"--qrobust-thresholds={path}",
             f"--rootdir={Path.cwd()}", *pytest_args]
@@ -42,15 +123,26 @@ def _seeds(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["run"]:  # everything after the thresholds path belongs to pytest, options included
-        rest = argv[1:]
-        thresholds = rest.pop(0) if rest and not rest[0].startswith("-") else None
-        return run(thresholds, rest[1:] if rest[:1] == ["--"] else rest)
+    """The entry point. A reader that stopped early (``qrobust template | head -1``) ends the command
+    quietly, as Python's docs recommend (the signal module's note on SIGPIPE): stdout goes to devnull, exit 1."""
+    try:
+        try:
+            return command(sys.argv[1:] if argv is None else list(argv))
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not as "Exception ignored" when Python exits
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def command(argv: list[str]) -> int:
+    if argv[:1] == ["run"]:  # pytest's arguments are not ours to parse
+        return run_command(argv[1:])
     parser = argparse.ArgumentParser(prog="qrobust", description="A pytest-native robustness gate for quantized "
                                                                  "vision models.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("run", help="run the gate: qrobust run [THRESHOLDS] [PYTEST ARGS] (default: the built-in gate)")
+    commands.add_parser("run", help="run the gate: qrobust run [THRESHOLDS] [PYTEST ARGS] (default: the built-in "
+                                    "gate); qrobust run --help lists its options")
     init_parser = commands.add_parser("init", help="write a commented starter thresholds file")
     init_parser.add_argument("path", nargs="?", default="thresholds.yaml")
     init_parser.add_argument("--force", action="store_true", help="replace an existing file")
@@ -58,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("schema", help="print the JSON Schema of thresholds files (for editors and CI)")
     propose = commands.add_parser("propose", help="print the thresholds file with tolerances fitted to each pair's "
                                                   "benign spread (README: Tolerances fitted to your pair)")
-    propose.add_argument("thresholds", nargs="?", default=str(BUILTIN_THRESHOLDS))
+    propose.add_argument("thresholds", nargs="?", help="the thresholds file to gate at each seed, or that the --from "
+                                                       "reports were gated with (default with --from: the built-in gate)")
     propose.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="gate once per seed (default: 0,1,2)")
     propose.add_argument("--from", dest="reports", nargs="+", metavar="REPORT",
                          help="report.json files of benign runs instead of gating here")
@@ -72,11 +165,16 @@ def main(argv: list[str] | None = None) -> int:
         argv, pytest_args = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     args = parser.parse_args(argv)
     if args.command == "propose":
-        from qrobust.errors import ConfigError
-        from qrobust.gate.propose import main as propose_main
-
         if args.benign and not args.pair:
             parser.error("--benign needs --pair (the pair they are variants of)")
+        if args.thresholds is None and not args.reports:  # gating the built-in gate three times takes hours
+            print("qrobust propose: nothing to fit: give a thresholds file to gate at each seed (qrobust propose "
+                  "my-gate.yaml; for the built-in gate, qrobust template > gate.yaml first) or --from REPORT ...",
+                  file=sys.stderr)
+            return 4
+        from qrobust.gate.propose import main as propose_main
+
+        args.thresholds = args.thresholds or str(BUILTIN_THRESHOLDS)
         args.pytest_args = pytest_args
         try:
             return propose_main(args)
