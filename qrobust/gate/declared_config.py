@@ -41,8 +41,10 @@ def _existing(v, base: Path, value, key: str, directory: bool = False) -> None:
     if not isinstance(value, str):
         v.fail(key, f"expected a path, got {show(value)}")
     target = base / value
+    if not directory and target.is_dir():  # "does not exist" would send the user looking for a missing file
+        v.fail(key, f"{show(str(target), 200)} is a directory, not a file (name the file itself)")
     if not (target.is_dir() if directory else target.is_file()):
-        v.fail(key, f"{target} does not exist" + (" or is not a folder" if directory else ""))
+        v.fail(key, f"{show(str(target), 200)} does not exist" + (" or is not a folder" if directory else ""))
 
 
 def validate_dataset(v, name: str, spec: dict, base: Path) -> None:
