@@ -1,9 +1,14 @@
-"""Data that is probably a mistake: one error line for a folder where a file belongs."""
+"""Data that is probably a mistake: one warning line when the thresholds file is loaded (one class, splits
+as classes, calibrating on the gated folder under another name, fewer class folders than the pair's
+classes), one error line for a folder where a file belongs."""
+import os
+import warnings
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from qrobust.errors import ConfigError
+from qrobust.errors import ConfigError, QrobustWarning
 from qrobust.gate.config import load_thresholds
 
 GATE = """
@@ -38,11 +43,69 @@ def gate_file(root, classes=2, val="data/val", calib="{folder: data/calib, resol
     return path
 
 
+def warned(path, match):
+    """The one QrobustWarning loading ``path`` gives (it must match), as text."""
+    with pytest.warns(QrobustWarning, match=match) as record:
+        load_thresholds(path)
+    messages = [str(w.message) for w in record if issubclass(w.category, QrobustWarning)]
+    assert len(messages) == 1 and "\n" not in messages[0], messages
+    assert messages[0].startswith(f"{path}: "), messages[0]
+    return messages[0]
+
+
+def quiet(path):
+    """Loading ``path`` gives no QrobustWarning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", QrobustWarning)
+        return load_thresholds(path)
+
+
 @pytest.fixture
 def data(tmp_path):
     photos(tmp_path / "data" / "val")
     photos(tmp_path / "data" / "calib")
     return tmp_path
+
+
+def test_the_normal_case_loads_without_a_warning(data):
+    assert quiet(gate_file(data)).pairs["p"]["dataset"] == "val"
+    (data / "data" / "many").mkdir()
+    photos(data / "data" / "many", classes=("bus", "car", "train"))  # one split-like name among classes is a class
+    quiet(gate_file(data, classes=3, val="data/many"))
+
+
+def test_a_one_class_dataset_warns(data):
+    photos(data / "data" / "cat-only", classes=("cat",))
+    warned(gate_file(data, classes=1, val="data/cat-only"),
+           r"datasets\.val\.folder: has one class subfolder \('cat'\): every image gets label 0")
+    warned(gate_file(data, calib="{builder: 'helpers:five_class_set', num_classes: 1}"),
+           r"datasets\.calib\.num_classes: is 1: a one-class dataset gives every sample the same label")
+
+
+@pytest.mark.parametrize("splits", [("train", "val"), ("Train", "VAL", "test"), ("validation",)])
+def test_splits_as_class_folders_warn(data, splits):
+    for split in splits:
+        photos(data / "data" / "all" / split)  # data/all/<split>/<class>/: the splits become the classes
+    shown = ", ".join(repr(s) for s in sorted(splits))
+    message = warned(gate_file(data, classes=len(splits), val="data/all"),
+                     rf"datasets\.val\.folder: class subfolders {shown} are named like splits: each subfolder is a "
+                     r"class, so the splits become the classes; point folder: at one split \(e\.g\. 'data/all/")
+    assert "one class subfolder" not in message
+
+
+def test_calibrating_on_the_gated_folder_under_another_name_warns(data):
+    warned(gate_file(data, calib="{folder: ./data/../data/val, resolution: [16, 16]}"),
+           r"pairs\.p\.calibration: calibrates on dataset 'calib', which reads the same folder as the gated dataset "
+           r"'val' \('.*data/val'\): the twin's ranges then fit the very samples it is judged on")
+    os.symlink(data / "data" / "val", data / "data" / "linked")
+    warned(gate_file(data, calib="{folder: data/linked, resolution: [16, 16], max_samples: 2}"),
+           r"pairs\.p\.calibration: calibrates on dataset 'calib', which reads the same folder as the gated dataset 'val'")
+
+
+@pytest.mark.parametrize("classes, missing", [(3, "class 2 never appears"), (5, "classes 2 to 4 never appear")])
+def test_fewer_class_folders_than_the_pairs_classes_warn(data, classes, missing):
+    warned(gate_file(data, classes=classes),
+           rf"pairs\.p\.dataset: dataset 'val' has 2 class folders but the pair has num_classes: {classes} \({missing}\)")
 
 
 ONNX_PAIR = """
