@@ -131,7 +131,9 @@ class QrobustCheck:
         try:
             pair = self._session.built(pair_name)
         except Exception as exc:  # noqa: BLE001 - a pair that cannot be built fails with one line
-            pytest.fail(f"pair {pair_name} cannot be built: {type(exc).__name__}: {exc}"[:300], pytrace=False)
+            pair, reason = None, f"pair {pair_name} cannot be built: {type(exc).__name__}: {exc}"[:300]
+        if pair is None:
+            pytest.fail(reason, pytrace=False)  # outside the except, as in _pair
         failures = check_twin(pair.quantized, examples)
         count = len(quantizers(pair.quantized))
         case = CaseSpec(pair_name, "clean", 0.0, {"quantizer_violations": 0.0})
@@ -195,13 +197,15 @@ class QrobustCheck:
         try:
             return self._session.pair(name)
         except PairUnavailable as exc:
-            pytest.fail(str(exc), pytrace=False)
+            reason = str(exc)
+        pytest.fail(reason, pytrace=False)  # outside the except: pytest would print the reason again as its context
 
     def _result(self, case: CaseSpec):
         try:
             return self._session.evaluate(case)
         except PairUnavailable as exc:
-            pytest.fail(str(exc), pytrace=False)
+            reason = str(exc)
+        pytest.fail(reason, pytrace=False)
 
     def _tolerance(self, configured, metric: str) -> float | None:
         """A ``qrobust_tolerance`` marker's value (validated at collection) over the configured one."""

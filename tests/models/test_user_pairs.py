@@ -93,6 +93,7 @@ def test_one_broken_pair_fails_its_own_checks_once_per_test_with_one_line(user):
     result.assert_outcomes(passed=4, failed=4)  # user-int8 passes; user-fake's head has 5 outputs, not 2
     out = result.stdout.str()
     assert out.count("pair user-fake cannot be gated: ") >= 4 and "Traceback" not in out
+    assert "During handling" not in out  # the one line, not again as the context of pytest.fail
     result.stdout.fnmatch_lines(["*qrobust: FAILED: pair user-fake cannot be gated: *returned shape (*, 2)*"])
 
 
