@@ -1,14 +1,16 @@
 """Data that is probably a mistake: one warning line when the thresholds file is loaded (one class, splits
 as classes, calibrating on the gated folder under another name, fewer class folders than the pair's
-classes), one error line for a folder where a file belongs."""
+classes), one error line for a folder where a file belongs, and every image probed before any model."""
+import io
 import os
 import warnings
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
-from qrobust.errors import ConfigError, QrobustWarning
+from qrobust.data.folders import ImageReader, folder_dataset, probe
+from qrobust.errors import ConfigError, InvalidArgument, QrobustWarning
 from qrobust.gate.config import load_thresholds
 
 GATE = """
@@ -137,3 +139,37 @@ def test_a_folder_where_a_model_file_belongs_is_one_error_line(data, role):
         load_thresholds(path)
     assert "\n" not in str(info.value)
     assert "does not exist" not in str(info.value)
+
+
+def test_every_image_is_probed_before_any_batch_and_the_bad_ones_are_one_line(tmp_path):
+    photos(tmp_path / "val", per_class=20, suffix=".jpg")
+    whole = (tmp_path / "val" / "cat" / "0.jpg").read_bytes()
+    (tmp_path / "val" / "cat" / "0.jpg").write_bytes(whole[: len(whole) // 2])  # a download cut off
+    (tmp_path / "val" / "dog" / "3.png").write_text("<html>404</html>")  # a web page saved as an image
+    with pytest.raises(InvalidArgument) as info:
+        folder_dataset("val", tmp_path / "val", ImageReader((16, 16)))
+    message = str(info.value)
+    assert message == (f"dataset='val': 2 of 41 images in {str(tmp_path / 'val')!r} cannot be read: "
+                       "'cat/0.jpg' (truncated), 'dog/3.png' (not an image)")
+    for i in range(4, 8):
+        (tmp_path / "val" / "dog" / f"{i}.jpg").write_bytes(b"")
+    with pytest.raises(InvalidArgument, match=r"6 of 41 images .*'cat/0\.jpg' \(truncated\), 'dog/3\.png' \(not an "
+                                              r"image\), 'dog/4\.jpg' \(not an image\), and 3 more$"):
+        folder_dataset("val", tmp_path / "val", ImageReader((16, 16)))
+
+
+def test_the_probe_reads_headers_and_ends_and_decodes_nothing_of_a_whole_file(tmp_path, monkeypatch):
+    photos(tmp_path, per_class=3, suffix=".jpg")
+    photos(tmp_path / "png", classes=("x",), per_class=3)
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(buffer, "JPEG")
+    (tmp_path / "cat" / "motion.jpg").write_bytes(buffer.getvalue() + b"\0\0\0\x18ftypmp42 a phone's video")
+    png = (tmp_path / "png" / "x" / "0.png").read_bytes()
+    (tmp_path / "png" / "x" / "cut.png").write_bytes(png[:-30])
+    assert probe(tmp_path / "cat" / "motion.jpg") is None  # bytes after EOI decode fine: not truncated
+    assert probe(tmp_path / "png" / "x" / "cut.png") == "truncated"
+    os.symlink(tmp_path / "moved.png", tmp_path / "cat" / "gone.png")
+    assert probe(tmp_path / "cat" / "gone.png") == "a broken link"
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail(f"decoded {self.filename}"))
+    for path in sorted(tmp_path.rglob("[0-9].*")):
+        assert probe(path) is None, path

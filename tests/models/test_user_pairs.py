@@ -97,6 +97,33 @@ def test_one_broken_pair_fails_its_own_checks_once_per_test_with_one_line(user):
     result.stdout.fnmatch_lines(["*qrobust: FAILED: pair user-fake cannot be gated: *returned shape (*, 2)*"])
 
 
+def test_unreadable_images_fail_the_pair_before_it_is_built_with_one_line_per_test(user):
+    whole = (user.path / "images" / "bright" / "img0.png").read_bytes()
+    (user.path / "images" / "bright" / "img0.png").write_bytes(whole[:200])
+    (user.path / "images" / "dark" / "notes.jpg").write_text("not a photo")
+    user.makepyfile(marked="""
+        import pathlib
+        from usermodels import build as build_model
+
+        def build():
+            pathlib.Path("built").touch()
+            return build_model()
+    """)
+    text = README_SHAPED.replace("usermodels:build", "marked:build")
+    user.makefile(".yaml", thresholds=text.replace("gate:\n", "perturbations: {awgn: {levels: [0, 0.1]}}\ngate:\n"))
+    user.makepyfile(test_gate="""
+        def test_top1_delta(qrobust_case, qrobust_check):
+            qrobust_check(qrobust_case, "top1_delta")
+    """)
+    result = user.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=2)
+    out = result.stdout.str()
+    line = (f"pair user-int8 cannot be gated: dataset='photos': 2 of 13 images in {str(user.path / 'images')!r} cannot "
+            "be read: 'bright/img0.png' (truncated), 'dark/notes.jpg' (not an image)")
+    assert out.count(line) == 3, out  # once in each failed test, once in the run's summary
+    assert "During handling" not in out and not (user.path / "built").exists()
+
+
 def test_a_pair_without_a_cam_layer_skips_its_cam_checks_only(user):
     text = DECLARED.replace('    target_layer: "3"\n    quantized_target_layer: "2"\n', "")
     user.makefile(".yaml", thresholds=text.replace("  user-fake: {}\n", ""))
