@@ -8,8 +8,9 @@ Images are read the way a user's own evaluation reads them: torchvision's eval t
 (resize the short side to ``resize`` = crop / 0.875, then centre-crop ``resolution``), or ``resize:
 stretch`` to squash the whole image to ``resolution``. Only regular files are read (a FIFO named
 ``.png`` would block forever), images above ``MAX_PIXELS`` are refused before decoding, 16-bit images
-keep their range, and boxes are checked against each image's size. Every problem is one line naming
-the file.
+keep their range, and boxes are checked against each image's size. Every image is probed when the
+dataset is built, before any model (header, size, and the last bytes of PNG and JPEG files), and all of
+a folder's bad files are named in one line; every other problem is one line naming the file.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ MAX_PIXELS = 64_000_000  # 8000 x 8000: more is a mistake or a decompression bom
 MAX_IMAGE_BYTES = 256 * MiB
 MAX_BOXES_BYTES = 64 * MiB
 CROP_RATIO = 0.875  # torchvision's eval transform: Resize(256) + CenterCrop(224)
+END_MARKERS = {"PNG": b"IEND\xaeB`\x82", "JPEG": b"\xff\xd9", "MPO": b"\xff\xd9"}  # a whole file's last bytes (IEND + CRC, EOI)
+PROBE_LISTED = 3  # bad files named in a dataset's one line
 
 
 @dataclass(frozen=True)
@@ -117,20 +120,59 @@ def _saliency_path(saliency_root: Path, rel: Path) -> Path:
 
 
 def list_images(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Class names (sorted subfolders) and (image file, label) pairs; only regular files count."""
+    """Class names (sorted subfolders) and (image file, label) pairs (``probe_images`` checks the files)."""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    files = []
-    for label, name in enumerate(classes):
-        for f in sorted((root / name).rglob("*")):
-            if f.suffix.lower() in IMAGE_SUFFIXES:
-                try:
-                    regular = stat.S_ISREG(f.stat().st_mode)
-                except OSError:
-                    regular = False
-                if not regular:
-                    raise invalid("image", str(f), "not a regular file (a FIFO, device or broken link)")
-                files.append((f, label))
+    files = [(f, label) for label, name in enumerate(classes)
+             for f in sorted((root / name).rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
     return classes, files
+
+
+def probe(path: Path) -> str | None:
+    """Why an image file cannot be read, or None, from its header and its last bytes (no decoding).
+
+    A PNG or JPEG that does not end with its end marker (IEND, EOI) is loaded to be sure: a phone's
+    motion photo appends a video after EOI and decodes fine; a cut-off download does not."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        info = path.stat()
+    except OSError as exc:
+        return "a broken link" if path.is_symlink() else f"cannot be read: {exc.strerror or exc}"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if info.st_size > MAX_IMAGE_BYTES:
+        return f"{info.st_size} bytes, over the limit of {MAX_IMAGE_BYTES}"
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                return f"{width}x{height} pixels, over the limit of {MAX_PIXELS}"
+            marker = END_MARKERS.get(img.format or "")
+            if marker is not None:
+                with open(path, "rb") as fh:
+                    fh.seek(-len(marker), os.SEEK_END)
+                    if fh.read() != marker:
+                        img.draft(img.mode, (1, 1))  # a JPEG at 1/8 scale (every byte read, few pixels made)
+                        img.load()
+    except UnidentifiedImageError:
+        return "not an image"
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+        if "truncated" in str(exc).lower():  # Pillow's words for a file that ends too soon, header or data
+            return "truncated"
+        return f"cannot be read: {type(exc).__name__}: {show(str(exc), 120)}"
+    return None
+
+
+def probe_images(name: str, root: Path, paths: list[Path]) -> None:
+    """Every image of a folder dataset probed once, before any model is built, and all bad files named in
+    one line (a file found bad only when its batch is decoded fails the pair after it was built). Files
+    are named from the folder, which is named once: the line must stay short enough to be read whole."""
+    bad = [(path, why) for path in paths if (why := probe(path)) is not None]
+    if bad:
+        listed = ", ".join(f"{show(path.relative_to(root).as_posix())} ({why})" for path, why in bad[:PROBE_LISTED])
+        more = f", and {len(bad) - PROBE_LISTED} more" if len(bad) > PROBE_LISTED else ""
+        raise invalid("dataset", name, f"{len(bad)} of {len(paths)} images in {show(str(root), 200)} cannot be read: "
+                                       f"{listed}{more}")
 
 
 def read_boxes(path: Path, rels: list[str]) -> dict[str, list[float]]:
@@ -162,6 +204,7 @@ def folder_dataset(name: str, root: Path, reader: ImageReader, boxes_file: Path 
     classes, files = list_images(root)
     if not files:
         raise invalid("dataset", name, f"no images under {root} (one subfolder per class expected)")
+    probe_images(name, root, [f for f, _ in files])
     rels = [f.relative_to(root).as_posix() for f, _ in files]
     boxes = read_boxes(boxes_file, rels) if boxes_file is not None else None
     if saliency_root is not None:

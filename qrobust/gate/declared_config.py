@@ -16,6 +16,7 @@ PAIR_KEYS = {"arch", "builder", "fp32", "quantized", "providers", "weights", "tr
              "preprocess", "dataset", "calibration", "target_layer", "quantized_target_layer"}
 DATASET_KEYS = {"folder", "builder", "resolution", "resize", "channels", "boxes", "saliency", "num_classes",
                 "max_samples", "workers"}
+SPLIT_NAMES = {"train", "val", "valid", "validation", "test", "calib", "calibration"}  # folder names that are not classes
 
 
 def _one_of(v, spec: dict, key: str, options: tuple[str, ...]) -> str:
@@ -41,8 +42,10 @@ def _existing(v, base: Path, value, key: str, directory: bool = False) -> None:
     if not isinstance(value, str):
         v.fail(key, f"expected a path, got {show(value)}")
     target = base / value
+    if not directory and target.is_dir():  # "does not exist" would send the user looking for a missing file
+        v.fail(key, f"{show(str(target), 200)} is a directory, not a file (name the file itself)")
     if not (target.is_dir() if directory else target.is_file()):
-        v.fail(key, f"{target} does not exist" + (" or is not a folder" if directory else ""))
+        v.fail(key, f"{show(str(target), 200)} does not exist" + (" or is not a folder" if directory else ""))
 
 
 def validate_dataset(v, name: str, spec: dict, base: Path) -> None:
@@ -64,6 +67,7 @@ def validate_dataset(v, name: str, spec: dict, base: Path) -> None:
             _existing(v, base, spec["saliency"], f"{key}.saliency", directory=True)
         if "workers" in spec:
             v.whole(spec["workers"], f"{key}.workers", minimum=0)
+        _suspicious_classes(v, key, spec["folder"], _class_folders(base, spec))
     else:
         if "num_classes" not in spec:
             v.fail(f"{key}.num_classes", "a builder dataset needs its class count")
@@ -71,6 +75,23 @@ def validate_dataset(v, name: str, spec: dict, base: Path) -> None:
     for whole in ("num_classes", "max_samples"):
         if whole in spec:
             v.whole(spec[whole], f"{key}.{whole}", minimum=1)
+    if "builder" in spec and spec["num_classes"] == 1:
+        warnings.warn(f"{v.path}: {key}.num_classes: is 1: a one-class dataset gives every sample the same label, "
+                      "so the gate sees one class only; give the dataset's real class count", QrobustWarning, stacklevel=2)
+
+
+def _suspicious_classes(v, key: str, folder: str, classes: list[str]) -> None:
+    """Warn about class subfolders that are probably a mistake: splits (``folder: data`` over data/train and
+    data/val makes each split a class) or a single class (``folder:`` names one class's folder)."""
+    splits = [c for c in classes if c.lower() in SPLIT_NAMES]
+    if splits and (len(splits) >= 2 or len(splits) == len(classes)):
+        warnings.warn(f"{v.path}: {key}.folder: class subfolders {', '.join(show(c) for c in splits)} are named like "
+                      f"splits: each subfolder is a class, so the splits become the classes; point folder: at one "
+                      f"split (e.g. {show(f'{folder}/{splits[0]}')})", QrobustWarning, stacklevel=3)
+    elif len(classes) == 1:
+        warnings.warn(f"{v.path}: {key}.folder: has one class subfolder ({show(classes[0])}): every image gets label "
+                      "0; a folder dataset has one subfolder per class (does folder: name one class's folder?)",
+                      QrobustWarning, stacklevel=3)
 
 
 def _importable(v, target: str, key: str) -> None:
@@ -83,11 +104,19 @@ def _importable(v, target: str, key: str) -> None:
         v.fail(key, str(exc).split(": ", 1)[1])
 
 
-def _folder_classes(base: Path, spec: dict) -> int | None:
-    """The class count of a folder dataset (its subfolders), or None for other datasets."""
+def _class_folders(base: Path, spec: dict) -> list[str] | None:
+    """The class subfolders of a folder dataset (sorted: they give the labels), or None for other datasets."""
     if "folder" not in spec:
         return None
-    return sum(1 for p in (base / spec["folder"]).iterdir() if p.is_dir())
+    return sorted(p.name for p in (base / spec["folder"]).iterdir() if p.is_dir())
+
+
+def _same_folder(base: Path, a: dict | None, b: dict | None) -> Path | None:
+    """The folder two declared datasets both read (after resolving links and ``..``), or None."""
+    if not (isinstance(a, dict) and isinstance(b, dict) and "folder" in a and "folder" in b):
+        return None
+    folder = (base / a["folder"]).resolve()
+    return folder if folder == (base / b["folder"]).resolve() else None
 
 
 def validate_pair(v, name: str, spec: dict, base: Path, datasets: dict[str, dict]) -> None:
@@ -156,6 +185,11 @@ def validate_pair(v, name: str, spec: dict, base: Path, datasets: dict[str, dict
             warnings.warn(f"{v.path}: {key}.calibration: calibrates on the gated dataset {show(spec['dataset'])}: the "
                           "twin's ranges then fit the very samples it is judged on; calibrate on another split",
                           QrobustWarning, stacklevel=2)
+        elif (folder := _same_folder(base, datasets.get(cal.get("dataset")), datasets.get(spec["dataset"]))) is not None:
+            warnings.warn(f"{v.path}: {key}.calibration: calibrates on dataset {show(cal['dataset'])}, which reads the "
+                          f"same folder as the gated dataset {show(spec['dataset'])} ({show(str(folder), 200)}): the "
+                          "twin's ranges then fit the very samples it is judged on; calibrate on another split",
+                          QrobustWarning, stacklevel=2)
     elif source != "builder" and "quantized" not in spec:
         v.fail(f"{key}.preset", f"an {source} pair needs a quantization preset or its quantized model (quantized:)")
 
@@ -189,7 +223,13 @@ def _fits(v, key: str, pair: dict, pre: dict, name: str, dataset: dict, base: Pa
     if channels is not None and channels != len(pre["mean"]):
         v.fail(key, f"dataset {show(name)} gives {channels}-channel images but the pair's preprocess has "
                     f"{len(pre['mean'])} channel(s) (set channels: {len(pre['mean'])} on the dataset)")
-    count = _folder_classes(base, dataset) if classes else None
-    count = dataset.get("num_classes", count) if classes else None
-    if count is not None and count > pair["num_classes"]:
-        v.fail(key, f"dataset {show(name)} has {count} classes but the pair has num_classes: {pair['num_classes']}")
+    folders = _class_folders(base, dataset) if classes else None
+    count = dataset.get("num_classes", None if folders is None else len(folders)) if classes else None
+    wanted = pair["num_classes"]
+    if count is not None and count > wanted:
+        v.fail(key, f"dataset {show(name)} has {count} classes but the pair has num_classes: {wanted}")
+    if folders is not None and len(folders) < wanted:  # labels are folder indices: the last ones never appear
+        found = len(folders)
+        missing = f"class {found} never appears" if found == wanted - 1 else f"classes {found} to {wanted - 1} never appear"
+        warnings.warn(f"{v.path}: {key}: dataset {show(name)} has {found} class folders but the pair has num_classes: "
+                      f"{wanted} ({missing})", QrobustWarning, stacklevel=3)

@@ -327,6 +327,7 @@ def test_ground_truth_saliency_maps_are_compared_with_both_cams(pytester):
 
 @pytest.mark.parametrize("edit,message", [
     (("weights: weights.pt", "weights: missing.pt", 1), "pairs.user-int8.weights: "),
+    (("weights: weights.pt", "weights: images/", 1), "images' is a directory, not a file (name the file itself)"),
     (("builder: \"usermodels:build\"", "builder: usermodels.build", 1), "pairs.user-int8.builder: expected 'module:function'"),
     (("preset: int8-x86", "preset: int9", 1), "pairs.user-int8.preset: unknown preset 'int9'"),
     (("dataset: photos\n    calibration", "dataset: fotos\n    calibration", 1), "pairs.user-int8.dataset: unknown dataset 'fotos'"),

@@ -93,10 +93,38 @@ def test_one_broken_pair_fails_its_own_checks_once_per_test_with_one_line(user):
     result.assert_outcomes(passed=4, failed=4)  # user-int8 passes; user-fake's head has 5 outputs, not 2
     out = result.stdout.str()
     assert out.count("pair user-fake cannot be gated: ") >= 4 and "Traceback" not in out
+    assert "During handling" not in out  # the one line, not again as the context of pytest.fail
     result.stdout.fnmatch_lines(["*could not be gated: pair user-fake cannot be gated: *returned shape (*, 2)*"])
     errors = [c for c in json.loads((user.path / "qrobust-report" / "report.json").read_text())["cases"]
               if c["verdict"] == "error"]
     assert len(errors) == 4 and {c["pair"] for c in errors} == {"user-fake"}
+
+
+def test_unreadable_images_fail_the_pair_before_it_is_built_with_one_line_per_test(user):
+    whole = (user.path / "images" / "bright" / "img0.png").read_bytes()
+    (user.path / "images" / "bright" / "img0.png").write_bytes(whole[:200])
+    (user.path / "images" / "dark" / "notes.jpg").write_text("not a photo")
+    user.makepyfile(marked="""
+        import pathlib
+        from usermodels import build as build_model
+
+        def build():
+            pathlib.Path("built").touch()
+            return build_model()
+    """)
+    text = README_SHAPED.replace("usermodels:build", "marked:build")
+    user.makefile(".yaml", thresholds=text.replace("gate:\n", "perturbations: {awgn: {levels: [0, 0.1]}}\ngate:\n"))
+    user.makepyfile(test_gate="""
+        def test_top1_delta(qrobust_case, qrobust_check):
+            qrobust_check(qrobust_case, "top1_delta")
+    """)
+    result = user.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=2)
+    out = result.stdout.str()
+    line = (f"pair user-int8 cannot be gated: dataset='photos': 2 of 13 images in {str(user.path / 'images')!r} cannot "
+            "be read: 'bright/img0.png' (truncated), 'dark/notes.jpg' (not an image)")
+    assert out.count(line) == 3, out  # once in each failed test, once in the run's summary
+    assert "During handling" not in out and not (user.path / "built").exists()
 
 
 def test_a_pair_without_a_cam_layer_is_not_judged_on_file_wide_cam_tolerances_and_says_so(user):

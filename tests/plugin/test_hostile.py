@@ -154,11 +154,15 @@ def test_a_fifo_among_the_images_and_a_decompression_bomb_are_named(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a" / "ok.png")
     if hasattr(os, "mkfifo"):
         os.mkfifo(tmp_path / "a" / "stuck.png")
-        with pytest.raises(InvalidArgument, match=r"image='.*stuck.png': not a regular file"):
+        with pytest.raises(InvalidArgument, match=r"dataset='d': 1 of 2 images .*: 'a/stuck.png' \(not a regular file\)"):
             folder_dataset("d", tmp_path, ImageReader((8, 8)))
         os.unlink(tmp_path / "a" / "stuck.png")
     Image.new("1", (9000, 9000)).save(tmp_path / "a" / "bomb.png")  # 10 kB on disk, 81 M pixels decoded
+    with pytest.raises(InvalidArgument, match=r"'a/bomb.png' \(9000x9000 pixels, over the limit of 64000000\)"):
+        folder_dataset("d", tmp_path, ImageReader((8, 8)))  # probed from its header, before any batch
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "bomb.png")
     data = folder_dataset("d", tmp_path, ImageReader((8, 8)))
+    Image.new("1", (9000, 9000)).save(tmp_path / "a" / "bomb.png")  # swapped after the probe: decoding refuses it
     with pytest.raises(InvalidArgument, match=r"bomb.png'.*9000x9000 pixels, over the limit of 64000000"):
         list(data.batches(2))
 
