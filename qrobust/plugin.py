@@ -160,26 +160,60 @@ def _validate_device(device: str) -> None:
 
 
 def pytest_configure(config):
+    """Markers and the (inert) collector always; the gate only when asked for: a ``--qrobust-*`` option,
+    ``QROBUST_*`` variable or ``qrobust_*`` ini key starts it here, and collecting a test that uses a gate
+    fixture (the qrobust suites, a user's own gate test) starts it then. Any other pytest run of the
+    environment reads no file and builds nothing, whatever thresholds.yaml its folder holds."""
     config.addinivalue_line("markers", "qrobust_tolerance(**metrics): override tolerances for this test, e.g. "
                                        "@pytest.mark.qrobust_tolerance(top1_delta=0.02)")
     config.addinivalue_line("markers", "qrobust: a qrobust gate check (added automatically)")
     config.addinivalue_line("markers", "qrobust_metrics(*names): the metrics this gate test checks; cases whose "
                                        "pair gates none of them are not generated")
-    path = option(config, "thresholds")
-    if path is None:
-        default = Path(str(config.rootpath)) / "thresholds.yaml"
-        path = str(default) if default.exists() else None
-    if path is None:
-        config.stash[SESSION_KEY] = None
-        return
+    config.pluginmanager.register(_Collector(_is_worker(config)), COLLECTOR)
+    if _asked_for(config):
+        _start(config, eager=True)
+
+
+def _asked_for(config) -> bool:
+    """Whether a qrobust option is given (command line, environment or ini): the gate is wanted."""
+    for dest, env in [(o.dest, o.env) for o in opts.OPTIONS] + [(_flag_dest(n), _flag_dest(n).upper()) for n in opts.FLAGS]:
+        if config.getoption(dest) not in (None, False) or os.environ.get(env):
+            return True
+        try:
+            if config.getini(dest) not in (None, "", []):
+                return True
+        except (TypeError, ValueError, pytest.UsageError):  # a bad value: asked for, and refused with one line
+            return True
+    return False
+
+
+def _start(config, eager: bool):
+    """Create the session: the thresholds file (the option's, else thresholds.yaml at the rootdir), the
+    report folder checked writable before any model work, and pytest-benchmark's and Hypothesis's
+    storage moved into it (``eager``: before pytest-benchmark creates ./.benchmarks at configure)."""
     from qrobust.errors import ConfigError, InvalidArgument
     from qrobust.session import Options, QrobustSession
 
+    path = option(config, "thresholds")
+    if path is None:
+        default = Path(str(config.rootpath)) / "thresholds.yaml"
+        if not default.exists():
+            raise pytest.UsageError("qrobust: no thresholds file: pass --qrobust-thresholds PATH (qrobust init writes a "
+                                    "starter) or create thresholds.yaml at the rootdir")
+        path = str(default)
     device = option(config, "device")
     _validate_device(device)
+    report = option(config, "report")
+    _writable(report)
+    if eager and config.pluginmanager.hasplugin("benchmark") and config.getoption("benchmark_storage", None) \
+            in (None, "file://./.benchmarks"):
+        config.option.benchmark_storage = f"file://{Path(report) / '.benchmarks'}"
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    set_hypothesis_home_dir(Path(report) / ".hypothesis")
     options = Options(
         thresholds=path, pairs=option(config, "pairs"), device=device, seed=option(config, "seed"),
-        report=option(config, "report"), decision=option(config, "decision"),
+        report=report, decision=option(config, "decision"),
         max_samples=option(config, "max-samples"), save_baseline=option(config, "save-baseline"),
         overwrite_baseline=flag(config, "overwrite-baseline"), baseline=option(config, "baseline"),
         baseline_any_env=flag(config, "baseline-any-env"), sensitivity=option(config, "sensitivity") or 0,
@@ -191,7 +225,6 @@ def pytest_configure(config):
     except (ConfigError, InvalidArgument) as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SESSION_KEY] = session
-    config.pluginmanager.register(_Collector(worker), COLLECTOR)
     if worker:  # share the cores between xdist workers instead of oversubscribing
         import torch
 
@@ -200,6 +233,21 @@ def pytest_configure(config):
     else:
         progress = TerminalProgress(config)
         session.progress, session.announce = progress, progress.line
+    return session
+
+
+def _writable(folder: str) -> None:
+    """The report folder exists (created) and takes a file, or one usage line before any model work."""
+    from qrobust.errors import show
+
+    probe = Path(folder) / f".qrobust-write-check-{os.getpid()}"
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise pytest.UsageError(f"--qrobust-report {show(folder)}: cannot write the report there "
+                                f"({exc.strerror or type(exc).__name__})") from None
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -266,12 +314,23 @@ class TerminalProgress:
             sys.stdout.flush()
 
 
+PROBLEM_KEY = pytest.StashKey[str]()  # why the gate could not start during collection (one usage line, exit 4)
+
+
 def _session(config):
+    """The session, started now if a gate test asks for it first. A gate that cannot start is one usage
+    line: raised again at the end of collection, where pytest prints it alone (a raise inside
+    parametrization would be a collection error with a traceback per module)."""
     session = config.stash.get(SESSION_KEY, None)
-    if session is None:
-        raise pytest.UsageError("qrobust: no thresholds file: pass --qrobust-thresholds PATH or create "
-                                "thresholds.yaml at the rootdir")
-    return session
+    if session is not None:
+        return session
+    if PROBLEM_KEY in config.stash:
+        raise pytest.UsageError(config.stash[PROBLEM_KEY])
+    try:
+        return _start(config, eager=False)
+    except pytest.UsageError as exc:
+        config.stash[PROBLEM_KEY] = str(exc)
+        raise
 
 
 def pytest_generate_tests(metafunc):
@@ -280,7 +339,11 @@ def pytest_generate_tests(metafunc):
                           ("qrobust_explanation_pair", "explanations"), ("qrobust_quantizer_pair", "quantizer")):
         if fixture not in metafunc.fixturenames:
             continue
-        plan = _session(metafunc.config).plan
+        try:
+            plan = _session(metafunc.config).plan
+        except pytest.UsageError:  # raised again, alone, at the end of collection
+            metafunc.parametrize(fixture, [_nothing_gated(metafunc, kind)])
+            continue
         if kind in ("latency", "explanations", "quantizer"):
             pairs = {"latency": plan.latency_pairs, "explanations": plan.explanation_pairs,
                      "quantizer": plan.quantizer_pairs}[kind]
@@ -323,6 +386,8 @@ def pytest_collection_modifyitems(config, items):
     tolerance none of them judges (a run collecting no gate test, such as a project's unit tests, is
     not a gate run)."""
     _check_markers(items)
+    if PROBLEM_KEY in config.stash:
+        raise pytest.UsageError(config.stash[PROBLEM_KEY])
     qsession = config.stash.get(SESSION_KEY, None)
     if qsession is None:
         return
@@ -509,14 +574,15 @@ OUTCOME_KEY = pytest.StashKey["object"]()  # the finished run's Outcome (qrobust
 def pytest_sessionfinish(session, exitstatus):
     config = session.config
     qsession = config.stash.get(SESSION_KEY, None)
-    if qsession is None:
-        return
     if _is_worker(config):
-        config.workeroutput["qrobust"] = json.dumps(qsession.worker_output())
+        if qsession is not None:
+            config.workeroutput["qrobust"] = json.dumps(qsession.worker_output())
         return
     collector = config.pluginmanager.get_plugin(COLLECTOR)
     if collector.gate_reports == 0 and not collector.records:
         return
+    if qsession is None:  # the controller of an -n run whose workers started the gate when they collected it
+        qsession = _session(config)
     from qrobust.session import Outcome
 
     if exitstatus == pytest.ExitCode.INTERRUPTED:

@@ -354,6 +354,6 @@ def test_declared_sections_are_validated(pytester, edit, message):
     old, new, count = edit
     pytester.makefile(".yaml", thresholds=DECLARED.replace(old, new, count))
     pytester.makepyfile(test_user="def test_nothing(): pass")
-    result = pytester.runpytest()
+    result = pytester.runpytest("--qrobust-thresholds", "thresholds.yaml")  # asked for: validated at start
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert message in result.stderr.str(), result.stderr.str()

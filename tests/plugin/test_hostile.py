@@ -207,14 +207,27 @@ def test_an_unwritable_report_fails_the_run_with_the_reason(pytester):
 
 
 def test_a_report_that_cannot_be_written_fails_the_run_with_the_reason(pytester):
-    """A file where the report directory should be: the same failure root or not."""
+    """A file where the report directory should be: refused before any model work (exit 4), the file
+    intact; a folder that turns unwritable during the run fails it at the end, in JUnit too."""
     pytester.makefile(".yaml", thresholds=thresholds())
     pytester.makepyfile(test_gate=SUITE)
     (pytester.path / "blocked").write_text("a file, not a folder")
     result = pytester.runpytest("--qrobust-report", "blocked/report")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR and "building pair" not in result.stdout.str()
+    assert "cannot write the report there" in result.stderr.str()
+    assert (pytester.path / "blocked").read_text() == "a file, not a folder"  # nothing lost
+    pytester.makeconftest("""
+        import shutil
+        from pathlib import Path
+
+        def pytest_collection_finish(session):  # after the start's check: the folder becomes a file
+            shutil.rmtree("later")
+            Path("later").write_text("a file now")
+    """)
+    result = pytester.runpytest("--qrobust-report", "later", "--junitxml=junit.xml")
     assert result.ret == 1
     result.stdout.fnmatch_lines(["*qrobust: FAILED: report not written: *"])
-    assert (pytester.path / "blocked").read_text() == "a file, not a folder"  # nothing lost
+    assert 'failures="1"' in (pytester.path / "junit.xml").read_text()  # the qrobust::gate failure
 
 
 SET_WRITER = """
