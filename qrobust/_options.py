@@ -15,10 +15,11 @@ from collections.abc import Callable
 from qrobust.errors import show
 
 DECISIONS = ("point", "strict", "lenient", "familywise")  # the one list: config and verdicts import it
+SEED_MAX = 2**32 - 1  # the range every generator seeded from it takes (numpy's RandomState included)
 DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
 
 
-def _whole(minimum: int) -> Callable[[str], int]:
+def _whole(minimum: int, maximum: int = 2**31 - 1) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -26,6 +27,8 @@ def _whole(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {show(text)}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
         return value
 
     return parse
@@ -116,7 +119,7 @@ OPTIONS = (
                metavar="A,B", ini="args"),
     OptionSpec("device", "torch device for FP32 and fake-quant models (cpu, cuda, cuda:1, mps); real int8 "
                          "twins always run on the CPU", parse_device, default="cpu", metavar="DEV"),
-    OptionSpec("seed", "seed of perturbations and bootstrap (default: the thresholds' seed)", _whole(0),
+    OptionSpec("seed", "seed of perturbations and bootstrap (default: the thresholds' seed)", _whole(0, SEED_MAX),
                metavar="N", ini="int"),
     OptionSpec("report", "directory for report.json and report.html", parse_path, default="qrobust-report",
                is_path=True, metavar="DIR"),

@@ -443,13 +443,17 @@ def _check_marker_metric(nodeid: str, marker: str, metric) -> None:
 
 
 def _check_marker_tolerance(nodeid: str, metric: str, value) -> None:
+    """A marker's tolerance is checked as a thresholds file's: a finite number >= 0 the metric can meet and miss."""
     import math
 
+    from qrobust._validation import is_number
     from qrobust.errors import show
+    from qrobust.metrics.catalog import METRICS
 
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise pytest.UsageError(f"{nodeid}: @pytest.mark.qrobust_tolerance({metric}=...): expected a finite "
-                                f"number >= 0, got {show(value)}")
+    number = is_number(value) and math.isfinite(value) and value >= 0
+    problem = METRICS[metric].tolerance_problem(value) if number else "expected a finite number >= 0"
+    if problem:
+        raise pytest.UsageError(f"{nodeid}: @pytest.mark.qrobust_tolerance({metric}=...): {problem}, got {show(value)}")
 
 
 @pytest.fixture(scope="session")

@@ -105,18 +105,19 @@ class QrobustSession:
             facts = pair_entry(name).facts
             return dataclasses.replace(facts, cam=True) if layer_free else facts
         layer = spec.get("target_layer") or TORCHVISION_ARCHS.get(spec.get("arch", ""))
-        return PairFacts(cam=layer_free or layer is not None, saliency=self._has_saliency(spec["dataset"]),
-                         classes=spec["num_classes"], dataset=spec["dataset"])
+        dataset = spec["dataset"]
+        return PairFacts(cam=layer_free or layer is not None, saliency=self._dataset_has(dataset, "saliency"),
+                         boxes=self._dataset_has(dataset, "boxes"), classes=spec["num_classes"], dataset=dataset)
 
-    def _has_saliency(self, dataset: str) -> bool | None:
-        """Whether a dataset carries ground-truth saliency maps: a declared one's ``saliency:`` key, a
-        built-in's ``saliency`` tag; None for other registered datasets (known once loaded)."""
+    def _dataset_has(self, dataset: str, what: str) -> bool | None:
+        """Whether a dataset carries ``saliency`` maps or ``boxes``: a declared one's key of that name, a
+        built-in's tag; None for other registered datasets (known once loaded)."""
         from qrobust.data import DATASETS
 
         if dataset in self.thresholds.datasets:
-            return "saliency" in self.thresholds.datasets[dataset]
+            return what in self.thresholds.datasets[dataset]
         if dataset in DATASETS.names("builtin"):
-            return dataset in DATASETS.names("saliency")
+            return dataset in DATASETS.names(what)
         return None
 
     def _bits_of(self, name: str) -> int | None:

@@ -94,7 +94,7 @@ GATE = textwrap.dedent("""\
     defaults: {top1_delta: 0.0, agreement: 1.0, kl_mean: 0.0, cam_cc: 1.0}
     perturbations: {awgn: {levels: [0, 0.1]}, fgsm: {levels: [0.05]}}
     gate: {guarded-int8: {}, guarded-fake: {}}
-    explanations: {pairs: [guarded-int8], samples: 8, steps: 4, tolerances: {deletion_auc_delta: 1.0}}
+    explanations: {pairs: [guarded-int8], samples: 8, steps: 4, tolerances: {deletion_auc_delta: 0.9}}
     latency: {pairs: [guarded-int8], batch: 4, rounds: 3}
     """)
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from qrobust._files import MiB, check_regular_file, read_bounded
+from qrobust._validation import is_number
 from qrobust.data.datasets import Batch, StreamingSet
 from qrobust.errors import InvalidArgument, invalid, show
 from qrobust.registry import import_object
@@ -189,7 +190,7 @@ def read_boxes(path: Path, rels: list[str]) -> dict[str, list[float]]:
             raise invalid("boxes", str(path), f"has no box for {show(rel)}")
         box = boxes[rel]
         if (not isinstance(box, list) or len(box) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+                or not all(is_number(v) and math.isfinite(v) for v in box)):
             raise invalid("boxes", f"{path}: {show(rel)}", f"expected [x0, y0, x1, y1] as four finite numbers, "
                                                            f"got {show(box)}")
     return boxes

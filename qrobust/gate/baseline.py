@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 from qrobust._files import MiB, read_bounded, write_atomic
+from qrobust._validation import is_number
 from qrobust.errors import ConfigError, InvalidArgument, show
 from qrobust.gate.config import BaselineMargin
 from qrobust.metrics.catalog import METRICS
@@ -50,7 +51,7 @@ def load_baseline(path: str | Path) -> dict:
     if not isinstance(data, dict) or not isinstance(data.get("values"), dict) or not isinstance(data.get("fingerprint"), dict):
         raise ConfigError(f"{path}: baseline lacks 'fingerprint' and 'values' objects")
     for key, value in data["values"].items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_number(value) or not math.isfinite(value):
             raise ConfigError(f"{path}: values.{show(key)}: expected a finite number, got {show(value)}")
         if key.rsplit("|", 1)[-1] not in METRICS:
             raise ConfigError(f"{path}: values.{show(key)}: not a 'pair|perturbation|level|metric' key")

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,13 +47,23 @@ from typing import Any, NoReturn
 import yaml
 
 from qrobust._files import MiB, read_bounded
-from qrobust._options import DECISIONS
+from qrobust._options import DECISIONS, SEED_MAX
+from qrobust._validation import is_number
 from qrobust.errors import ConfigError, InvalidArgument, show
 from qrobust.metrics.catalog import CASE_METRICS, EXPLANATION_METRICS, LATENCY_METRICS, METRICS, default_tolerances
 from qrobust.registry import did_you_mean
 
 MAX_BYTES = 4 * MiB  # a thresholds file is a page of YAML; anything near this size is a mistake or an attack
 MAX_DEPTH = 64  # nesting deeper than any valid file; deeper input is refused before it can exhaust the stack
+# bounds no run can honour beyond: checked at load, so a typo is one line, not a 16 GB allocation or an overflow
+MAX_REPLICATES = 100_000  # a batch's bootstrap weights take batch x replicates x 4 bytes; past this the
+                          # interval's Monte-Carlo error (~1/sqrt(replicates)) is far below its sampling error
+MAX_BATCH = 4096
+MAX_SAMPLES = 2**31 - 1
+MAX_ROUNDS = 10_000
+MAX_STEPS = 10_000
+# YAML 1.2 floats (1e-3, 5E-2): PyYAML reads YAML 1.1, whose floats need a dot, and left these as strings
+YAML12_FLOAT = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$")
 MODES = DECISIONS
 F1_AVERAGES = ("macro", "micro", "weighted")
 # the sweep a file without a ``perturbations:`` section gets: seed 004's four families at their
@@ -66,6 +77,7 @@ BITWIDTH_KEYS = ("pairs", "min_bits", "perturbation", "level", "tolerances")
 LATENCY_KEYS = ("pairs", "batch", "rounds") + LATENCY_METRICS
 EXPLANATIONS_KEYS = ("pairs", "samples", "steps", "tolerances")
 CAM_KEYS = ("method",)
+PAIR_TOLERANCES = CASE_METRICS + ("quantized_fraction",)  # defaults and a pair's own: its cases and its coverage
 TOP_KEYS = ("decision", "seed", "batch_size", "max_samples", "replicates", "f1_average", "defaults", "baseline",
             "perturbations", "gate", "bitwidth", "latency", "cam", "explanations", "pairs", "datasets")
 
@@ -172,7 +184,8 @@ class Thresholds:
 
 # ---- YAML -----------------------------------------------------------------------------------------------------
 class _StrictLoader(yaml.SafeLoader):
-    """yaml's SafeLoader (no object construction), refusing duplicate and non-string keys and deep nesting."""
+    """yaml's SafeLoader (no object construction), refusing duplicate and non-string keys and deep nesting,
+    reading YAML 1.2's exponent floats (``1e-3``) as numbers."""
 
     def compose_node(self, parent, index):
         self._depth = getattr(self, "_depth", 0) + 1
@@ -194,6 +207,9 @@ class _StrictLoader(yaml.SafeLoader):
                 raise ConfigError(f"duplicate key {show(key)} (line {key_node.start_mark.line + 1})")
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", YAML12_FLOAT, list("-+0123456789."))
 
 
 def safe_load_unique(text: str) -> Any:
@@ -236,13 +252,14 @@ class _Validator:
                 hint = did_you_mean(k, [str(a) for a in allowed]) or f"; allowed: {', '.join(sorted(map(str, allowed)))}"
                 self.fail(self.join(key, k), f"unknown key{hint}")
 
-    def whole(self, value, key: str, minimum: int | None = 0) -> int:
-        return int(self.number(value, key, minimum, integer=True))
+    def whole(self, value, key: str, minimum: int | None = 0, maximum: int | None = None) -> int:
+        return int(self.number(value, key, minimum, integer=True, maximum=maximum))
 
-    def number(self, value, key: str, minimum: float | None = 0.0, integer: bool = False) -> float:
+    def number(self, value, key: str, minimum: float | None = 0.0, integer: bool = False,
+               maximum: float | None = None) -> float:
         if isinstance(value, str):
             self.fail(key, f"expected a number, got the string {show(value)} (remove the quotes)")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_number(value):
             self.fail(key, f"expected a number, got {type(value).__name__} {show(value)}")
         if not math.isfinite(value):
             self.fail(key, f"must be finite, got {value!r}")
@@ -250,7 +267,17 @@ class _Validator:
             self.fail(key, f"expected a whole number, got {value!r}")
         if minimum is not None and value < minimum:
             self.fail(key, f"must be >= {minimum:g}, got {value!r}")
+        if maximum is not None and value > maximum:
+            self.fail(key, f"must be <= {maximum:g}, got {value!r}")
         return float(value)
+
+    def tolerance(self, metric: str, value, key: str) -> float:
+        """A tolerance: a number >= 0 that some value of the metric can meet and some can miss."""
+        tolerance = self.number(value, key)
+        problem = METRICS[metric].tolerance_problem(tolerance)
+        if problem:
+            self.fail(key, f"{tolerance:g}: {problem}")
+        return tolerance
 
     def choice(self, value, key: str, options) -> str:
         if value not in options:
@@ -262,10 +289,19 @@ class _Validator:
             self.fail(key, f"expected a non-empty string, got {show(value)}")
         return value
 
-    def tolerances(self, value, key: str, allowed=tuple(METRICS)) -> dict[str, float]:
+    def tolerances(self, value, key: str, allowed=CASE_METRICS) -> dict[str, float]:
+        """Tolerances of the metrics a section judges (per-case metrics, unless told): a metric judged
+        elsewhere is refused naming its section, never dropped."""
         value = self.mapping(value, key)
+        for metric in value:
+            if metric in METRICS and metric not in allowed:
+                where = {"latency": "it goes in the latency: section", "explanation": "it goes in explanations.tolerances",
+                         "quantizer": "it goes in defaults: or gate.<pair>.tolerances"}.get(METRICS[metric].family, "")
+                if metric == "quantizer_violations":
+                    where = "no file sets it: every gated pair's quantizers must keep their properties (0 violations)"
+                self.fail(self.join(key, metric), f"{metric} is not judged here: {where or 'see the README'}")
         self.keys(value, key, allowed)
-        return {m: self.number(v, self.join(key, m)) for m, v in value.items()}
+        return {m: self.tolerance(m, v, self.join(key, m)) for m, v in value.items()}
 
     def perturbation(self, name, key: str):
         from qrobust.data.perturbations import PERTURBATIONS
@@ -382,7 +418,7 @@ def _gate(v: _Validator, raw: dict, sweep: dict[str, SweepEntry]) -> dict[str, G
                                         _frozen(v.at(pspec.get("at"), f"{pkey}.at", levels)))
             if not only:
                 v.fail(f"{key}.perturbations", "is empty: name the perturbations to keep, or leave the key out")
-        gate[pair] = GateEntry(_frozen(v.tolerances(spec.get("tolerances"), f"{key}.tolerances")),
+        gate[pair] = GateEntry(_frozen(v.tolerances(spec.get("tolerances"), f"{key}.tolerances", PAIR_TOLERANCES)),
                                None if only is None else _frozen(only), metrics, xfail)
     return gate
 
@@ -416,7 +452,7 @@ def _bitwidth(v: _Validator, raw: dict) -> BitwidthConfig:
     pairs = v.pair_list(section.get("pairs"), "bitwidth.pairs")
     if pairs and not tolerances:
         v.fail("bitwidth.tolerances", "the bit-width sweep needs tolerances to check")
-    return BitwidthConfig(pairs, v.whole(section.get("min_bits", default.min_bits), "bitwidth.min_bits", 1),
+    return BitwidthConfig(pairs, v.whole(section.get("min_bits", default.min_bits), "bitwidth.min_bits", 1, 16),
                           pert.name, v.level(section.get("level", default.level), "bitwidth.level", pert),
                           _frozen(tolerances))
 
@@ -426,9 +462,9 @@ def _latency(v: _Validator, raw: dict) -> LatencyConfig:
     v.keys(section, "latency", LATENCY_KEYS)
     default = LatencyConfig()
     return LatencyConfig(v.pair_list(section.get("pairs"), "latency.pairs"),
-                         v.whole(section.get("batch", default.batch), "latency.batch", 1),
-                         v.whole(section.get("rounds", default.rounds), "latency.rounds", 3),
-                         _frozen({m: v.number(section[m], f"latency.{m}") for m in LATENCY_METRICS if m in section}))
+                         v.whole(section.get("batch", default.batch), "latency.batch", 1, MAX_BATCH),
+                         v.whole(section.get("rounds", default.rounds), "latency.rounds", 3, MAX_ROUNDS),
+                         _frozen({m: v.tolerance(m, section[m], f"latency.{m}") for m in LATENCY_METRICS if m in section}))
 
 
 def _explanations(v: _Validator, raw: dict) -> ExplanationsConfig:
@@ -439,8 +475,9 @@ def _explanations(v: _Validator, raw: dict) -> ExplanationsConfig:
     tolerances = v.tolerances(section.get("tolerances"), "explanations.tolerances", EXPLANATION_METRICS)
     if pairs and not tolerances:
         v.fail("explanations.tolerances", f"explanation pairs need tolerances to check ({', '.join(EXPLANATION_METRICS)})")
-    return ExplanationsConfig(pairs, v.whole(section.get("samples", default.samples), "explanations.samples", 1),
-                              v.whole(section.get("steps", default.steps), "explanations.steps", 1),
+    return ExplanationsConfig(pairs, v.whole(section.get("samples", default.samples), "explanations.samples", 1,
+                                             MAX_SAMPLES),
+                              v.whole(section.get("steps", default.steps), "explanations.steps", 1, MAX_STEPS),
                               _frozen(tolerances))
 
 
@@ -512,14 +549,15 @@ def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Th
     thresholds = Thresholds(
         path=str(path), sha256=hashlib.sha256(raw_bytes).hexdigest(),
         decision=v.choice(raw.get("decision", "point"), "decision", MODES),
-        seed=v.whole(raw.get("seed", 0), "seed"),
-        batch_size=v.whole(raw.get("batch_size", 64), "batch_size", minimum=1),
-        max_samples=None if raw.get("max_samples") is None else v.whole(raw["max_samples"], "max_samples", 1),
-        replicates=v.whole(raw.get("replicates", 1000), "replicates", minimum=10),
+        seed=v.whole(raw.get("seed", 0), "seed", maximum=SEED_MAX),
+        batch_size=v.whole(raw.get("batch_size", 64), "batch_size", minimum=1, maximum=MAX_BATCH),
+        max_samples=None if raw.get("max_samples") is None else v.whole(raw["max_samples"], "max_samples", 1,
+                                                                         MAX_SAMPLES),
+        replicates=v.whole(raw.get("replicates", 1000), "replicates", minimum=10, maximum=MAX_REPLICATES),
         f1_average=v.choice(raw.get("f1_average", "macro"), "f1_average", F1_AVERAGES),
         cam_method=v.choice(cam.get("method", "auto"), "cam.method", ("auto", *_cam_methods())),
         defaults=_frozen(default_tolerances() if defaults is None
-                         else v.tolerances(defaults, "defaults", CASE_METRICS + ("quantized_fraction",))),
+                         else v.tolerances(defaults, "defaults", PAIR_TOLERANCES)),
         sweep=_frozen(sweep), gate=_frozen(_gate(v, raw, sweep)), baseline=_frozen(_baseline(v, raw)),
         bitwidth=_bitwidth(v, raw), latency=_latency(v, raw), explanations=_explanations(v, raw),
         pairs=_frozen(declared_pairs), datasets=_frozen(datasets),

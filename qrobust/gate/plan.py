@@ -193,6 +193,12 @@ def make_plan(thresholds: Thresholds, bits_of: Callable[[str], int | None], sele
         explanations=CaseSpec("", "clean", 0.0, thresholds.explanations.tolerances),
         quantizer=MappingProxyType({p: MappingProxyType(t) for p, t in quantizer.items() if keep(p)}),
     )
+    for pair in plan.explanation_pairs:  # a section naming its pairs: what one cannot compute is an error
+        for metric in thresholds.explanations.tolerances:
+            reason = facts(pair).cannot(metric)
+            if reason:
+                raise ConfigError(f"{thresholds.path}: explanations.tolerances.{metric}: cannot be judged for "
+                                  f"{pair}: {reason}")
     empty = [c.pair for c in plan.cases if not c.tolerances]
     if empty:
         raise ConfigError(f"{thresholds.path}: gate.{empty[0]}: no tolerance applies to its cases "

@@ -126,6 +126,7 @@ class PairFacts:
 
     cam: bool | None = None  # a CAM layer (or a layer-free CAM method)
     saliency: bool | None = None  # its dataset has ground-truth saliency maps
+    boxes: bool | None = None  # its dataset has object bounding boxes (WSOL)
     classes: int | None = None
     dataset: str | None = None
 
@@ -136,6 +137,8 @@ class PairFacts:
             return "it has no CAM target layer (set target_layer, or cam: {method: occlusion}, which needs none)"
         if info.needs_saliency and self.saliency is False:
             return f"its dataset {self.dataset!r} has no ground-truth saliency maps"
+        if metric == "wsol_iou_delta" and self.boxes is False:
+            return f"its dataset {self.dataset!r} has no bounding boxes"
         if metric == "top5_delta" and self.classes is not None and self.classes <= 5:
             return f"it has {self.classes} classes, so every label is in its top 5"
         return None

@@ -71,7 +71,8 @@ def _lenet_pair(preset: str) -> ModelPair:
 def _register_lenet(preset: str, *tags: str) -> None:
     name = f"lenet5-digits-{preset.removeprefix('fake-')}"
     register_pair(name, lambda: _lenet_pair(preset), tags=("builtin", "lenet5", *tags), preset=preset,
-                  group="lenet5-digits", facts=PairFacts(cam=True, saliency=False, classes=10, dataset="digits-test"))
+                  group="lenet5-digits", facts=PairFacts(cam=True, saliency=False, boxes=False, classes=10,
+                                                                   dataset="digits-test"))
 
 
 _register_lenet("int8-x86", "int8", "default")
@@ -150,4 +151,4 @@ for _suffix, (_preset, _keep) in LITE0_TWINS.items():
     register_pair(f"efficientnet-lite0-{_suffix}", lambda s=_suffix: _lite0_pair(s),
                   tags=("builtin", "efficientnet-lite0", PRESETS.get(_preset).kind), preset=_preset,
                   group="efficientnet-lite0",
-                  facts=PairFacts(cam=True, saliency=False, classes=1000, dataset=LITE0_DATASET))
+                  facts=PairFacts(cam=True, saliency=False, boxes=False, classes=1000, dataset=LITE0_DATASET))

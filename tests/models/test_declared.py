@@ -191,7 +191,7 @@ EXPLANATIONS = """explanations:
   pairs: [user-int8]
   samples: 6
   steps: 10
-  tolerances: {deletion_auc_delta: 1.0, wsol_iou_delta: 1.0}
+  tolerances: {deletion_auc_delta: 0.9, wsol_iou_delta: 0.9}
 """
 DECLARED = """
 decision: point

@@ -80,6 +80,8 @@ MARKED = """
     ("top1_delat=0.01", "@pytest.mark.qrobust_tolerance: unknown metric 'top1_delat'; did you mean 'top1_delta'?"),
     ("agreement='0.9'", "qrobust_tolerance(agreement=...): expected a finite number >= 0, got '0.9'"),
     ("agreement=float('nan')", "qrobust_tolerance(agreement=...): expected a finite number >= 0, got nan"),
+    ("agreement=1.01", "qrobust_tolerance(agreement=...): no value of agreement can meet it (agreement runs from 0 to 1), "
+                       "got 1.01"),
     ("0.9", "qrobust_tolerance takes metric=tolerance keywords"),
 ])
 def test_misspelled_or_bad_tolerance_markers_are_usage_errors(pytester, marker, message):
