@@ -25,7 +25,7 @@ _PUBLIC = {
     "load_pair": "qrobust.models", "pair_names": "qrobust.models",
     # quantization
     "QuantConfig": "qrobust.quant", "TensorSpec": "qrobust.quant", "PRESETS": "qrobust.quant",
-    "get_preset": "qrobust.quant", "quantize_model": "qrobust.quant",
+    "get_preset": "qrobust.quant", "quantize_model": "qrobust.runtimes",  # with every runtime's quantizer registered
     # runtimes
     "load_onnx": "qrobust.runtimes", "RuntimeModel": "qrobust.runtimes",
     # data and perturbations

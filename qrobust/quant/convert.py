@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from qrobust.errors import UnsupportedError, invalid
 from qrobust.placement import feed, stage
 from qrobust.quant.presets import QuantConfig, TensorSpec
 from qrobust.quant.quantizer import QParams, fake_quantize, make_observer, quant_range
+from qrobust.registry import Registry
 
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -265,19 +266,42 @@ def convert_int8(model: nn.Module, config: QuantConfig, calibration: Iterable[to
     return Int8Model(converted, engine)
 
 
-def quantize_model(model: nn.Module, config: QuantConfig, calibration: Iterable[torch.Tensor]) -> nn.Module:
-    """The quantized twin ``config`` describes (fake-quant, real int8, an ONNX Runtime or a PT2E int8 model)."""
-    if config.runtime == "onnxruntime":
-        from qrobust.runtimes.onnx_quantize import quantize_onnx
+QUANTIZERS: Registry[Callable[..., nn.Module]] = Registry("quantizer")  # recipe runtime -> what builds its twin
 
-        return quantize_onnx(model, config, calibration)
-    if config.runtime == "torchao":
-        from qrobust.runtimes.exported import quantize_pt2e
 
-        return quantize_pt2e(model, config, calibration)
+def register_quantizer(runtime: str):
+    """Decorator: ``fn(model, config, calibration)`` builds the twins of recipes whose ``runtime`` is this one.
+    The quantization wing owns the registry and knows no runtime; ``qrobust.runtimes`` registers its own
+    (onnxruntime, torchao) when imported, as torchvision's architectures register their builders."""
+
+    def deco(fn):
+        QUANTIZERS.register(runtime, fn)
+        return fn
+
+    return deco
+
+
+@register_quantizer("torch")
+def quantize_torch(model: nn.Module, config: QuantConfig, calibration: Iterable[torch.Tensor]) -> nn.Module:
+    """A torch twin: fake-quant, or real int8 kernels."""
     if config.kind == "fake":
         return fake_quantize_model(model, config, calibration)
     return convert_int8(model, config, calibration)
+
+
+def quantize_model(model: nn.Module, config: QuantConfig, calibration: Iterable[torch.Tensor]) -> nn.Module:
+    """The quantized twin ``config`` describes (fake-quant, real int8, an ONNX Runtime or a PT2E int8 model),
+    built by the quantizer registered for its runtime."""
+    if config.runtime not in QUANTIZERS:
+        raise invalid("runtime", config.runtime, "has no quantizer registered: import qrobust.runtimes first "
+                                                 "(qrobust.models and the public qrobust.quantize_model do)")
+    return QUANTIZERS.get(config.runtime)(model, config, calibration)
+
+
+def is_runtime(model) -> bool:
+    """Whether a deployment runtime, not torch, runs ``model`` (a ``qrobust.runtimes.RuntimeModel`` names
+    its runtime): asked by name, so the quantization wing needs no import of the runtimes above it."""
+    return isinstance(getattr(type(model), "runtime", None), str)
 
 
 # ---- which kernels an int8 twin runs on: the part of a verdict that depends on the CPU --------------------

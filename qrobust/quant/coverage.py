@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from qrobust.placement import feed
-from qrobust.quant.convert import FakeQuantLayer, layer_root
+from qrobust.quant.convert import FakeQuantLayer, is_runtime, layer_root
 
 COMPUTE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
@@ -26,9 +26,7 @@ def mac_coverage(fp32: nn.Module, twin: nn.Module, x: torch.Tensor) -> dict:
     """``{"fraction": share of MACs quantized, "layers": [{"layer", "macs", "quantized"}], "quantized": k,
     "total": n}`` for one sample of ``x`` (MACs per image). A runtime twin (ONNX) counts its own graph's
     Conv/Gemm/MatMul nodes, named as in the graph."""
-    from qrobust.runtimes import RuntimeModel
-
-    if isinstance(twin, RuntimeModel):
+    if is_runtime(twin):
         return _summary(twin.compute_layers())
     macs: dict[str, int] = {}
     handles = []

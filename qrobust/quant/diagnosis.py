@@ -24,7 +24,7 @@ from torch import nn
 
 from qrobust.errors import UnsupportedError
 from qrobust.placement import feed
-from qrobust.quant.convert import FakeQuantLayer, is_int8, layer_root
+from qrobust.quant.convert import FakeQuantLayer, is_int8, is_runtime, layer_root
 
 
 @dataclass(frozen=True)
@@ -91,9 +91,7 @@ def _clip_fraction(code) -> float:
 
 def layer_errors(fp32: nn.Module, twin: nn.Module, x: torch.Tensor) -> list[LayerError]:
     """Per quantized layer of ``twin``, in execution order, its error against FP32 on the batch ``x``."""
-    from qrobust.runtimes import RuntimeModel
-
-    if isinstance(twin, RuntimeModel) or isinstance(fp32, RuntimeModel):
+    if is_runtime(twin) or is_runtime(fp32):
         raise UnsupportedError("per-layer diagnosis hooks torch modules; an onnxruntime model has none to hook")
     layers = _quantized_layers(twin)
     fp32_leaves = [n for n, m in fp32.named_modules() if n and not list(m.children())]

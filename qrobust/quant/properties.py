@@ -28,7 +28,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qrobust.quant.convert import FakeQuantLayer, is_int8, layer_root
+from qrobust.quant.convert import FakeQuantLayer, is_int8, is_runtime, layer_root
 from qrobust.quant.quantizer import QParams, dequantize, quantize
 
 
@@ -70,9 +70,7 @@ def _from_graph(params: list[dict]) -> list[Quantizer]:
 
 def quantizers(twin: torch.nn.Module) -> list[Quantizer]:
     """Every quantizer of a fake-quant, FX int8 or ONNX Runtime (QDQ) twin."""
-    from qrobust.runtimes import RuntimeModel
-
-    if isinstance(twin, RuntimeModel):
+    if is_runtime(twin):
         return _from_graph(twin.quant_params())
     root, found = layer_root(twin), []
     if is_int8(twin):

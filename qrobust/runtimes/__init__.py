@@ -7,9 +7,11 @@ A model in a pair is either a torch ``nn.Module`` (eager, fake-quant, an FX int8
 implemented (``qrobust.runtimes.onnxrt``); its export and static quantization live in
 ``qrobust.runtimes.onnx_quantize``. ONNX Runtime is an optional extra: ``pip install qrobust[onnx]``.
 """
+from qrobust.quant.convert import quantize_model
+from qrobust.runtimes import exported, onnx_quantize  # noqa: F401  (register the onnxruntime and torchao quantizers)
 from qrobust.runtimes.base import RuntimeModel, differentiable, runtime_name
 
-__all__ = ["RuntimeModel", "differentiable", "runtime_name", "load_onnx", "same_runtime_fp32"]
+__all__ = ["RuntimeModel", "differentiable", "runtime_name", "load_onnx", "quantize_model", "same_runtime_fp32"]
 
 
 def load_onnx(path, *, providers=None, trust: bool = False, custom_ops=()):

@@ -23,6 +23,7 @@ from torch import nn
 
 from qrobust.errors import UnsupportedError, invalid, show
 from qrobust.placement import cpu_copy, feed, stage
+from qrobust.quant.convert import register_quantizer
 from qrobust.runtimes.base import RuntimeModel
 
 QUANTIZE = ("quantize_per_tensor", "quantize_per_channel")
@@ -152,6 +153,7 @@ def require_torchao():
     return quantize_pt2e, x86_inductor_quantizer
 
 
+@register_quantizer("torchao")
 def quantize_pt2e(model: nn.Module, config, calibration: Iterable[torch.Tensor]) -> ExportedModel:
     """The PT2E int8 twin of ``model``: torch.export (dynamic batch), torchao's X86InductorQuantizer with
     ``config.keep_fp32`` modules left in float, calibration on ``calibration``, convert_pt2e."""

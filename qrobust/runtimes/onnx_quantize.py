@@ -22,6 +22,7 @@ from torch import nn
 
 from qrobust.errors import UnsupportedError, invalid, show
 from qrobust.placement import cpu_copy
+from qrobust.quant.convert import register_quantizer
 from qrobust.runtimes.onnxrt import OnnxModel, require_onnxruntime
 
 CALIBRATE_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -58,6 +59,7 @@ class _Batches:
         return next(self._items, None)
 
 
+@register_quantizer("onnxruntime")
 def quantize_onnx(model: nn.Module, config, calibration: Iterable[torch.Tensor]) -> OnnxModel:
     """The ORT int8 twin of ``model`` (a torch model, exported first, or an ``OnnxModel``), calibrated on
     ``calibration``. The twin keeps its FP32 ONNX model as ``fp32_reference`` (same runtime, for latency)."""
