@@ -20,7 +20,8 @@ from qrobust.metrics.catalog import METRICS
 from qrobust.metrics.stats import Estimate
 from qrobust.placement import feed, place, stage
 from qrobust.errors import one_line
-from qrobust.session import PairUnavailable, QrobustSession
+from qrobust.gate.pairs import PairUnavailable
+from qrobust.session import QrobustSession
 
 
 class ExpectedFailureCaught(AssertionError):
@@ -170,7 +171,7 @@ class QrobustCheck:
 
         session = self._session
         try:
-            pair = session.built(case.pair)  # the properties read even a twin too broken for the probe
+            pair = session.pairs.built(case.pair)  # the properties read even a twin too broken for the probe
         except Exception as exc:  # noqa: BLE001 - a pair that cannot be built is one line
             raise PairUnavailable(f"pair {case.pair} cannot be built: {one_line(exc)}") from None
         failures = check_twin(pair.quantized, examples)
@@ -233,11 +234,11 @@ class QrobustCheck:
 
         session = self._session
         try:
-            found = dict(session.diagnose(case))
+            found = dict(session.diagnoses.layers(case))
             lines = [found["line"]] if found["line"] else []
             if session.options.sensitivity and failed:
                 metric, tolerance, value = failed[0]
-                found["sensitivity"] = {"metric": metric, **session.sensitivity(case, metric, tolerance, value)}
+                found["sensitivity"] = {"metric": metric, **session.diagnoses.sensitivity(case, metric, tolerance, value)}
                 lines.append(describe(found["sensitivity"], metric))
         except Exception as exc:  # noqa: BLE001 - a diagnosis that cannot run must not hide the failure
             return [f"(no per-layer diagnosis: {type(exc).__name__}: {exc})"[:300]]

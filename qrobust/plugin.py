@@ -220,19 +220,17 @@ def _start(config, eager: bool):
         x86_kernels=option(config, "x86-kernels"))
     option(config, "markdown")  # read at the end; a bad value is a usage error now, not after the run
     worker = _is_worker(config)
-    try:
-        session = QrobustSession(options, worker=worker)
-    except (ConfigError, InvalidArgument) as exc:
-        raise pytest.UsageError(str(exc)) from None
-    config.stash[SESSION_KEY] = session
     if worker:  # share the cores between xdist workers instead of oversubscribing
         import torch
 
         workers = int(config.workerinput.get("workercount", 1))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    else:
-        progress = TerminalProgress(config)
-        session.progress, session.announce = progress, progress.line
+    progress = None if worker else TerminalProgress(config)
+    try:
+        session = QrobustSession(options, worker=worker, progress=progress, announce=progress and progress.line)
+    except (ConfigError, InvalidArgument) as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[SESSION_KEY] = session
     return session
 
 

@@ -29,7 +29,7 @@ def evaluation_units(session) -> dict[str, str]:
     plan = session.plan
 
     def group(pair: str) -> str:
-        key = session.group_of(pair)
+        key = session.pairs.group_of(pair)
         return repr(key) if key is not None else f"pair {pair}"
 
     units = {}

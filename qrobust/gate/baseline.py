@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from qrobust._files import MiB, read_bounded, write_atomic
+from qrobust._files import MiB, read_bounded
 from qrobust._validation import is_number
 from qrobust.errors import ConfigError, InvalidArgument, show
 from qrobust.gate.config import BaselineMargin
@@ -33,11 +33,33 @@ def baseline_document(report: dict) -> dict:
     return {"run_id": report["run_id"], "fingerprint": fingerprint(report["environment"]), "values": values}
 
 
-def save_baseline(path: str | Path, report: dict, overwrite: bool) -> None:
-    path = Path(path)
-    if path.exists() and not overwrite:
+def refuse_overwrite(path: str | Path, overwrite: bool) -> None:
+    """A saved baseline is never replaced without --qrobust-overwrite-baseline (checked at start and again
+    when the run's report set is written)."""
+    if Path(path).exists() and not overwrite:
         raise ConfigError(f"{path}: baseline exists; pass --qrobust-overwrite-baseline to replace it")
-    write_atomic(path, json.dumps(baseline_document(report), indent=1, sort_keys=True))
+
+
+class Comparison:
+    """The saved baseline a run is compared with: its value for a check, and why it cannot be compared
+    (recorded in another environment) unless ``any_env``."""
+
+    def __init__(self, path: str | Path, any_env: bool = False):
+        self.path, self.any_env = path, any_env
+        self.document = load_baseline(path)
+
+    def value(self, pair: str, perturbation: str, level: float, metric: str) -> float | None:
+        """The saved value to compare with, or None (no entry for this check)."""
+        return self.document["values"].get(case_key({"pair": pair, "perturbation": perturbation, "level": level,
+                                                     "metric": metric}))
+
+    def mismatch(self, current: dict) -> str | None:
+        """Why the baseline cannot be compared with a run of fingerprint ``current``, or None."""
+        diff = {} if self.any_env else environment_mismatch(current, self.document)
+        if not diff:
+            return None
+        return (f"baseline {self.path} was recorded in another environment ({show(diff, 300)}); pass "
+                "--qrobust-baseline-any-env to compare anyway")
 
 
 def load_baseline(path: str | Path) -> dict:

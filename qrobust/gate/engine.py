@@ -118,7 +118,8 @@ class Evaluator:
                  datasets: dict[str, ImageSet | StreamingSet] | None = None, device: str = "cpu",
                  wanted: set[tuple[str, str, float]] | None = None,
                  cam_cases: set[tuple[str, str, float]] | None = None, cam_methods: dict[str, str] | None = None,
-                 loader: Callable[[str], None] | None = None):
+                 loader: Callable[[str], None] | None = None,
+                 progress: Callable[[str, int, int], None] | None = None):
         from qrobust._validation import check_int
 
         check_int("batch_size", batch_size, minimum=1)
@@ -130,7 +131,7 @@ class Evaluator:
         self.cam_cases = set(cam_cases or ())
         self.seed, self.batch_size, self.max_samples = seed, batch_size, max_samples
         self.replicates, self.f1_average = replicates, f1_average
-        self._datasets = dict(datasets or {})
+        self.datasets = dict(datasets or {})  # declared datasets by name (others load from the registry)
         self._subsets: dict[str, ImageSet | StreamingSet] = {}
         self._cache: dict[tuple[str, str, float], CaseResult] = {}
         self._loader = loader
@@ -138,8 +139,7 @@ class Evaluator:
         self._fp64: dict[int, torch.nn.Module] = {}  # per FP32 model: its float64 copy, for fgsm's gradient
         self.forward_passes: Counter[str] = Counter()
         self.perturbed_batches: Counter[str] = Counter()
-        # progress(label, batches done, batches in all), called after every batch (the plugin draws it)
-        self.progress: Callable[[str, int, int], None] | None = None
+        self.progress = progress  # progress(label, batches done, batches in all), after every batch
         for pair in pairs:
             self.add(pair)
 
@@ -177,7 +177,7 @@ class Evaluator:
     def dataset(self, name: str) -> ImageSet | StreamingSet:
         """The dataset as evaluated (subsampled to ``max_samples``), built once per session."""
         if name not in self._subsets:
-            data = self._datasets[name] if name in self._datasets else load_dataset(name)
+            data = self.datasets[name] if name in self.datasets else load_dataset(name)
             self._subsets[name] = data.subset(self.max_samples, self.seed)
         return self._subsets[name]
 
