@@ -38,6 +38,7 @@ from torch import nn
 
 from gate_run import gate_report
 from qrobust import get_preset, load_dataset, load_pair, quantize_model
+from qrobust.suites import BUILTIN_THRESHOLDS
 
 PAIR = "lenet5-digits-int8-x86"
 
@@ -361,10 +362,9 @@ FAMILIES = {"lenet": (PAIR, LENET_PAIR, FAULTS, BENIGN), "lite0": (LITE0, LITE0_
 def thresholds(family: str, only: list[str] | None = None) -> dict:
     """The built-in gate's defaults and sweep, gating each variant (or those in ``only``) as it gates the
     family's built-in pair (LeNet's fake-quant twins: as it gates ``lenet5-digits-w8a8``)."""
-    import qrobust
 
     builtin_pair, pair, faults, benign = FAMILIES[family]
-    builtin = yaml.safe_load((Path(qrobust.__file__).parent / "thresholds.yaml").read_text(encoding="utf-8"))
+    builtin = yaml.safe_load(BUILTIN_THRESHOLDS.read_text(encoding="utf-8"))
     names = [f.__name__ for f in faults + benign if not only or f.__name__ in only]
     return {"decision": builtin["decision"], "seed": builtin["seed"], "replicates": builtin["replicates"],
             "defaults": builtin["defaults"], "perturbations": builtin["perturbations"],

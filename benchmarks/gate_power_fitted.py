@@ -13,7 +13,7 @@ tolerances do at a smaller sample than they were fitted on. Every benign twin is
 fitted on included (on other samples, they are held out too).
 
 ``--entry KIND`` prints, instead of the table, the fitted tolerances of KIND (int8, fake) as the
-``perturbations`` of its built-in pair's gate entry in ``qrobust/thresholds.yaml`` (how the LeNet entries
+``perturbations`` of its built-in pair's gate entry in ``thresholds.yaml`` (how the LeNet entries
 were written).
 
 Run: .venv/bin/python benchmarks/gate_power.py --pairs lenet --keep-report DIR --qrobust-decision familywise
@@ -26,12 +26,12 @@ import argparse
 import json
 from pathlib import Path
 
-import qrobust
 from gate_power import FAMILIES
 from qrobust.gate.config import load_thresholds
 from qrobust.gate.propose import propose
 from qrobust.gate.verdict import counted_estimate, decide, has_counts
 from qrobust.metrics.catalog import METRICS
+from qrobust.suites import BUILTIN_THRESHOLDS
 
 # family -> kind -> (the built-in pair whose entry the fit is for, the benign twins fitted on); the
 # family's other benign twins are held out
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     report = json.loads(args.report.read_text())
     source = json.loads(args.fit_from.read_text()) if args.fit_from else report
     _, _, faults, benign = FAMILIES[args.family]
-    thresholds = load_thresholds(Path(qrobust.__file__).parent / "thresholds.yaml")
+    thresholds = load_thresholds(BUILTIN_THRESHOLDS)
     kinds = {name: p["kind"] for name, p in report["environment"]["pairs"].items()}
     fit_on = FIT_ON[args.family]
     fits = {kind: propose([source], thresholds, pair, names) for kind, (pair, names) in fit_on.items()

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from collections.abc import Callable
 
 from qrobust.errors import show
+from qrobust.gate.modes import DECISIONS
 
-DECISIONS = ("point", "strict", "lenient", "familywise")  # the one list: config and verdicts import it
 SEED_MAX = 2**32 - 1  # the range every generator seeded from it takes (numpy's RandomState included)
 DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from qrobust import _options as opts
 from qrobust.errors import ConfigError, show
+from qrobust.suites import BUILTIN_THRESHOLDS
 
-BUILTIN_THRESHOLDS = Path(__file__).parent / "thresholds.yaml"
 YAML_SUFFIXES = (".yaml", ".yml")
 # pytest's options whose value may stand apart from them (`--junitxml out.yml`): pytest's own, and those of
 # the plugins qrobust installs (xdist, hypothesis, pytest-benchmark) that take a path or a name. Such a value

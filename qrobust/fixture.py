@@ -111,8 +111,8 @@ class QrobustCheck:
         pair = session.pair(case.pair)
         data = session.evaluator.dataset(pair.dataset).subset(config.samples, session.seed)
         with stage("explain", case.pair):
-            estimates = explanation_quality(pair, data, session.evaluator.cam_methods[case.pair], session.seed,
-                                            session.thresholds.replicates, config.steps)
+            estimates = explanation_quality(pair, data, session.evaluator.cam_methods[case.pair], seed=session.seed,
+                                            replicates=session.thresholds.replicates, steps=config.steps)
         records, messages = [], []
         for metric in case.tolerances:
             if metric not in estimates:

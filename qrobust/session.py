@@ -20,7 +20,8 @@ from qrobust.gate.diagnosis import Diagnoses
 from qrobust.gate.overlays import overlays
 from qrobust.gate.pairs import PairCache, PairUnavailable
 from qrobust.gate.plan import GatePlan, make_plan
-from qrobust.gate.report import build_report, environment, render_markdown, worst_cases, write_report
+from qrobust.gate.report import build_report, environment, render_markdown, write_report
+from qrobust.gate.verdict import worst_cases
 from qrobust.metrics.catalog import CAM_METRICS
 
 __all__ = ["GATE_TEST", "Options", "Outcome", "PairUnavailable", "QrobustSession", "summary_lines"]

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from qrobust.gate.config import load_thresholds
+from qrobust.suites import BUILTIN_THRESHOLDS
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
@@ -22,9 +23,8 @@ def gate_power(monkeypatch):
 
 @pytest.mark.parametrize("family", ["lenet", "lite0"])
 def test_each_twin_is_gated_by_its_builtin_entry_in_a_valid_thresholds_file(gate_power, family, tmp_path):
-    import qrobust
 
-    builtin = yaml.safe_load((Path(qrobust.__file__).parent / "thresholds.yaml").read_text())
+    builtin = yaml.safe_load(BUILTIN_THRESHOLDS.read_text())
     builtin_pair, _, faults, benign = gate_power.FAMILIES[family]
     raw = gate_power.thresholds(family)
     path = tmp_path / "power.yaml"

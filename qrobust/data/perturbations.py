@@ -401,7 +401,7 @@ def check_level(level) -> float:
     return check_number("level", level, minimum=0)
 
 
-def perturb(name: str, images: torch.Tensor, level: float, ids=None, seed: int = 0, boxes=None,
+def perturb(name: str, images: torch.Tensor, level: float, *, ids=None, seed: int = 0, boxes=None,
             model=None, normalize=None, cache: dict | None = None) -> torch.Tensor:
     """Apply perturbation ``name`` at ``level``; ``ids`` default to 0..N-1 (pass real ids for datasets).
     ``cache`` keeps level-independent work (fgsm's gradient sign) between levels of the same samples."""

@@ -100,7 +100,7 @@ def wsol_iou(maps: torch.Tensor, boxes: torch.Tensor | None, threshold: float = 
                          for m, b in zip(maps, boxes)])
 
 
-def explanation_quality(pair, data, method: str, seed: int = 0, replicates: int = 1000, steps: int = 100,
+def explanation_quality(pair, data, method: str, *, seed: int = 0, replicates: int = 1000, steps: int = 100,
                         batch_size: int = 32, wsol_threshold: float = 0.5) -> dict:
     """Seed 002's explanation comparison of a pair on clean images, as Estimates by metric name.
 

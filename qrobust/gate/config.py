@@ -47,9 +47,10 @@ from typing import Any, NoReturn
 import yaml
 
 from qrobust._files import MiB, read_bounded
-from qrobust._options import DECISIONS, SEED_MAX
+from qrobust._options import SEED_MAX
 from qrobust._validation import is_number
 from qrobust.errors import ConfigError, InvalidArgument, show
+from qrobust.gate.modes import DECISIONS
 from qrobust.metrics.catalog import CASE_METRICS, EXPLANATION_METRICS, LATENCY_METRICS, METRICS, default_tolerances
 from qrobust.registry import did_you_mean
 
@@ -64,7 +65,6 @@ MAX_ROUNDS = 10_000
 MAX_STEPS = 10_000
 # YAML 1.2 floats (1e-3, 5E-2): PyYAML reads YAML 1.1, whose floats need a dot, and left these as strings
 YAML12_FLOAT = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$")
-MODES = DECISIONS
 F1_AVERAGES = ("macro", "micro", "weighted")
 # the sweep a file without a ``perturbations:`` section gets: seed 004's four families at their
 # registered default levels
@@ -548,14 +548,15 @@ def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Th
     defaults = raw.get("defaults")
     thresholds = Thresholds(
         path=str(path), sha256=hashlib.sha256(raw_bytes).hexdigest(),
-        decision=v.choice(raw.get("decision", "point"), "decision", MODES),
-        seed=v.whole(raw.get("seed", 0), "seed", maximum=SEED_MAX),
-        batch_size=v.whole(raw.get("batch_size", 64), "batch_size", minimum=1, maximum=MAX_BATCH),
+        decision=v.choice(raw.get("decision", Thresholds.decision), "decision", DECISIONS),
+        seed=v.whole(raw.get("seed", Thresholds.seed), "seed", maximum=SEED_MAX),
+        batch_size=v.whole(raw.get("batch_size", Thresholds.batch_size), "batch_size", minimum=1, maximum=MAX_BATCH),
         max_samples=None if raw.get("max_samples") is None else v.whole(raw["max_samples"], "max_samples", 1,
                                                                          MAX_SAMPLES),
-        replicates=v.whole(raw.get("replicates", 1000), "replicates", minimum=10, maximum=MAX_REPLICATES),
-        f1_average=v.choice(raw.get("f1_average", "macro"), "f1_average", F1_AVERAGES),
-        cam_method=v.choice(cam.get("method", "auto"), "cam.method", ("auto", *_cam_methods())),
+        replicates=v.whole(raw.get("replicates", Thresholds.replicates), "replicates", minimum=10,
+                           maximum=MAX_REPLICATES),
+        f1_average=v.choice(raw.get("f1_average", Thresholds.f1_average), "f1_average", F1_AVERAGES),
+        cam_method=v.choice(cam.get("method", Thresholds.cam_method), "cam.method", ("auto", *_cam_methods())),
         defaults=_frozen(default_tolerances() if defaults is None
                          else v.tolerances(defaults, "defaults", PAIR_TOLERANCES)),
         sweep=_frozen(sweep), gate=_frozen(_gate(v, raw, sweep)), baseline=_frozen(_baseline(v, raw)),

@@ -26,6 +26,7 @@ from qrobust.data.perturbations import PERTURBATIONS, perturb
 from qrobust.errors import ModelOutputError, UnsupportedError, invalid
 from qrobust.explain.cam import compute_cams, method as cam_method
 from qrobust.explain.layers import match_twin_layer
+from qrobust.gate.config import Thresholds
 from qrobust.metrics.classification import PairMetrics
 from qrobust.metrics.saliency import CamAgreement
 from qrobust.metrics.stats import Estimate, poisson_weights
@@ -113,8 +114,9 @@ class Evaluator:
     Pairs can be added after construction (``add``), or built on first use by ``loader(name)``.
     """
 
-    def __init__(self, pairs: Sequence[ModelPair] = (), *, seed: int = 0, batch_size: int = 64,
-                 max_samples: int | None = None, replicates: int = 1000, f1_average: str = "macro",
+    def __init__(self, pairs: Sequence[ModelPair] = (), *, seed: int = Thresholds.seed,
+                 batch_size: int = Thresholds.batch_size, max_samples: int | None = None,
+                 replicates: int = Thresholds.replicates, f1_average: str = Thresholds.f1_average,
                  datasets: dict[str, ImageSet | StreamingSet] | None = None, device: str = "cpu",
                  wanted: set[tuple[str, str, float]] | None = None,
                  cam_cases: set[tuple[str, str, float]] | None = None, cam_methods: dict[str, str] | None = None,

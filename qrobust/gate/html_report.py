@@ -20,7 +20,7 @@ from pathlib import Path
 from markupsafe import Markup
 
 from qrobust.gate.charts import Series, level_chart
-from qrobust.gate.verdict import describe_fragility
+from qrobust.gate.verdict import describe_fragility, worst_cases
 
 TEMPLATE_ENV = "QROBUST_REPORT_TEMPLATE"  # path of a user's Jinja2 template replacing the shipped one
 BAD = ("error", "fail", "inconclusive")
@@ -166,16 +166,10 @@ def _cards(cases: list[dict], bad: list[dict], by_case: dict) -> list[dict]:
 def _caught(unique: list[dict]) -> list[dict]:
     """Per expected-failure pair and metric, the worst value the gate caught (what the xfail proves); a
     metric the known-bad twin meets everywhere is not a catch."""
-    worst: dict[tuple[str, str], dict] = {}
-    for c in unique:
-        if c["verdict"] != "xfail" or c["margin"] is None or c["margin"] >= 0:
-            continue
-        k = (c["pair"], c["metric"])
-        if k not in worst or c["margin"] < worst[k]["margin"]:
-            worst[k] = c
-    rows = [{**c, "comparison": comparison(c), "count": sum(
-        u["verdict"] == "xfail" and (u["pair"], u["metric"]) == k and u["margin"] is not None and u["margin"] < 0
-        for u in unique)} for k, c in worst.items()]
+    caught = [c for c in unique if c["verdict"] == "xfail" and c["margin"] is not None and c["margin"] < 0]
+    worst = worst_cases(caught, keep=lambda c: True)
+    rows = [{**c, "comparison": comparison(c), "count": sum((u["pair"], u["metric"]) == k for u in caught)}
+            for k, c in worst.items()]
     return sorted(rows, key=lambda c: (c["pair"], c["margin"]))
 
 

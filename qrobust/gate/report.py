@@ -17,7 +17,7 @@ from pathlib import Path
 
 from qrobust._files import remove_stale, write_set
 from qrobust.gate.html_report import fmt, render_html
-from qrobust.gate.verdict import VERDICTS, fails
+from qrobust.gate.verdict import VERDICTS, fails, worst_cases
 
 SCHEMA_ID = "urn:qrobust:report:1"
 SCHEMA_VERSION = 1
@@ -145,19 +145,6 @@ def _markdown_row(c: dict) -> str:
     cause = _md(c["error"]) if c.get("error") else c.get("failed_by") or c["verdict"]
     return (f"| {_md(c['pair'])} / {_md(c['perturbation'])} @ {c['level']:g} {c['metric']} | {fmt(c['value'])} | "
             f"{c['direction'] or ''} {fmt(c['tolerance'])} | {interval} | {c['n']} | {cause} |")
-
-
-def worst_cases(cases: list[dict]) -> dict[tuple[str, str], dict]:
-    """Per (pair, metric), the judged case closest to (or furthest past) its tolerance: the smallest
-    recorded margin. Expected failures and untoleranced measurements are not judged."""
-    worst: dict[tuple[str, str], dict] = {}
-    for c in cases:
-        if c["margin"] is None or c["verdict"] in ("xfail", "measured"):
-            continue
-        key = (c["pair"], c["metric"])
-        if key not in worst or c["margin"] < worst[key]["margin"]:
-            worst[key] = c
-    return dict(sorted(worst.items()))
 
 
 def write_report(directory: str | Path, report: dict, overlays: Sequence[dict] = (),

@@ -8,7 +8,9 @@ level within a family's range) is left to ``qrobust run``, which reports it in o
 """
 from __future__ import annotations
 
+from qrobust._options import SEED_MAX
 from qrobust.gate import config as C
+from qrobust.gate.modes import DECISIONS
 from qrobust.metrics.catalog import CASE_METRICS, EXPLANATION_METRICS, LATENCY_METRICS, METRICS
 
 SCHEMA_ID = "https://qrobust.dev/schemas/thresholds.schema.json"
@@ -19,7 +21,23 @@ def _closed(properties: dict, **extra) -> dict:
 
 
 def _tolerances(metrics) -> dict:
-    return _closed({m: {"$ref": "#/$defs/tolerance", "description": METRICS[m].description} for m in metrics})
+    return _closed({m: {"$ref": "#/$defs/tolerance", "description": METRICS[m].description, **_range(m)}
+                    for m in metrics})
+
+
+def _range(metric: str) -> dict:
+    """The tolerances the metric can meet and miss (Metric.tolerance_problem): a minimum above its lowest
+    value and at most its highest, a maximum below its highest."""
+    low, high = METRICS[metric].values
+    bounds = {}
+    if METRICS[metric].higher_is_better:
+        if low >= 0:
+            bounds["exclusiveMinimum"] = low
+        if high != float("inf"):
+            bounds["maximum"] = high
+    elif high != float("inf"):
+        bounds["exclusiveMaximum"] = high
+    return bounds
 
 
 def _pairs_list() -> dict:
@@ -82,19 +100,23 @@ def thresholds_schema() -> dict:
         "num_classes": positive, "max_samples": positive, "workers": whole,
     }, oneOf=[{"required": ["folder", "resolution"]}, {"required": ["builder", "num_classes"]}])
     top = {
-        "decision": {"enum": list(C.MODES)}, "seed": whole, "batch_size": positive,
-        "max_samples": {"oneOf": [positive, {"type": "null"}]}, "replicates": {"type": "integer", "minimum": 10},
+        "decision": {"enum": list(DECISIONS)}, "seed": {**whole, "maximum": SEED_MAX},
+        "batch_size": {**positive, "maximum": C.MAX_BATCH},
+        "max_samples": {"oneOf": [{**positive, "maximum": C.MAX_SAMPLES}, {"type": "null"}]},
+        "replicates": {"type": "integer", "minimum": 10, "maximum": C.MAX_REPLICATES},
         "f1_average": {"enum": list(C.F1_AVERAGES)},
-        "defaults": _tolerances(CASE_METRICS + ("quantized_fraction",)),
+        "defaults": _tolerances(C.PAIR_TOLERANCES),
         "baseline": _closed({m: margin for m in METRICS}),
         "perturbations": {**perturbations, "minProperties": 1},
         "gate": {"type": "object", "additionalProperties": gate_entry},
         "cam": _closed({"method": {"enum": ["auto", *CAM_METHODS.names()]}}),
         "bitwidth": _closed({"pairs": _pairs_list(), "min_bits": positive, "perturbation": {"enum": PERTURBATIONS.names()},
                              "level": level, "tolerances": case_tolerances}),
-        "latency": _closed({"pairs": _pairs_list(), "batch": positive, "rounds": {"type": "integer", "minimum": 3},
+        "latency": _closed({"pairs": _pairs_list(), "batch": {**positive, "maximum": C.MAX_BATCH},
+                            "rounds": {"type": "integer", "minimum": 3, "maximum": C.MAX_ROUNDS},
                             **{m: {"$ref": "#/$defs/tolerance"} for m in LATENCY_METRICS}}),
-        "explanations": _closed({"pairs": _pairs_list(), "samples": positive, "steps": positive,
+        "explanations": _closed({"pairs": _pairs_list(), "samples": {**positive, "maximum": C.MAX_SAMPLES},
+                                 "steps": {**positive, "maximum": C.MAX_STEPS},
                                  "tolerances": _tolerances(EXPLANATION_METRICS)}),
         "pairs": {"type": "object", "additionalProperties": pair},
         "datasets": {"type": "object", "additionalProperties": dataset},

@@ -29,7 +29,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 
-from qrobust._options import DECISIONS as MODES
+from qrobust.gate.modes import DECISIONS as MODES
 from qrobust.errors import invalid
 from qrobust.metrics.catalog import METRICS
 from qrobust.metrics.stats import CONFIDENCE, clopper_pearson_interval, paired_delta, wilson_interval
@@ -234,6 +234,21 @@ def fails(record: dict) -> bool:
     and familywise pass an inconclusive check). The headline of every report, the test outcome, the
     JUnit counts and the exit code follow this one rule."""
     return record["verdict"] in ("fail", "error") or (record["verdict"] == "inconclusive" and record["mode"] == "strict")
+
+
+def worst_cases(records: list[dict], keep=lambda r: r["verdict"] not in ("xfail", "measured")) \
+        -> dict[tuple[str, str], dict]:
+    """Per (pair, metric), the kept record closest to (or furthest past) its tolerance: the smallest
+    recorded margin. By default the judged ones (expected failures and untoleranced measurements are
+    not): the terminal, the Markdown page and the HTML report all read this one definition."""
+    worst: dict[tuple[str, str], dict] = {}
+    for r in records:
+        if r["margin"] is None or not keep(r):
+            continue
+        key = (r["pair"], r["metric"])
+        if key not in worst or r["margin"] < worst[key]["margin"]:
+            worst[key] = r
+    return dict(sorted(worst.items()))
 
 
 def error_record(*, test: str, pair: str, perturbation: str, level: float, metric: str, mode: str,

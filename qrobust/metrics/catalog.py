@@ -61,7 +61,7 @@ class Metric:
         return None
 
 
-# default tolerances: the sources are in the shipped thresholds template (qrobust/thresholds.yaml)
+# default tolerances: the sources are in the built-in gate's thresholds.yaml (the repository's top level)
 FRACTION, DELTA = (0.0, 1.0), (-1.0, 1.0)
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("top1_delta", False, "accuracy", "top-1 accuracy, FP32 minus quantized", 0.005, 0.01, counted="paired",

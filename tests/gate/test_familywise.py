@@ -17,6 +17,7 @@ from qrobust.gate.verdict import FAMILYWISE_ALPHA, decide, family_confidence
 from qrobust.metrics.stats import (
     BootstrapMean, Estimate, clopper_pearson_interval, paired_delta, paired_interval, poisson_weights, wilson_interval,
 )
+from qrobust.suites import BUILTIN_THRESHOLDS
 
 BUILTIN_FAMILY = 472  # checks of lenet5-digits-int8-x86 in the shipped gate (a test below keeps it honest)
 
@@ -50,12 +51,10 @@ def test_the_builtin_family_size_is_what_the_plan_counts(builtin_thresholds):
 
 @pytest.fixture
 def builtin_thresholds():
-    from pathlib import Path
 
-    import qrobust
     from qrobust.gate.config import load_thresholds
 
-    return load_thresholds(Path(qrobust.__file__).parent / "thresholds.yaml")
+    return load_thresholds(BUILTIN_THRESHOLDS)
 
 
 @pytest.mark.parametrize("n", [450, 200])

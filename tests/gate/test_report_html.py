@@ -213,7 +213,7 @@ def test_shipped_template_is_package_data():
     from pathlib import Path
 
     data = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
-    assert "gate/templates/*.j2" in data["tool"]["setuptools"]["package-data"]["qrobust"]
+    assert "templates/*.j2" in data["tool"]["setuptools"]["package-data"]["qrobust.gate"]
 
 
 def test_write_report_writes_the_page_with_the_json(tmp_path):

@@ -11,6 +11,7 @@ import qrobust
 from qrobust.gate import config as C
 from qrobust.gate.declared_config import DATASET_KEYS, PAIR_KEYS
 from qrobust.gate.schema import thresholds_schema
+from qrobust.suites import BUILTIN_THRESHOLDS
 
 PACKAGE = Path(qrobust.__file__).parent
 README = Path(__file__).parents[2] / "README.md"
@@ -58,7 +59,7 @@ def readme_yaml():
 def test_the_built_in_gate_the_starter_and_the_readme_examples_validate(tmp_path):
     from qrobust.starter import write_starter
 
-    validate(yaml.safe_load((PACKAGE / "thresholds.yaml").read_text(encoding="utf-8")))
+    validate(yaml.safe_load(BUILTIN_THRESHOLDS.read_text(encoding="utf-8")))
     write_starter(tmp_path / "starter.yaml", force=False)
     validate(yaml.safe_load((tmp_path / "starter.yaml").read_text(encoding="utf-8")))
     for block in readme_yaml():
