@@ -23,10 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     names = args.pairs or pair_names("builtin")
     CALIBRATION.mkdir(parents=True, exist_ok=True)
     for name in names:
-        twin, config = calibrated_here(name)
+        twin, source = calibrated_here(name)
         path = CALIBRATION / f"{name}.json"
-        path.write_text(calibration_document(twin, config.name), encoding="utf-8")
-        print(f"{path}: {config.name}", file=sys.stderr)
+        path.write_text(calibration_document(twin, source), encoding="utf-8")
+        print(f"{path}: {source['recipe']['name']}", file=sys.stderr)
     return 0
 
 

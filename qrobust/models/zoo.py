@@ -30,10 +30,17 @@ def digits_calibration(batch_size: int = 64, count: int = DIGITS_CALIBRATION) ->
     return list(DIGITS_PREPROCESS.normalize(train.images[:count]).split(batch_size))
 
 
-def shipped_twin(name: str, twin: nn.Module, config: QuantConfig) -> tuple[nn.Module, dict]:
+def calibration_source(config: QuantConfig, fp32: nn.Module, data: dict) -> dict:
+    """What a built-in twin's calibration is a function of, by identity (its values move with the CPU):
+    the recipe, the FP32 tensors and the calibration data."""
+    recipe = {k: v for k, v in config.summary().items() if k != "source"}  # "source" is prose
+    return {"recipe": recipe, "weights_fingerprint": tensor_fingerprint(fp32.state_dict()), "data": data}
+
+
+def shipped_twin(name: str, twin: nn.Module, source: dict) -> tuple[nn.Module, dict]:
     """The twin with its shipped activation ranges (the same integer arithmetic on every CPU), and what
     the report records of them."""
-    return twin, apply_shipped(twin, CALIBRATION / f"{name}.json", config.name)
+    return twin, apply_shipped(twin, CALIBRATION / f"{name}.json", source)
 
 
 def provenance(config: QuantConfig, fp32: nn.Module, weights: Path, calibration: dict) -> dict:
@@ -44,6 +51,9 @@ def provenance(config: QuantConfig, fp32: nn.Module, weights: Path, calibration:
 
 
 # ---- LeNet-5 on scikit-learn's digits -----------------------------------------------------------------------
+LENET_CALIBRATION_DATA = {"dataset": "digits-train", "samples": DIGITS_CALIBRATION}
+
+
 def _lenet_twin(preset: str) -> nn.Module:
     """LeNet's twin for ``preset``, calibrated on this CPU (the shipped ranges replace it in the pair)."""
     return quantize_model(lenet5_digits(), PRESETS.get(preset), digits_calibration())
@@ -54,7 +64,7 @@ def _lenet_pair(preset: str) -> ModelPair:
     config = PRESETS.get(preset)
     fp32 = lenet5_digits()
     name = f"lenet5-digits-{preset.removeprefix('fake-')}"
-    quantized, shipped = shipped_twin(name, _lenet_twin(preset), config)
+    quantized, shipped = shipped_twin(name, _lenet_twin(preset), calibration_source(config, fp32, LENET_CALIBRATION_DATA))
 
     def requantize(keep: tuple[str, ...]) -> nn.Module:
         return quantize_model(fp32, replace(config, keep_fp32=config.keep_fp32 + tuple(keep)), digits_calibration())
@@ -63,8 +73,7 @@ def _lenet_pair(preset: str) -> ModelPair:
         name, fp32, quantized, config, DIGITS_PREPROCESS, num_classes=10, dataset="digits-test",
         # the second conv block's ReLU output (FX fuses conv+ReLU: the int8 graph calls it features.3)
         target_layer="features.4", requantize=requantize,
-        metadata=provenance(config, fp32, LENET5_WEIGHTS, {"dataset": "digits-train", "samples": DIGITS_CALIBRATION,
-                                                           **shipped}),
+        metadata=provenance(config, fp32, LENET5_WEIGHTS, {**LENET_CALIBRATION_DATA, **shipped}),
     )
 
 
@@ -107,6 +116,10 @@ def _lite0_calibration() -> tuple[torch.Tensor, ...]:
     return IMAGENET_PREPROCESS.normalize(photos).split(16)
 
 
+def _lite0_calibration_data(batches: tuple[torch.Tensor, ...]) -> dict:
+    return {"dataset": "calibration-photos", "samples": sum(len(b) for b in batches)}
+
+
 def _lite0_twin(suffix: str) -> nn.Module:
     """EfficientNet-Lite0's twin ``suffix`` calibrated on this CPU (the shipped ranges replace it in the pair)."""
     preset, keep = LITE0_TWINS[suffix]
@@ -121,7 +134,8 @@ def _lite0_pair(suffix: str) -> ModelPair:
     config = get_preset(preset, keep_fp32=keep)
     fp32 = lite0_fp32()
     batches = _lite0_calibration()
-    quantized, shipped = shipped_twin(f"efficientnet-lite0-{suffix}", _lite0_twin(suffix), config)
+    quantized, shipped = shipped_twin(f"efficientnet-lite0-{suffix}", _lite0_twin(suffix),
+                                      calibration_source(config, fp32, _lite0_calibration_data(batches)))
 
     def requantize(keep: tuple[str, ...]) -> nn.Module:
         return quantize_model(fp32, replace(config, keep_fp32=config.keep_fp32 + tuple(keep)), batches)
@@ -132,19 +146,20 @@ def _lite0_pair(suffix: str) -> ModelPair:
         # the head's ReLU6 (in an int8 twin that folds ReLU6, the fused head conv: see quant.twin_layer_name)
         target_layer="_act1", requantize=requantize,
         metadata=provenance(config, fp32, lite0_weights_path(),
-                            {"dataset": "calibration-photos", "samples": sum(len(b) for b in batches), **shipped}),
+                            {**_lite0_calibration_data(batches), **shipped}),
     )
 
 
-def calibrated_here(name: str) -> tuple[nn.Module, QuantConfig]:
-    """A built-in pair's twin as calibrated on this CPU, with its recipe (tools/calibrate_builtins.py
-    ships its ranges)."""
+def calibrated_here(name: str) -> tuple[nn.Module, dict]:
+    """A built-in pair's twin as calibrated on this CPU, with its calibration source
+    (tools/calibrate_builtins.py ships its ranges)."""
     if name.startswith("lenet5-digits-"):
         preset = pair_entry(name).preset
-        return _lenet_twin(preset), PRESETS.get(preset)
+        return _lenet_twin(preset), calibration_source(PRESETS.get(preset), lenet5_digits(), LENET_CALIBRATION_DATA)
     suffix = name.removeprefix("efficientnet-lite0-")
     preset, keep = LITE0_TWINS[suffix]
-    return _lite0_twin(suffix), get_preset(preset, keep_fp32=keep)
+    config = get_preset(preset, keep_fp32=keep)
+    return _lite0_twin(suffix), calibration_source(config, lite0_fp32(), _lite0_calibration_data(_lite0_calibration()))
 
 
 for _suffix, (_preset, _keep) in LITE0_TWINS.items():
