@@ -13,6 +13,7 @@ import latency  # noqa: E402
 import memory  # noqa: E402
 import onnx_twins  # noqa: E402
 import overhead  # noqa: E402
+import host_matrix  # noqa: E402
 import seed_stability  # noqa: E402
 
 
@@ -48,6 +49,8 @@ def main() -> None:
     gate_power.main([])
     print("\n## seed stability: the built-in gate at seeds 0-4 and on one thread, verdicts against seed 0's")
     seed_stability.main([])
+    print("\n## host matrix: the built-in gate under every CPU variant this machine emulates, against this host's")
+    host_matrix.main([])
 
 
 if __name__ == "__main__":
