@@ -45,8 +45,16 @@ CHEAPEST = {"ATEN default + x86 convs on onednn": ({"ATEN_CPU_CAPABILITY": "defa
 
 
 def records(report: dict) -> dict[tuple, dict]:
-    """A report's checks by (pair, perturbation, level, metric, test)."""
-    return {(c["pair"], c["perturbation"], c["level"], c["metric"], c["test"]): c for c in report["cases"]}
+    """A report's checks by (pair, perturbation, level, metric, test), the test's node id without its
+    folder: ``make suite`` collects ``suites/test_gate.py`` in the clone, ``qrobust run`` the installed
+    ``test_gate.py``, and both are the same check."""
+    return {(c["pair"], c["perturbation"], c["level"], c["metric"], node_in_file(c["test"])): c for c in report["cases"]}
+
+
+def node_in_file(node_id: str) -> str:
+    """``suites/test_gate.py::test_metric[...]`` -> ``test_gate.py::test_metric[...]``."""
+    path, separator, name = node_id.partition("::")
+    return Path(path).name + separator + name
 
 
 def compare(reference: dict, other: dict) -> dict:

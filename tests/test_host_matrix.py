@@ -53,3 +53,12 @@ def test_an_unknown_variant_is_a_usage_error_naming_the_known_ones(host_matrix, 
         host_matrix.main(["--variants", "AVX-1024", "--reference", "unused.json"])
     assert exit_info.value.code == 2
     assert "unknown variant 'AVX-1024' (known: ATEN_CPU_CAPABILITY=default" in capsys.readouterr().err
+
+
+def test_make_suites_node_ids_match_qrobust_runs(host_matrix):
+    """make suite collects suites/test_gate.py in the clone, qrobust run the installed test_gate.py: CI
+    diffs one against the other (it compared 0 records and failed before)."""
+    in_clone = record("kl_mean", 0.01) | {"test": "suites/test_gate.py::test_metric[kl_mean-p-awgn-0.1]"}
+    installed = record("kl_mean", 0.02) | {"test": "test_gate.py::test_metric[kl_mean-p-awgn-0.1]"}
+    found = host_matrix.compare(report(in_clone), report(installed))
+    assert (found["records"], found["unmatched"], found["values"]) == (1, 0, 1)
