@@ -1,10 +1,11 @@
 """Where the gate's time goes: py-spy samples a whole ``qrobust run`` and each sample is put in one stage.
 
 py-spy (a sampling profiler, no instrumentation in the gate) records the Python stack of every process's
-main thread RATE times a second while it runs (``--subprocesses``: pytest-xdist workers too); native
-code, torch's kernels included, is charged to the Python frame that called it. A sample's stage is the
-first rule of STAGES its stack matches, so a forward inside a CAM pass is CAM and FGSM's gradient pass is
-perturb. Idle is the rest of each process's wall time: waiting on a lock, a pipe or xdist's controller.
+main thread RATE times a second while it runs (``--subprocesses``: pytest-xdist workers too); native code,
+torch's kernels included, is charged to the Python frame that called it. A sample's stage is the first
+rule of STAGES its stack matches: calibration's forwards build the pair, FGSM's gradient pass perturbs,
+a CAM pass's forward is a forward (the gate's one forward per batch serves the CAM and the metrics) and
+its backward and maps are CAM. Idle is the rest of each process's wall time (a lock, a pipe, xdist).
 
 Run: .venv/bin/python benchmarks/profile_gate.py [builtin | scale [N]] [--rate HZ] [--raw FILE] [-- ARGS]
   builtin: the default gate (``qrobust run``); scale: the ResNet18 pair of benchmarks/scale.py on N
@@ -30,16 +31,18 @@ sys.path.insert(0, os.path.dirname(__file__))
 TWIN_CODE = ("torch/ao/", "qrobust/quant/", "qrobust/runtimes/", "onnxruntime/", "torch/_export/", "torch/fx/")
 STAGES = (
     ("imports and start-up", lambda f: any(x.startswith("_find_and_load ") for x in f)),
+    ("build pairs (load, calibrate, convert)", lambda f: _in(f, "qrobust/gate/pairs.py")),
+    ("quantizer properties (Hypothesis)", lambda f: _in(f, "qrobust/quant/properties.py", "hypothesis/")),
     ("decode", lambda f: _in(f, "qrobust/data/folders.py", "qrobust/data/datasets.py", "qrobust/data/builtin.py",
                              "PIL/", "torch/utils/data/")),
+    ("per-layer diagnosis", lambda f: _in(f, "qrobust/quant/diagnosis.py", "qrobust/gate/diagnosis.py",
+                                          "qrobust/gate/sensitivity.py")),
     ("perturb", lambda f: _in(f, "qrobust/data/perturbations.py") or any(x.startswith("Evaluator._perturb ") for x in f)),
-    ("CAM", lambda f: _in(f, "qrobust/explain/")),
-    ("bootstrap", lambda f: _in(f, "qrobust/metrics/stats.py")),
-    ("per-sample metrics", lambda f: _in(f, "qrobust/metrics/")),
     ("forward: twin", lambda f: _in(f, "qrobust/placement.py") and _in(f, *TWIN_CODE)),
     ("forward: FP32", lambda f: _in(f, "qrobust/placement.py")),
-    ("build pairs (load, calibrate, convert)", lambda f: _in(f, "qrobust/models/", "qrobust/quant/", "qrobust/runtimes/",
-                                                               "qrobust/gate/pairs.py")),
+    ("CAM (maps, gradients)", lambda f: _in(f, "qrobust/explain/")),
+    ("statistics (bootstrap, intervals)", lambda f: _in(f, "qrobust/metrics/stats.py")),
+    ("per-sample metrics", lambda f: _in(f, "qrobust/metrics/")),
     ("evaluation loop", lambda f: _in(f, "qrobust/gate/engine.py")),
     ("verdicts and report", lambda f: _in(f, "qrobust/gate/", "qrobust/session.py", "pytest_benchmark/")),
     ("pytest and collection", lambda f: True),

@@ -24,15 +24,22 @@ FEED = ["feed (qrobust/placement.py:40)", "Module._call_impl (torch/nn/modules/m
     (CASE + FEED + ["LeNet5.forward (qrobust/models/lenet.py:30)"], "forward: FP32"),
     (CASE + FEED + ["Conv2d.forward (torch/ao/nn/quantized/modules/conv.py:550)"], "forward: twin"),
     (CASE + FEED + ["FakeQuantized.forward (qrobust/quant/quantizer.py:88)"], "forward: twin"),
-    (CASE + ["CamEngine.run (qrobust/explain/cam.py:120)"] + FEED, "CAM"),  # the CAM pass's forward is CAM
+    (CASE + ["compute_cams (qrobust/explain/cam.py:169)"] + FEED, "forward: FP32"),  # one forward serves both
+    (CASE + ["compute_cams (qrobust/explain/cam.py:172)", "_engine_run_backward (torch/autograd/graph.py:1072)"],
+     "CAM (maps, gradients)"),
+    (CASE + ["eigen_projection (qrobust/explain/cam.py:230)"], "CAM (maps, gradients)"),
     (CASE + ["Evaluator._perturb (qrobust/gate/engine.py:330)"] + FEED, "perturb"),  # FGSM's gradient pass
     (CASE + ["awgn (qrobust/data/perturbations.py:61)"], "perturb"),
-    (CASE + ["BootstrapMean.update (qrobust/metrics/stats.py:170)"], "bootstrap"),
+    (CASE + ["BootstrapMean.update (qrobust/metrics/stats.py:170)"], "statistics (bootstrap, intervals)"),
+    (CASE + FEED + ["Conv2d.forward (torch/ao/nn/quantized/modules/conv.py:550)", "keep (qrobust/quant/diagnosis.py:69)"],
+     "per-layer diagnosis"),  # a diagnosis hook inside the gate's forward
     (CASE + ["kl_per_sample (qrobust/metrics/classification.py:20)"], "per-sample metrics"),
     (CASE + ["ImageReader.read (qrobust/data/folders.py:90)", "Image.open (PIL/Image.py:3400)"], "decode"),
     (CASE, "evaluation loop"),
-    (RUN + ["build_pair (qrobust/gate/pairs.py:50)", "calibrate (qrobust/quant/calibration.py:40)"],
-     "build pairs (load, calibrate, convert)"),
+    (RUN + ["PairCache._build (qrobust/gate/pairs.py:123)", "convert_int8 (qrobust/quant/convert.py:262)"] + FEED
+     + ["HistogramObserver.forward (torch/ao/quantization/observer.py:1320)"], "build pairs (load, calibrate, convert)"),
+    (RUN + ["check_quantizer (qrobust/quant/properties.py:80)", "run_test (hypothesis/core.py:900)"],
+     "quantizer properties (Hypothesis)"),
     (RUN + ["write_report (qrobust/gate/report.py:120)"], "verdicts and report"),
     (RUN + ["_find_and_load (<frozen importlib._bootstrap>:1176)", "<module> (torch/__init__.py:1)"], "imports and start-up"),
     (RUN, "pytest and collection"),
@@ -70,7 +77,8 @@ def test_a_real_gate_run_under_py_spy_shows_where_its_time_went(profile_gate, tm
     (tmp_path / "gate.yaml").write_text(GATE)
     lines = profile_gate.main(["--rate", "200", "--", str(tmp_path / "gate.yaml")])
     shares = {line.split(" | ")[0][2:]: float(line.split(" | ")[2].rstrip("% |")) for line in lines[4:]}
-    assert {"forward: FP32", "forward: twin", "perturb", "bootstrap", "imports and start-up"} <= shares.keys()
+    assert {"forward: FP32", "forward: twin", "perturb", "statistics (bootstrap, intervals)",
+            "imports and start-up"} <= shares.keys()
     assert abs(sum(shares.values()) - 100) < 1
 
 

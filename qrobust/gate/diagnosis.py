@@ -3,12 +3,13 @@ the error enters), and, on request, the sensitivity pass that requantizes with t
 FP32 (``qrobust.gate.sensitivity``). Each is computed once per case, with the inputs the gate fed it."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
 from qrobust.metrics.catalog import METRICS
-from qrobust.placement import feed, stage
+from qrobust.placement import stage
 
 
 class Diagnoses:
@@ -21,21 +22,21 @@ class Diagnoses:
         self._layers: dict = {}  # (pair, perturbation, level) -> per-layer diagnosis
         self._sensitivity: dict = {}  # (pair, perturbation, level, metric) -> the sensitivity pass's result
 
-    def layers(self, case, *, candidates: int = 64, keep: int = 16) -> dict:
+    def layers(self, case, *, keep: int = 16) -> dict:
         """Per-layer error of the twin on the case's most different samples (the largest KL among its first
-        ``candidates``): ``{"line": ..., "layers": [...], "samples": [...]}``."""
+        ``KL_KEPT``, as the gate measured them: no forward to rank them): ``{"line", "layers", "samples"}``."""
         key = (case.pair, case.perturbation, case.level)
         if key not in self._layers:
-            from qrobust.metrics.classification import kl_per_sample
+            from qrobust.metrics.classification import KL_KEPT
             from qrobust.quant.diagnosis import describe, layer_errors
 
             ev, pair = self._evaluator(), self._pair(case.pair)
-            x, ids = ev.case_inputs(case.pair, case.perturbation, case.level, candidates)
+            measured = ev.evaluate(case.pair, case.perturbation, case.level).state.first_kl
+            x, ids = ev.case_inputs(case.pair, case.perturbation, case.level, KL_KEPT)
+            # a sample whose outputs were not finite has no KL: it is the most different of all
+            kl = torch.tensor([measured.get(i, math.inf) for i in ids.tolist()], dtype=torch.float64)
+            worst = kl.argsort(descending=True, stable=True)[:keep]
             with stage("diagnose", case.pair):
-                with torch.inference_mode():
-                    kl = kl_per_sample(feed(pair.fp32, x, role="fp32").cpu(), feed(pair.quantized, x, role="twin").cpu())
-                ev.forward_passes["diagnosis"] += 2
-                worst = kl.argsort(descending=True)[:keep]
                 rows = layer_errors(pair.fp32, pair.quantized, x[worst])
             ev.forward_passes["diagnosis"] += 2
             self._layers[key] = {"line": describe(rows), "layers": [r.as_dict() for r in rows],

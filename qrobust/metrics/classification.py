@@ -20,6 +20,7 @@ from qrobust.metrics.stats import (
 
 F1_AVERAGES = ("macro", "micro", "weighted")
 FLIPPED_KEPT = 20  # samples whose prediction changed, kept per case for the report (memory stays bounded)
+KL_KEPT = 64  # the first samples' per-sample KL, kept per case: a failing case's diagnosis ranks them without a forward
 
 
 def kl_per_sample(fp32_logits: torch.Tensor, quant_logits: torch.Tensor) -> torch.Tensor:
@@ -119,6 +120,7 @@ class PairMetrics:
         self.nonfinite = {"fp32": 0, "quantized": 0}
         self.nonfinite_ids: list[int] = []
         self.flipped: list[dict] = []  # the first FLIPPED_KEPT samples whose top-1 changed, with both top-3
+        self.first_kl: dict[int, float] = {}  # sample id -> KL, for the first KL_KEPT finite samples
 
     def update(self, fp_logits: torch.Tensor, q_logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor,
                groups: torch.Tensor, weights: torch.Tensor | None = None) -> None:
@@ -155,6 +157,9 @@ class PairMetrics:
                 self.class_counts[model][name].index_add_(0, cls[mask], torch.ones(int(mask.sum()), dtype=torch.float64))
                 self.boot_counts[model][name].index_add_(1, cls[mask], weights[:, mask])
         kl = kl_per_sample(fp_logits, q_logits)
+        room = KL_KEPT - len(self.first_kl)
+        if room > 0:
+            self.first_kl.update(zip(ids[:room].tolist(), kl[:room].tolist()))
         self.kl.update(kl, weights)
         self.sqnr.update(logit_sqnr_db(fp_logits, q_logits), weights)
         self.cosine.update(F.cosine_similarity(fp_logits.double(), q_logits.double(), dim=1), weights)

@@ -69,3 +69,25 @@ def warm():
     from qrobust.models import load_pair
 
     load_pair("lenet5-digits-asym2")
+
+
+def test_the_diagnosis_ranks_samples_by_the_gates_own_kl_without_another_forward():
+    """The case's evaluation kept its first samples' KL: the diagnosis picks the same most-different
+    samples a fresh forward of both models would, and runs only the per-layer pass (2 forwards, not 4)."""
+    from qrobust.gate.diagnosis import Diagnoses
+    from qrobust.gate.engine import Evaluator
+    from qrobust.gate.plan import CaseSpec
+    from qrobust.metrics.classification import KL_KEPT, kl_per_sample
+    from qrobust.models import load_pair
+
+    pair = load_pair("lenet5-digits-asym2")
+    ev = Evaluator([pair], max_samples=200, batch_size=32, replicates=50)
+    case = CaseSpec("lenet5-digits-asym2", "awgn", 0.2, {})
+    ev.evaluate(case.pair, case.perturbation, case.level)
+    before = ev.forward_passes["diagnosis"]
+    found = Diagnoses(lambda: ev, lambda name: pair).layers(case)
+    assert ev.forward_passes["diagnosis"] - before == 2
+    x, ids = ev.case_inputs(case.pair, case.perturbation, case.level, KL_KEPT)
+    with torch.inference_mode():
+        fresh = kl_per_sample(pair.fp32(x), pair.quantized(x))
+    assert found["samples"] == ids[fresh.argsort(descending=True, stable=True)[:16]].tolist()
