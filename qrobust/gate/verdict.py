@@ -32,7 +32,7 @@ from fractions import Fraction
 from qrobust.gate.modes import DECISIONS as MODES
 from qrobust.errors import invalid
 from qrobust.metrics.catalog import METRICS
-from qrobust.metrics.stats import CONFIDENCE, clopper_pearson_interval, paired_delta, wilson_interval
+from qrobust.metrics.stats import CONFIDENCE, clopper_pearson_interval, paired_interval, wilson_interval
 
 VERDICTS = ("pass", "fail", "inconclusive", "xfail", "measured", "error")  # measured: reported, no tolerance set
 FAMILYWISE_ALPHA = 0.05  # chance that a pair whose true values all meet their tolerances fails
@@ -136,8 +136,7 @@ def counted_estimate(metric: str, details: dict, n: int, shift: int = 0, confide
         if table is None:
             return None
         n11, b, c, _ = table
-        delta = paired_delta(n11 + b, n11 + c, b, c, n, confidence)
-        return Fraction(b - c, n), delta.delta, delta.interval
+        return Fraction(b - c, n), (b - c) / n, paired_interval(n11 + b, n11 + c, b, c, n, confidence)
     if kind == "agreement":
         agree = n - details["flips"] - shift
         if not 0 <= agree <= n:

@@ -26,12 +26,19 @@ from qrobust.errors import invalid
 CONFIDENCE = 0.95
 
 
+@lru_cache(maxsize=64)
+def z_score(confidence: float) -> float:
+    """The two-sided normal quantile of ``confidence`` (cached: scipy's ppf costs more than the interval
+    around it, and the flip search asks for the same few confidences thousands of times)."""
+    return float(sps.norm.ppf(0.5 + confidence / 2))
+
+
 def wilson_interval(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
     if n <= 0:
         raise invalid("n", n, "a proportion needs at least one sample")
     if not 0 <= k <= n:
         raise invalid("k", k, f"must be between 0 and n={n}")
-    z = float(sps.norm.ppf(0.5 + confidence / 2))
+    z = z_score(confidence)
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
@@ -70,7 +77,15 @@ def mcnemar_exact_p(b: int, c: int) -> float:
 
 def paired_delta(first_right: int, second_right: int, b: int, c: int, n: int,
                  confidence: float = CONFIDENCE) -> PairedDelta:
-    """Newcombe's score interval for p1 - p2 from the 2x2 table of paired outcomes."""
+    """The paired difference of two accuracies, its Newcombe interval and the exact McNemar p-value."""
+    interval = paired_interval(first_right, second_right, b, c, n, confidence)
+    return PairedDelta(n, b, c, (b - c) / n, interval, mcnemar_exact_p(b, c))
+
+
+def paired_interval(first_right: int, second_right: int, b: int, c: int, n: int,
+                    confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Newcombe's score interval for p1 - p2 from the 2x2 table of paired outcomes (without the McNemar
+    test: the flip search and the familywise decision need only the interval)."""
     n11 = first_right - b  # both right
     n22 = n - n11 - b - c  # both wrong
     if n <= 0 or min(n11, n22, b, c) < 0 or second_right != n11 + c:
@@ -87,13 +102,7 @@ def paired_delta(first_right: int, second_right: int, b: int, c: int, n: int,
     delta = (b - c) / n  # exactly the paired difference, not p1 - p2 (which rounds twice)
     low = delta - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
     high = delta + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
-    return PairedDelta(n, b, c, delta, (max(-1.0, low), min(1.0, high)), mcnemar_exact_p(b, c))
-
-
-def paired_interval(first_right: int, second_right: int, b: int, c: int, n: int,
-                    confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Only the interval of ``paired_delta`` (at any confidence)."""
-    return paired_delta(first_right, second_right, b, c, n, confidence).interval
+    return max(-1.0, low), min(1.0, high)
 
 
 @lru_cache(maxsize=4096)  # 8 KB per group at 1,000 replicates: at most 32 MB, reused by every pass
@@ -133,7 +142,7 @@ def normal_interval(value: float, se: float, confidence: float) -> tuple[float, 
     replicates hold no 0.00005 quantile), the bootstrap's standard error can."""
     if not math.isfinite(se):
         return None
-    z = float(sps.norm.ppf(0.5 + confidence / 2))
+    z = z_score(confidence)
     return value - z * se, value + z * se
 
 
