@@ -32,11 +32,12 @@ def evaluation_units(session) -> dict[str, str]:
         key = session.pairs.group_of(pair)
         return repr(key) if key is not None else f"pair {pair}"
 
-    units = {}
-    for case in plan.cases + plan.bitwidth_cases:
-        level = "clean" if case.level == 0 else f"{case.perturbation}@{case.level:g}"
-        units[case.id] = f"{group(case.pair)}|{level}"
-    for pair in plan.latency_pairs + plan.explanation_pairs:  # reuse the worker that built the pair
+    def unit(case) -> str:
+        return f"{group(case.pair)}|{'clean' if case.level == 0 else f'{case.perturbation}@{case.level:g}'}"
+
+    units = {case.id: unit(case) for case in plan.cases + plan.bitwidth_cases}
+    units.update((check.id, unit(check.case)) for check in plan.checks)  # the suite's test_metric[<metric>-<case>]
+    for pair in plan.latency_pairs + plan.explanation_pairs + plan.quantizer_pairs:  # where the pair is built
         units.setdefault(pair, f"{group(pair)}|clean")
     return units
 

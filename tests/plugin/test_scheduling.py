@@ -1,4 +1,6 @@
 """Evaluation units for pytest-xdist: ids map to units, and whole units travel to one worker."""
+import json
+
 import pytest
 
 pytest.importorskip("xdist")
@@ -29,6 +31,36 @@ def test_units_join_the_pairs_of_one_fp32_model_on_one_level(tmp_path):
     assert units["efficientnet-lite0-int8-tuned-awgn-0.1"] != units["lenet5-digits-int8-x86-awgn-0.1"]
     # latency and explanations run where the pair's clean unit runs
     assert units["lenet5-digits-int8-x86"] == units["lenet5-digits-int8-x86-awgn-0"]
+
+
+def test_every_test_the_built_in_suite_collects_has_its_cases_unit():
+    """The suite's ids are test_metric[<metric>-<case>]: before, only <case> was mapped, every gate test
+    fell back to its module's scope, and one worker ran the whole gate while the others waited."""
+    from qrobust.cli import BUILTIN_THRESHOLDS
+    from qrobust.session import Options, QrobustSession
+
+    session = QrobustSession(Options(thresholds=str(BUILTIN_THRESHOLDS)))
+    units, plan = evaluation_units(session), session.plan
+    assert plan.checks and all(units[check.id] == units[check.case.id] for check in plan.checks)
+    assert all(units[pair].endswith("|clean") for pair in plan.quantizer_pairs)
+    assert len(set(units.values())) > 20
+
+
+@pytest.mark.slow
+def test_two_workers_share_the_installed_suites_units(pytester):
+    pytester.makefile(".yaml", gate="""\
+        decision: point
+        perturbations: {awgn: {levels: [0, 0.1, 0.2]}, brownian: {levels: [0.1]}}
+        defaults: {top1_delta: 0.5, kl_mean: 1.0}
+        gate: {lenet5-digits-w8a8: {}}
+        """)
+    result = pytester.runpytest_subprocess("--pyargs", "qrobust.suites", "--qrobust-thresholds", "gate.yaml",
+                                           "-n", "2", "-v", "-p", "no:cacheprovider", "-p", "no:randomly")
+    result.assert_outcomes(passed=9, skipped=3)
+    ran = {line.split()[0] for line in result.outlines if "PASSED" in line and "test_metric[" in line}
+    assert ran == {"[gw0]", "[gw1]"}, result.outlines  # both workers judged metrics (before: one judged them all)
+    report = json.loads((pytester.path / "qrobust-report" / "report.json").read_text())
+    assert report["forward_passes"]["perturbed_batches"] == {"fp32[lenet5-digits-w8a8]": 4 * 8}  # 4 units, once each
 
 
 def test_workers_keep_to_the_model_groups_they_built():
