@@ -13,6 +13,7 @@ import latency  # noqa: E402
 import memory  # noqa: E402
 import onnx_twins  # noqa: E402
 import overhead  # noqa: E402
+import profile_gate  # noqa: E402
 import host_matrix  # noqa: E402
 import seed_stability  # noqa: E402
 
@@ -39,6 +40,9 @@ def main() -> None:
     for r in cam_speed.main():
         print(f"{r['method']}: qrobust {r['qrobust_s']:.3f} s, pytorch-grad-cam {r['grad_cam_s']:.3f} s "
               f"({r['speedup']:.2f}x); one inference forward {r['forward_s']:.3f} s")
+    print("\n## where the time goes: the default gate and the ResNet18 scale pair under py-spy, by stage")
+    profile_gate.main([])
+    profile_gate.main(["scale", "256"])
     print("\n## overhead: the default gate's case evaluation vs the forwards and CAM passes it needs")
     for r in overhead.main():
         print(f"{r['pairs']}: {r['cases']} cases in {r['passes']} passes; gate {r['gate_s']} s, model work "
