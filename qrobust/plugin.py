@@ -522,8 +522,9 @@ HTML_HISTORY = pytest.StashKey[list]()  # this process's records, for the pytest
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """A gate test that failed without a record of its checks (a fixture or setup error, a crash before
-    the check object ran) gets error records for them, so report.json says what JUnit and the exit code
+    """A gate test that failed without a failing record (a fixture or setup error, a crash before the
+    check object ran, a test's own assertion after passing checks) gets error records for its checks, or
+    one for the test when it judges none of the plan's, so report.json says what JUnit and the exit code
     say. With pytest-html, a failing check carries its chart (the levels recorded so far) and its case's
     CAM overlay as the test's extras."""
     outcome = yield
@@ -531,10 +532,12 @@ def pytest_runtest_makereport(item, call):
     qsession = item.config.stash.get(SESSION_KEY, None)
     if qsession is None or report.when not in ("setup", "call") or "qrobust" not in item.keywords:
         return
-    if report.failed and not any(n == CASE_PROPERTY for n, _ in report.user_properties):
+    from qrobust.gate.verdict import fails
+
+    if report.failed and not any(fails(v) for n, v in report.user_properties if n == CASE_PROPERTY):
         reason = _failure_line(call, report)
         errors = [(CASE_PROPERTY, qsession.error_record(item.nodeid, *check, reason))
-                  for check in _checks_of(item, qsession.plan)]
+                  for check in _checks_of(item, qsession.plan) or [("", "", 0.0, "")]]
         report.user_properties = [*report.user_properties, *errors]
         item.user_properties += errors  # JUnit reads the properties of the teardown report
     if report.when != "call" or not item.config.pluginmanager.hasplugin("html"):

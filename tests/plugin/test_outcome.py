@@ -96,6 +96,25 @@ def test_a_crashed_check_fails_everywhere_with_its_error_records(pytester):
     assert all(e.startswith("the check crashed: boom: the twin crashed") for e in found["errors"])
 
 
+def test_a_test_failing_after_its_checks_passed_fails_everywhere(pytester):
+    """A user's own assertion after passing checks, and a failing test that judges none of the plan's
+    checks: each gets error records, so the reports do not say PASSED beside exit 1."""
+    pytester.makepyfile(test_gate=SUITE + """
+
+def test_own_assertion(qrobust_case, qrobust_check):
+    qrobust_check(qrobust_case, "top1_delta")
+    assert False, "the user's own check"
+
+
+def test_no_checks(qrobust_check):
+    raise RuntimeError("fails before any check")
+""")
+    found = outcome(pytester, "lenet5-digits-int8-x86")
+    assert_agree(found, passed=False)
+    assert found["tests_with_failing_records"] == 4 + 1  # test_own_assertion's four cases and test_no_checks
+    assert found["summary"]["pass"] == 12 + 4  # the suite's checks and test_own_assertion's passing ones
+
+
 def test_a_run_whose_gate_tests_judge_nothing_fails_in_junit_too(pytester):
     """Every gate test skipped: no verdict, so the run fails, and JUnit lists it as the qrobust::gate test."""
     pytester.makepyfile(test_gate="""
