@@ -71,7 +71,7 @@ def thresholds_schema() -> dict:
     perturbations = _closed({name: {"$ref": "#/$defs/sweep_entry", "description": PERTURBATIONS.get(name).unit}
                              for name in PERTURBATIONS.names()})
     gate_entry = _closed({
-        "tolerances": case_tolerances,
+        "tolerances": _tolerances(C.PAIR_TOLERANCES),  # as the loader: a pair's cases and its coverage
         "perturbations": {**perturbations, "minProperties": 1},
         "metrics": {"type": "array", "items": {"enum": list(CASE_METRICS)}, "minItems": 1},
         "xfail": {"type": "string", "minLength": 1, "description": "why this pair is known to fail (strict xfail)"},
@@ -114,7 +114,7 @@ def thresholds_schema() -> dict:
                              "level": level, "tolerances": case_tolerances}),
         "latency": _closed({"pairs": _pairs_list(), "batch": {**positive, "maximum": C.MAX_BATCH},
                             "rounds": {"type": "integer", "minimum": 3, "maximum": C.MAX_ROUNDS},
-                            **{m: {"$ref": "#/$defs/tolerance"} for m in LATENCY_METRICS}}),
+                            **_tolerances(LATENCY_METRICS)["properties"]}),
         "explanations": _closed({"pairs": _pairs_list(), "samples": {**positive, "maximum": C.MAX_SAMPLES},
                                  "steps": {**positive, "maximum": C.MAX_STEPS},
                                  "tolerances": _tolerances(EXPLANATION_METRICS)}),

@@ -66,6 +66,14 @@ def test_the_built_in_gate_the_starter_and_the_readme_examples_validate(tmp_path
         validate(yaml.safe_load(block))
 
 
+def test_a_pairs_own_coverage_tolerance_is_valid_for_the_schema_and_the_validator(tmp_path):
+    document = {"gate": {"lenet5-digits-int8-x86": {"tolerances": {"quantized_fraction": 0.9}}}}
+    validate(document)
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(document))
+    C.load_thresholds(path, known_pairs={"lenet5-digits-int8-x86"})
+
+
 @pytest.mark.parametrize("document, where", [
     ({"gate": {"p": {}}, "decison": "point"}, "decison"),                                   # misspelled top key
     ({"gate": {"p": {"tolerances": {"top1_delat": 0.01}}}}, "top1_delat"),                  # misspelled metric
@@ -78,6 +86,7 @@ def test_the_built_in_gate_the_starter_and_the_readme_examples_validate(tmp_path
     ({"pairs": {"p": {"fp32": "model.pt", "num_classes": 3, "dataset": "d",
                       "preprocess": {"resolution": [8, 8], "mean": [0], "std": [1]}}}}, "model.pt"),
     ({"gate": {"p": {}}, "latency": {"pairs": ["p"], "rounds": 1}}, "1"),
+    ({"gate": {"p": {}}, "latency": {"pairs": ["p"], "speedup": 0}}, "minimum of 0"),      # no speedup can miss 0
 ])
 def test_invalid_files_are_rejected_by_the_schema_and_by_the_validator(tmp_path, document, where):
     with pytest.raises(jsonschema.ValidationError) as caught:
