@@ -10,6 +10,8 @@ from qrobust.gate.config import load_thresholds
 from qrobust.metrics.catalog import METRICS
 
 PAIR = "lenet5-digits-int8-x86"
+# refused at load on the built-in LeNet (test_which_metrics_are_refused_on_the_built_in_lenet_and_why says why)
+REFUSED = {"cam_sim_gt_delta", "cam_cc_gt_delta", "cam_kld_gt_delta", "wsol_iou_delta", "quantizer_violations"}
 BASE = """\
 decision: point
 max_samples: 30
@@ -51,6 +53,7 @@ def test_a_tolerance_on_every_metric_is_judged_or_refused_with_one_line(pytester
     errors = [line for line in result.stderr.lines if line.startswith("ERROR")]
     if result.ret == pytest.ExitCode.USAGE_ERROR:
         assert len(errors) == 1 and metric in errors[0], result.stderr.str()
+        assert metric in REFUSED and "judged by no collected test" not in errors[0], errors[0]  # not a dropped metric
         return
     report = json.loads((pytester.path / "qrobust-report" / "report.json").read_text())
     judged = [c for c in report["cases"] if c["metric"] == metric]
@@ -71,8 +74,7 @@ def test_which_metrics_are_refused_on_the_built_in_lenet_and_why(tmp_path):
             QrobustSession(Options(thresholds=str(path)))  # loads and plans; builds nothing
         except ConfigError as exc:
             refused[metric] = str(exc).split(": ", 1)[1]
-    assert set(refused) == {"cam_sim_gt_delta", "cam_cc_gt_delta", "cam_kld_gt_delta", "wsol_iou_delta",
-                            "quantizer_violations"}
+    assert set(refused) == REFUSED
     assert refused["wsol_iou_delta"].endswith("explanations.tolerances.wsol_iou_delta: cannot be judged for "
                                               f"{PAIR}: its dataset 'digits-test' has no bounding boxes")
     assert refused["cam_sim_gt_delta"].endswith("cam_sim_gt_delta cannot be judged: its dataset 'digits-test' has "

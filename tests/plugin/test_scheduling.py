@@ -3,9 +3,7 @@ import json
 
 import pytest
 
-pytest.importorskip("xdist")
-
-from qrobust.scheduling import bracket_id, evaluation_units  # noqa: E402
+from qrobust.scheduling import bracket_id, evaluation_units
 
 
 def test_bracket_ids():
