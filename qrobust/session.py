@@ -179,9 +179,9 @@ class QrobustSession:
         A run whose gate tests produced no verdict fails as a whole: its error record says so."""
         from qrobust.gate.engine import forwards_per_batch
 
-        weights, pairs, forwards, batches, groups, loads, overlays, broken = {}, {}, Counter(), Counter(), {}, [], [], {}
+        weights, pairs, forwards, batches, groups, loads, all_overlays, broken = {}, {}, Counter(), Counter(), {}, [], [], {}
         for out in outputs:
-            overlays += out["overlays"]
+            all_overlays += out["overlays"]
             weights.update(out["weights"])
             pairs.update(out["pairs"])
             forwards.update(out["forward_passes"])
@@ -210,7 +210,7 @@ class QrobustSession:
             path = Path(self.options.save_baseline)
             refuse_overwrite(path, self.options.overwrite_baseline)
             baseline = (path, json.dumps(baseline_document(report), indent=1, sort_keys=True))
-        json_path, html_path = write_report(report_dir, report, overlays, baseline)
+        json_path, html_path = write_report(report_dir, report, all_overlays, baseline)
         for path in markdown:
             append_text(Path(path), render_markdown(report, html_path))
         lines = summary_lines(report, per_batch, verbose=verbose)

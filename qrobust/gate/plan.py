@@ -46,10 +46,6 @@ class Check:
     metric: str
 
     @property
-    def tolerance(self) -> float:
-        return self.case.tolerances[self.metric]
-
-    @property
     def id(self) -> str:
         return f"{self.metric}-{self.case.id}"
 

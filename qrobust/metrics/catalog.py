@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 FAMILIES = ("accuracy", "confidence", "cam", "saliency_gt", "explanation", "latency", "quantizer")
 CASE_FAMILIES = ("accuracy", "confidence", "cam", "saliency_gt")  # computed per pair x perturbation x level
-COUNTS = ("paired", "agreement")  # counted metrics: paired FP32/twin outcomes (b, c), or top-1 flips
 INF = math.inf
 
 
@@ -25,7 +24,8 @@ class Metric:
     description: str
     baseline_margin: float  # how far a value may move against a saved baseline (absolute, default)
     default_tolerance: float | None = None  # applies where a thresholds file sets none for a gated pair
-    counted: str = ""  # a ratio of sample counts (COUNTS): compared exactly, fragility counted in samples
+    counted: str = ""  # "paired" (FP32/twin outcomes b, c) or "agreement" (top-1 flips): a ratio of sample
+    # counts, compared exactly, fragility counted in samples
     values: tuple[float, float] = (-INF, INF)  # the values the metric can take, ends included
     unit: str = "score"
 
