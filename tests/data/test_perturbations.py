@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 import torch
 from torch import nn
 
@@ -164,6 +165,21 @@ def test_fgsm_moves_every_pixel_by_epsilon_where_not_clipped_and_raises_loss():
     target = model(norm(x)).argmax(1)
     loss = torch.nn.functional.cross_entropy
     assert loss(model(norm(out)), target) > loss(model(norm(x)), target)
+
+
+@given(st.integers(2, 12), st.floats(0.1, 60), st.integers(0, 2**31 - 1))
+def test_fgsm_loss_gradient_is_autograd_of_cross_entropy_without_its_cancellation(classes, scale, seed):
+    """The oracle: PyTorch's autograd of F.cross_entropy against the top-1. Where the top-1 is all but
+    certain (large logits), 1 - p cancels; the stable form stays exactly -(sum of the others) and keeps
+    every entry's sign."""
+    logits = torch.randn(5, classes, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+    leaf = logits.clone().requires_grad_(True)
+    expected, = torch.autograd.grad(torch.nn.functional.cross_entropy(leaf, logits.argmax(1), reduction="sum"), leaf)
+    got = P.cross_entropy_gradient(logits)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-15)
+    top = logits.argmax(1)
+    assert torch.equal(got.gather(1, top[:, None]).squeeze(1), -got.scatter(1, top[:, None], 0.0).sum(1))
+    assert (got.scatter(1, top[:, None], 0.0) >= 0).all()
 
 
 def test_jpeg_level_is_one_hundred_minus_quality():
