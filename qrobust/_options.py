@@ -78,6 +78,14 @@ def parse_path(text: str) -> str:
     return text
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``K/N``: the K-th of N jobs (1 <= K <= N)."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise argparse.ArgumentTypeError(f"expected K/N with 1 <= K <= N (job K of N), got {show(text)}")
+    return int(match[1]), int(match[2])
+
+
 # "int" keys take a whole number, "bool" keys pytest's yes/no words, "paths" one path (pytest makes it absolute
 # against the ini file's directory), "args" a list (shell-split in an ini file, a list in TOML), "string" text
 INI_TYPES = ("string", "int", "bool", "paths", "args")
@@ -136,6 +144,9 @@ OPTIONS = (
     OptionSpec("x86-kernels", "run x86-engine int8 twins' convolutions on onednn (as CPUs with AVX512-VNNI do) or "
                               "fbgemm (as other CPUs do) instead of this CPU's choice: gate as another runner "
                               "would", parse_x86_kernels, metavar="LIB"),
+    OptionSpec("shard", "evaluate only this job's share of every case's sample shards and write its state for "
+                        "qrobust merge, which judges the whole gate (one CI matrix job of N)", parse_shard,
+               metavar="K/N"),
     OptionSpec("markdown", "write a Markdown summary (for a PR comment) to this file; $GITHUB_STEP_SUMMARY gets it "
                            "too when set", parse_path, is_path=True),
 )

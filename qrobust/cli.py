@@ -8,6 +8,7 @@
     qrobust propose THRESHOLDS [--seeds 0,1,2] [-- PYTEST ARGS]
     qrobust propose [THRESHOLDS] --from REPORT ...
                                                 tolerances fitted to each pair's benign spread
+    qrobust merge JOB... [--report DIR]        judge a gate run as N jobs (pytest --qrobust-shard K/N)
 
 ``run`` is ``pytest --pyargs qrobust.suites --qrobust-thresholds THRESHOLDS`` with the cache provider
 off (the suites live in site-packages); THRESHOLDS may stand before or after pytest's arguments, which go
@@ -112,6 +113,23 @@ def run(thresholds: str | None, pytest_args: list[str]) -> int:
     return int(pytest.main(args))
 
 
+def merge_command(args) -> int:
+    """``qrobust merge``: exit 0 when the merged gate passes, 1 when it fails, 4 on a usage error."""
+    from qrobust.errors import QrobustError
+    from qrobust.merge import merge
+
+    try:
+        outcome = merge(args.jobs, args.report, args.thresholds)
+    except QrobustError as exc:
+        print(str(exc) if str(exc).startswith("qrobust merge") else f"qrobust merge: {exc}", file=sys.stderr)
+        return 4
+    for line in outcome.lines:
+        print(line)
+    for line in outcome.failures:
+        print(f"qrobust: FAILED: {line}", file=sys.stderr)
+    return 0 if outcome.report and outcome.report["passed"] and not outcome.failures else 1
+
+
 def _seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
@@ -160,6 +178,14 @@ def command(argv: list[str]) -> int:
                          help="a pair in the reports that is a benign variant of --pair (recalibrated, other engine)")
     propose.add_argument("--headroom", type=float, default=3.0, help="noise multiples above the worst benign value")
     propose.add_argument("-o", "--output", help="write here instead of standard output")
+    merge = commands.add_parser("merge", help="judge a gate run as N CI jobs (--qrobust-shard K/N) from their "
+                                              "states: the verdicts and report.json of one job")
+    merge.add_argument("jobs", nargs="+", metavar="JOB", help="each job's state folder (REPORT/qrobust-shard-K-of-N) "
+                                                              "or report folder")
+    merge.add_argument("--report", default="qrobust-report", metavar="DIR", help="where report.json and report.html "
+                                                                                  "go (default: qrobust-report)")
+    merge.add_argument("--thresholds", metavar="PATH", help="the thresholds file the jobs ran with, where it is "
+                                                            "elsewhere here (its sha256 must match)")
     pytest_args: list[str] = []
     if "--" in argv:
         argv, pytest_args = argv[:argv.index("--")], argv[argv.index("--") + 1:]
@@ -181,6 +207,8 @@ def command(argv: list[str]) -> int:
         except ConfigError as exc:
             print(f"qrobust propose: {exc}", file=sys.stderr)
             return 4
+    if args.command == "merge":
+        return merge_command(args)
     if args.command == "template":
         sys.stdout.write(BUILTIN_THRESHOLDS.read_text(encoding="utf-8"))
         return 0

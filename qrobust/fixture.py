@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from qrobust.gate.plan import CaseSpec, Check
-from qrobust.gate.verdict import CheckRecord, error_record, fails, judge, settle_expected_failure
+from qrobust.gate.verdict import CheckRecord, error_record, fails, settle_expected_failure
 from qrobust.metrics.catalog import METRICS
 from qrobust.metrics.stats import Estimate
 from qrobust.placement import feed, place, stage
@@ -54,11 +54,14 @@ class QrobustCheck:
         tolerances = {m: t for m in names if (t := self._tolerance(case.tolerances, m)) is not None}
         if not tolerances:
             pytest.skip(f"no tolerance configured for {', '.join(names)} on {case.id}")
+        if self._session.options.shard is not None:
+            self._defer(case, tolerances)
         self._guarded(case, tolerances, lambda: self._case_records(case, tolerances))
 
     def explanations(self, pair_name: str) -> None:
         """Seed 002's deletion / insertion / WSOL / activation comparison on clean images of the pair."""
         __tracebackhide__ = True
+        self._skip_unless_owned(pair_name)
         config = self._session.thresholds.explanations
         case = CaseSpec(pair_name, "clean", 0.0, MappingProxyType(dict(config.tolerances)))
         self._guarded(case, case.tolerances, lambda: self._explanation_records(case))
@@ -67,6 +70,7 @@ class QrobustCheck:
         """FP32 / quantized latency, interleaved (and inference + EigenCAM when the pair has a CAM layer).
         Gated when the thresholds set a tolerance; otherwise measured and reported ("measured")."""
         __tracebackhide__ = True
+        self._skip_unless_owned(pair_name)
         config = self._session.thresholds.latency
         case = CaseSpec(pair_name, "latency", float(config.batch), config.tolerances)
         self._guarded(case, {"speedup": None, **case.tolerances}, lambda: self._latency_records(case, benchmark))
@@ -76,29 +80,15 @@ class QrobustCheck:
         line per violating quantizer, naming the layer, the property and the drawn counterexample; and
         the share of MACs it quantizes (``quantized_fraction``) where the thresholds set it."""
         __tracebackhide__ = True
+        self._skip_unless_owned(pair_name)
         case = CaseSpec(pair_name, "clean", 0.0, {"quantizer_violations": 0.0})
         self._guarded(case, case.tolerances, lambda: self._quantizer_records(case, examples))
 
     # ---- what each gate measures ----------------------------------------------------------------------------
     def _case_records(self, case: CaseSpec, tolerances: dict) -> tuple[list[CheckRecord], list[str]]:
         result = self._session.evaluate(case)
-        if not result.healthy:
-            message = result.health_message()
-            return [self._decide(case, m, Estimate(float("nan"), None, result.n, {"error": message}), t)[0]
-                    for m, t in tolerances.items()], [message]
-        context = {k: result.estimates[k].value for k in ("top1_fp32", "top1_quant", "logit_sqnr_db")}
-        records, messages, failed = [], [], []
-        for metric, tolerance in tolerances.items():
-            if metric not in result.estimates:
-                reason = self._why_missing(case, metric)
-                records.append(self._error(case, metric, reason))
-                messages.append(reason)
-                continue
-            record, message = self._decide(case, metric, result.metric(metric), tolerance, context)
-            records.append(record)
-            if message:
-                messages.append(message)
-                failed.append((metric, tolerance, result.metric(metric).value))
+        records, messages, failed = self._session.case_records(self._node.nodeid, case, tolerances, result,
+                                                               lambda metric: self._why_missing(case, metric))
         if failed:
             messages += self._diagnosis(case, failed)
         return records, messages
@@ -194,6 +184,28 @@ class QrobustCheck:
                                        self._tolerance(configured, "quantized_fraction"))
         return records + [record], messages + ([message] if message else [])
 
+    # ---- sharded jobs (--qrobust-shard K/N; qrobust.gate.shards) ------------------------------------------
+    def _defer(self, case: CaseSpec, tolerances: dict) -> None:
+        """Evaluate this job's sample shards of ``case`` and hand the check to ``qrobust merge``, which judges
+        it on every job's states: carried as a pending check, and the test skips saying so."""
+        pending = {"test": self._node.nodeid, "pair": case.pair, "perturbation": case.perturbation,
+                   "level": case.level, "xfail": case.xfail, "tolerances": dict(tolerances), "error": None,
+                   "missing": {}}
+        try:
+            self._session.evaluate(case)
+            pending["missing"] = {m: self._why_missing(case, m) for m in tolerances}
+        except PairUnavailable as exc:
+            pending["error"] = str(exc)
+        self._carry("pending", pending)
+        k, n = self._session.options.shard
+        pytest.skip(f"shard {k}/{n}: this job's samples evaluated; qrobust merge judges the check")
+
+    def _skip_unless_owned(self, pair: str) -> None:
+        """With --qrobust-shard, a whole-pair test runs in one job only (QrobustSession.owns)."""
+        if not self._session.owns(pair):
+            k, n = self._session.options.shard
+            pytest.skip(f"shard {k}/{n}: pair {pair}'s whole-pair tests run in another job of the {n}")
+
     # ---- shared steps -----------------------------------------------------------------------------------
     def _guarded(self, case: CaseSpec, tolerances, measure: Callable[[], tuple[list[CheckRecord], list[str]]]) -> None:
         """Run ``measure``, carry its records (errors where it could not judge) and fail the test with every
@@ -268,10 +280,4 @@ class QrobustCheck:
     def _decide(self, case: CaseSpec, metric: str, estimate: Estimate, tolerance: float | None,
                 context: dict | None = None) -> tuple[CheckRecord, str | None]:
         """The record of one measured metric and its failure message (None when it passes)."""
-        session = self._session
-        mismatch = session.baseline_mismatch()
-        old = None if mismatch else session.baseline_value(case.pair, case.perturbation, case.level, metric)
-        return judge(test=self._node.nodeid, pair=case.pair, perturbation=case.perturbation, level=case.level,
-                     metric=metric, estimate=estimate, tolerance=tolerance, mode=session.decision, context=context,
-                     baseline_old=old, baseline_margin=session.thresholds.baseline_margin(metric),
-                     family_size=session.family_sizes.get(case.pair), baseline_mismatch=mismatch)
+        return self._session.decide(self._node.nodeid, case, metric, estimate, tolerance, context)

@@ -24,6 +24,7 @@ from qrobust import _options as opts
 SESSION_KEY = pytest.StashKey["object"]()
 CASE_PROPERTY = "qrobust_case"  # a check's record, on its test report (how records reach the controller)
 DIAGNOSIS_PROPERTY = "qrobust_diagnosis"  # a failing case's per-layer diagnosis
+PENDING_PROPERTY = "qrobust_pending"  # with --qrobust-shard: a check qrobust merge judges (qrobust.gate.shards)
 COLLECTOR = "qrobust-collector"
 GATE_FIXTURES = {"qrobust_check", "qrobust_gate_check", "qrobust_case", "qrobust_bitwidth_case",
                  "qrobust_latency_pair", "qrobust_explanation_pair", "qrobust_quantizer_pair"}
@@ -217,7 +218,7 @@ def _start(config, eager: bool):
         max_samples=option(config, "max-samples"), save_baseline=option(config, "save-baseline"),
         overwrite_baseline=flag(config, "overwrite-baseline"), baseline=option(config, "baseline"),
         baseline_any_env=flag(config, "baseline-any-env"), sensitivity=option(config, "sensitivity") or 0,
-        x86_kernels=option(config, "x86-kernels"))
+        x86_kernels=option(config, "x86-kernels"), shard=option(config, "shard"))
     option(config, "markdown")  # read at the end; a bad value is a usage error now, not after the run
     worker = _is_worker(config)
     if worker:  # share the cores between xdist workers instead of oversubscribing
@@ -225,6 +226,10 @@ def _start(config, eager: bool):
 
         workers = int(config.workerinput.get("workercount", 1))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    if options.shard and not worker:  # before the workers start: a stale state would be merged as this run's
+        from qrobust.gate import shards
+
+        shards.clear(shards.folder(report, options.shard))
     progress = None if worker else TerminalProgress(config)
     try:
         session = QrobustSession(options, worker=worker, progress=progress, announce=progress and progress.line)
@@ -467,7 +472,7 @@ def qrobust_check(request, qrobust):
     from qrobust.fixture import QrobustCheck
 
     node = request.node
-    properties = {"case": CASE_PROPERTY, "diagnosis": DIAGNOSIS_PROPERTY}
+    properties = {"case": CASE_PROPERTY, "diagnosis": DIAGNOSIS_PROPERTY, "pending": PENDING_PROPERTY}
     return QrobustCheck(node, qrobust, carry=lambda kind, value: node.user_properties.append((properties[kind], value)))
 
 
@@ -483,6 +488,7 @@ class _Collector:
     def __init__(self, worker: bool = False):
         self.worker = worker  # a worker's reports travel to the controller untouched
         self.records: list[dict] = []
+        self.pending: list[dict] = []  # with --qrobust-shard: the checks qrobust merge judges
         self.gate_reports = 0
         self.worker_outputs: list[dict] = []
 
@@ -497,6 +503,10 @@ class _Collector:
         for name, value in report.user_properties:
             if name == DIAGNOSIS_PROPERTY:
                 kept.append(("qrobust_worst_layers", diagnosis["line"]))
+                continue
+            if name == PENDING_PROPERTY:
+                if report.when == "call":
+                    self.pending.append(value)
                 continue
             if name != CASE_PROPERTY:
                 kept.append((name, value))
@@ -582,6 +592,8 @@ def pytest_sessionfinish(session, exitstatus):
     if _is_worker(config):
         if qsession is not None:
             config.workeroutput["qrobust"] = json.dumps(qsession.worker_output())
+            if qsession.options.shard:
+                qsession.write_states(config.workerinput["workerid"])
         return
     collector = config.pluginmanager.get_plugin(COLLECTOR)
     if collector.gate_reports == 0 and not collector.records:
@@ -592,6 +604,12 @@ def pytest_sessionfinish(session, exitstatus):
 
     if exitstatus == pytest.ExitCode.INTERRUPTED:
         config.stash[OUTCOME_KEY] = Outcome([], ["run interrupted: report not written, the previous report is left intact"])
+        return
+    if qsession.options.shard:
+        qsession.write_states("controller")
+        config.stash[OUTCOME_KEY] = qsession.finish_shard(collector.records, collector.pending,
+                                                          [qsession.worker_output()] + collector.worker_outputs,
+                                                          gate_tests=collector.gate_reports)
         return
     outputs = [qsession.worker_output()] + collector.worker_outputs
     try:

@@ -44,6 +44,7 @@ class Options:
     baseline_any_env: bool = False
     sensitivity: int = 0  # try this many worst layers in FP32 on a failing case (0: off)
     x86_kernels: str | None = None  # run x86-engine int8 convs on this library (another CPU's path); None: this CPU's
+    shard: tuple[int, int] | None = None  # (K, N): this job's share of every case's samples (qrobust.gate.shards)
 
 
 GATE_TEST = "qrobust::gate"  # the record of a failure of the run itself (qrobust.plugin reports it as a test)
@@ -118,7 +119,7 @@ class QrobustSession:
                                         wanted={(c.pair, c.perturbation, c.level) for c in cases},
                                         datasets=self.datasets, cam_cases=cam_cases, cam_methods=methods,
                                         loader=lambda name: self.pairs.load_with_group(name, plan.pairs),
-                                        progress=self.progress)
+                                        progress=self.progress, shard=self.options.shard)
         return self._evaluator
 
     def pair(self, name: str):
@@ -134,6 +135,53 @@ class QrobustSession:
             raise
         except QrobustError as exc:
             raise self.pairs.mark_broken(case.pair, exc) from None
+
+    def owns(self, pair: str) -> bool:
+        """Whether this job runs ``pair``'s whole-pair tests (latency, explanations, quantizer properties):
+        with --qrobust-shard K/N, the pairs are dealt to the N jobs in the plan's order; without, all."""
+        if self.options.shard is None:
+            return True
+        k, n = self.options.shard
+        return self.plan.pairs.index(pair) % n == k - 1 if pair in self.plan.pairs else k == 1
+
+    # ---- verdicts ------------------------------------------------------------------------------------------
+    def decide(self, test: str, case, metric: str, estimate, tolerance: float | None, context: dict | None = None):
+        """The record of one measured metric and its failure message (None on a pass): the tolerance, the
+        familywise family and the baseline applied (qrobust.gate.verdict.judge)."""
+        from qrobust.gate.verdict import judge
+
+        mismatch = self.baseline_mismatch()
+        old = None if mismatch else self.baseline_value(case.pair, case.perturbation, case.level, metric)
+        return judge(test=test, pair=case.pair, perturbation=case.perturbation, level=case.level, metric=metric,
+                     estimate=estimate, tolerance=tolerance, mode=self.decision, context=context, baseline_old=old,
+                     baseline_margin=self.thresholds.baseline_margin(metric),
+                     family_size=self.family_sizes.get(case.pair), baseline_mismatch=mismatch)
+
+    def case_records(self, test: str, case, tolerances: dict, result, why_missing: Callable[[str], str]):
+        """A case's checks judged from its result: (records, failure messages, failed (metric, tolerance,
+        value)). An unhealthy result (non-finite outputs, no samples) and a metric not computed are errors."""
+        from qrobust.gate.verdict import error_record
+        from qrobust.metrics.stats import Estimate
+
+        if not result.healthy:
+            message = result.health_message()
+            return [self.decide(test, case, m, Estimate(float("nan"), None, result.n, {"error": message}), t)[0]
+                    for m, t in tolerances.items()], [message], []
+        context = {k: result.estimates[k].value for k in ("top1_fp32", "top1_quant", "logit_sqnr_db")}
+        records, messages, failed = [], [], []
+        for metric, tolerance in tolerances.items():
+            if metric not in result.estimates:
+                reason = why_missing(metric)
+                records.append(error_record(test=test, pair=case.pair, perturbation=case.perturbation,
+                                            level=case.level, metric=metric, mode=self.decision, error=reason))
+                messages.append(reason)
+                continue
+            record, message = self.decide(test, case, metric, result.metric(metric), tolerance, context)
+            records.append(record)
+            if message:
+                messages.append(message)
+                failed.append((metric, tolerance, result.metric(metric).value))
+        return records, messages, failed
 
     # ---- baselines and provenance -----------------------------------------------------------------------
     def baseline_value(self, pair: str, perturbation: str, level: float, metric: str) -> float | None:
@@ -156,15 +204,39 @@ class QrobustSession:
     def worker_output(self) -> dict:
         ev = self._evaluator
         return {"weights": self.pairs.weights(), "pairs": self.pairs.provenance(ev), "pair_loads": dict(self.pairs.loads),
-                "broken": self.pairs.broken, "overlays": overlays(ev.cached_results() if ev else [], self.pairs.loaded),
+                "broken": self.pairs.broken, "overlays": overlays(ev.cached_results() if ev else []),
                 "forward_passes": dict(ev.forward_passes) if ev else {},
                 "perturbed_batches": dict(ev.perturbed_batches) if ev else {},
                 "groups": ev.groups() if ev else {}}
 
+    def write_states(self, process: str) -> None:
+        """With --qrobust-shard: this process's shard states, beside the job's (qrobust.gate.shards)."""
+        from qrobust.gate import shards
+
+        if self._evaluator is not None:
+            shards.write_states(shards.folder(self.options.report, self.options.shard), process, self._evaluator)
+
+    def finish_shard(self, records: list[dict], pending: list[dict], outputs: list[dict], *, gate_tests: int) -> Outcome:
+        """With --qrobust-shard: the job's settings, pending checks and finished records for qrobust merge."""
+        from qrobust import __version__
+        from qrobust.gate import shards
+
+        o = self.options
+        settings = {"shard": list(o.shard), "thresholds": str(Path(self.thresholds.path).resolve()),
+                    "thresholds_sha256": self.thresholds.sha256, "seed": self.seed, "decision": self.decision,
+                    "max_samples": self.max_samples, "pairs": list(o.pairs) if o.pairs else None, "device": o.device,
+                    "x86_kernels": o.x86_kernels, "baseline": o.baseline, "baseline_any_env": o.baseline_any_env,
+                    "qrobust_version": __version__}
+        path = shards.write_job(shards.folder(o.report, o.shard), settings, pending, records, outputs, gate_tests)
+        k, n = o.shard
+        return Outcome([f"qrobust shard {k}/{n}: {len(pending)} pending check(s) and {len(records)} finished record(s) "
+                        f"written to {path.parent}; judge the gate with: qrobust merge "
+                        f"{shards.folder(o.report, (1, n)).parent}/qrobust-shard-*-of-{n}"], [])
+
     def case_overlays(self, pair: str, perturbation: str, level: float) -> list[dict]:
         """The overlay of one evaluated case (none when it computed no CAMs), for pytest-html's extras."""
         ev = self._evaluator
-        return overlays(ev.cached_results() if ev else [], self.pairs.loaded, (pair, perturbation, level))
+        return overlays(ev.cached_results() if ev else [], (pair, perturbation, level))
 
     def error_record(self, test: str, pair: str, perturbation: str, level: float, metric: str, error: str) -> dict:
         """The report record of a check that could not be judged (qrobust.gate.verdict.error_record)."""

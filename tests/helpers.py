@@ -1,7 +1,9 @@
 """Tiny models and data shared by qrobust's own tests (one place, so every test builds them the same way)."""
 from __future__ import annotations
 
+import re
 import textwrap
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -81,3 +83,11 @@ def five_class_set() -> list[tuple[torch.Tensor, int]]:
     """A declared dataset's builder (``helpers:five_class_set``): 60 synthetic 16x16 (image, label), 5 classes."""
     data = synthetic_set(60, 5, "shapes")
     return list(zip(data.images, data.labels.tolist()))
+
+
+# ---- the README's code blocks, which tests run as written -----------------------------------------------
+README = Path(__file__).parents[1] / "README.md"
+
+
+def readme_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)

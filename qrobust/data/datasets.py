@@ -77,9 +77,11 @@ class ImageSet:
     def sample_name(self, sample_id: int) -> str:
         return str(sample_id)
 
-    def batches(self, batch_size: int) -> Iterator[Batch]:
+    def batches(self, batch_size: int, first: int = 0, stop: int | None = None) -> Iterator[Batch]:
+        """Batches ``first`` to ``stop`` (exclusive; None: to the end) of the set cut into ``batch_size``."""
         check_int("batch_size", batch_size, minimum=1)
-        for start in range(0, len(self), batch_size):
+        end = len(self) if stop is None else min(len(self), stop * batch_size)
+        for start in range(first * batch_size, end, batch_size):
             s = slice(start, start + batch_size)
             yield Batch(self.images[s], self.labels[s], self.ids[s], self.groups[s],
                         None if self.boxes is None else self.boxes[s])
@@ -117,9 +119,10 @@ class StreamingSet:
     def sample_name(self, sample_id: int) -> str:
         return self._names(sample_id) if self._names is not None else str(sample_id)
 
-    def batches(self, batch_size: int) -> Iterator[Batch]:
+    def batches(self, batch_size: int, first: int = 0, stop: int | None = None) -> Iterator[Batch]:
+        """Batches ``first`` to ``stop`` (exclusive; None: to the end): only those are decoded."""
         check_int("batch_size", batch_size, minimum=1)
-        chunks = self.indices.split(batch_size)
+        chunks = self.indices.split(batch_size)[first:stop]
         if self.workers == 0:
             for chunk in chunks:
                 yield self._load(chunk)

@@ -36,6 +36,7 @@ from qrobust.runtimes.base import differentiable, runtime_name
 
 CLEAN = "clean"  # cache key of the unperturbed input (level 0 of every perturbation)
 MAX_BATCH_PIXELS = 8 * 224 * 224  # input pixels per batch (per channel): 8 ImageNet images, 392 digits
+SHARD_SAMPLES = 128  # a case's samples are folded in shards of about this many: the unit jobs split (qrobust.gate.shards)
 MODEL_WORK_BYTES = 256 * 2**20  # fgsm's int8 gradient signs kept for the next level; beyond this, recomputed
 
 
@@ -91,6 +92,25 @@ class CaseResult:
         return self.estimates[name]
 
 
+def case_result(pair: str, perturbation: str, level: float, state: PairMetrics, cam: CamAgreement | None,
+                sample_name: Callable[[int], str] = str) -> CaseResult:
+    """A case's result from its (folded) states."""
+    estimates = state.results() if state.n else {}
+    for row in state.flipped:  # shared by the agreement and top-k records of the case
+        row["sample"] = sample_name(row["id"])
+    if cam is not None:
+        estimates.update(cam.results())
+    return CaseResult(pair, perturbation, level, state.n, estimates, dict(state.nonfinite), list(state.nonfinite_ids),
+                      state, cam)
+
+
+def shard_layout(samples: int, batch_size: int) -> tuple[int, int]:
+    """(batches per shard, shards) of a case: shards of SHARD_SAMPLES samples in whole batches, whatever
+    the machine, so every run folds the same shards."""
+    per_shard = max(1, SHARD_SAMPLES // batch_size)
+    return per_shard, max(1, math.ceil(math.ceil(samples / batch_size) / per_shard))
+
+
 def fp32_label(group: Sequence[ModelPair]) -> str:
     return f"fp32[{group[0].name}]"
 
@@ -121,7 +141,7 @@ class Evaluator:
                  wanted: set[tuple[str, str, float]] | None = None,
                  cam_cases: set[tuple[str, str, float]] | None = None, cam_methods: dict[str, str] | None = None,
                  loader: Callable[[str], None] | None = None,
-                 progress: Callable[[str, int, int], None] | None = None):
+                 progress: Callable[[str, int, int], None] | None = None, shard: tuple[int, int] | None = None):
         from qrobust._validation import check_int
 
         check_int("batch_size", batch_size, minimum=1)
@@ -142,6 +162,9 @@ class Evaluator:
         self.forward_passes: Counter[str] = Counter()
         self.perturbed_batches: Counter[str] = Counter()
         self.progress = progress  # progress(label, batches done, batches in all), after every batch
+        self.shard = shard  # (K, N): evaluate only the sample shards i with i % N == K - 1 (qrobust.gate.shards)
+        self.shard_states: dict[tuple[str, str, float], dict[int, dict]] = {}  # with ``shard``: each shard's states
+        self.shard_counts: dict[tuple[str, str, float], int] = {}  # shards per evaluated case
         for pair in pairs:
             self.add(pair)
 
@@ -265,9 +288,11 @@ class Evaluator:
                                                    f"but pair {pair.name!r} has {pair.num_classes} classes")
 
     def _run(self, group: list[ModelPair], perturbation: str, level: float) -> None:
+        """Evaluate one case for ``group``, shard by shard: each sample shard gets fresh states, folded in
+        shard order into the case's (so a job running only some shards, ``shard``, holds exactly the states
+        another run's fold adds: qrobust.gate.shards)."""
         lead = group[0]
         data = self.dataset(lead.dataset)
-        states = {p.name: PairMetrics(p.num_classes, self.seed, self.replicates, self.f1_average) for p in group}
         # pairs without a CAM layer get no CAM metrics (their CAM checks skip, with the reason)
         cam_pairs = [p for p in group if (p.target_layer or not cam_method(self.cam_methods[p.name]).uses_layer)
                      and self._listed(self.cam_cases, p.name, perturbation, level)]
@@ -275,51 +300,69 @@ class Evaluator:
         if any(p.target_layer not in (None, fp_layer) for p in cam_pairs):
             raise invalid("target_layer", sorted({p.target_layer for p in cam_pairs}),
                           f"pairs sharing {lead.name!r}'s FP32 model must name one CAM layer")
-        cam_states = {p.name: CamAgreement(self.cam_methods[p.name], self.seed, self.replicates,
-                                           capacity=math.ceil(0.05 * len(data))) for p in cam_pairs}
-        fp_methods = sorted({cam.method for cam in cam_states.values()})
-        normalize = lead.preprocess.normalize
-        fp_label = fp32_label(self.group_of(lead))
+
+        def fresh() -> tuple[dict[str, PairMetrics], dict[str, CamAgreement]]:
+            return ({p.name: PairMetrics(p.num_classes, self.seed, self.replicates, self.f1_average) for p in group},
+                    {p.name: CamAgreement(self.cam_methods[p.name], self.seed, self.replicates,
+                                          capacity=math.ceil(0.05 * len(data))) for p in cam_pairs})
+
+        states, cam_states = fresh()
         batch_size = self.batch_size_for(lead)
-        total = math.ceil(len(data) / batch_size)
-        label = f"{lead.name} {perturbation} @ {level:g}"
-        for done, batch in enumerate(data.batches(batch_size), 1):
-            self._check_labels(lead, batch.labels)
-            pixels = batch.images if perturbation == CLEAN else self._perturb(lead, batch, perturbation, level)
-            self.perturbed_batches[fp_label] += 1
-            x = normalize(pixels)
-            weights = poisson_weights(self.seed, batch.groups, self.replicates)
-            with stage("CAM" if fp_methods else "evaluate", lead.name):
-                fp_cams = compute_cams(lead.fp32, x, fp_layer, fp_methods) if fp_methods else None
-                with torch.inference_mode():
-                    fp_logits = fp_cams.logits if fp_cams else feed(lead.fp32, x, role="fp32").cpu()
-            self.forward_passes[fp_label] += 1
+        per_shard, count = shard_layout(len(data), batch_size)
+        mine = [i for i in range(count) if self.shard is None or i % self.shard[1] == self.shard[0] - 1]
+        batches = math.ceil(len(data) / batch_size)
+        total = sum(min((i + 1) * per_shard, batches) - i * per_shard for i in mine)
+        label, done = f"{lead.name} {perturbation} @ {level:g}", 0
+        for index in mine:
+            part, part_cams = fresh()
+            for batch in data.batches(batch_size, index * per_shard, (index + 1) * per_shard):
+                self._evaluate_batch(group, batch, perturbation, level, part, part_cams, fp_layer)
+                done += 1
+                if self.progress is not None:
+                    self.progress(label, done, total)
             for pair in group:
-                cam = cam_states.get(pair.name)
-                if cam is None:
-                    with torch.inference_mode(), stage("evaluate", pair.name):
-                        q_logits = feed(pair.quantized, x, role="twin").cpu()
-                else:  # the CAM forward's logits serve the classification metrics: no second forward
-                    with stage("CAM", pair.name):
-                        q_cams = compute_cams(pair.quantized, x, pair.quantized_target_layer, [cam.method],
-                                              targets=fp_cams.targets)
-                    q_logits = q_cams.logits
-                    cam.update(fp_cams.maps[cam.method], q_cams.maps[cam.method], batch.ids, weights, pixels,
-                               batch.saliency)
-                self.forward_passes[pair.name] += 1
-                states[pair.name].update(fp_logits, q_logits, batch.labels, batch.ids, batch.groups, weights)
-            if self.progress is not None:
-                self.progress(label, done, total)
+                states[pair.name].merge(part[pair.name])
+                if pair.name in cam_states:
+                    cam_states[pair.name].merge(part_cams[pair.name])
+                if self.shard is not None:
+                    cam = part_cams.get(pair.name)
+                    self.shard_states.setdefault((pair.name, perturbation, level), {})[index] = {
+                        "metrics": part[pair.name].state(), "cam": cam.state() if cam is not None else None}
         for pair in group:
-            st = states[pair.name]
-            estimates = st.results() if st.n else {}
-            for row in st.flipped:  # shared by the agreement and top-k records of the case
-                row["sample"] = data.sample_name(row["id"])
+            self.shard_counts[(pair.name, perturbation, level)] = count
+            self._cache[(pair.name, perturbation, level)] = case_result(
+                pair.name, perturbation, level, states[pair.name], cam_states.get(pair.name), data.sample_name)
+
+    def _evaluate_batch(self, group: list[ModelPair], batch, perturbation: str, level: float,
+                        states: dict[str, PairMetrics], cam_states: dict[str, CamAgreement], fp_layer) -> None:
+        """One batch through the group: perturbed once, one FP32 forward, one forward per twin."""
+        lead = group[0]
+        fp_methods = sorted({cam.method for cam in cam_states.values()})
+        fp_label = fp32_label(self.group_of(lead))
+        self._check_labels(lead, batch.labels)
+        pixels = batch.images if perturbation == CLEAN else self._perturb(lead, batch, perturbation, level)
+        self.perturbed_batches[fp_label] += 1
+        x = lead.preprocess.normalize(pixels)
+        weights = poisson_weights(self.seed, batch.groups, self.replicates)
+        with stage("CAM" if fp_methods else "evaluate", lead.name):
+            fp_cams = compute_cams(lead.fp32, x, fp_layer, fp_methods) if fp_methods else None
+            with torch.inference_mode():
+                fp_logits = fp_cams.logits if fp_cams else feed(lead.fp32, x, role="fp32").cpu()
+        self.forward_passes[fp_label] += 1
+        for pair in group:
             cam = cam_states.get(pair.name)
-            if cam is not None:
-                estimates.update(cam.results())
-            self._cache[(pair.name, perturbation, level)] = CaseResult(
-                pair.name, perturbation, level, st.n, estimates, dict(st.nonfinite), list(st.nonfinite_ids), st, cam)
+            if cam is None:
+                with torch.inference_mode(), stage("evaluate", pair.name):
+                    q_logits = feed(pair.quantized, x, role="twin").cpu()
+            else:  # the CAM forward's logits serve the classification metrics: no second forward
+                with stage("CAM", pair.name):
+                    q_cams = compute_cams(pair.quantized, x, pair.quantized_target_layer, [cam.method],
+                                          targets=fp_cams.targets)
+                q_logits = q_cams.logits
+                cam.update(fp_cams.maps[cam.method], q_cams.maps[cam.method], batch.ids, weights, pixels,
+                           batch.saliency, top1=(fp_logits.argmax(1), q_logits.argmax(1)))
+            self.forward_passes[pair.name] += 1
+            states[pair.name].update(fp_logits, q_logits, batch.labels, batch.ids, batch.groups, weights)
 
     def _perturb(self, lead: ModelPair, batch, perturbation: str, level: float) -> torch.Tensor:
         """The perturbed pixels of ``batch`` (CPU), the same for every pair of the group."""

@@ -81,6 +81,9 @@ class LogHistogram:
         idx = torch.where(values <= 10**self.low_exp, torch.zeros_like(idx), idx)
         self.counts += torch.bincount(idx.clamp_(0, len(self.counts) - 1), minlength=len(self.counts))
 
+    def merge(self, other: LogHistogram) -> None:
+        self.counts += other.counts
+
     def value_at_rank(self, rank: int) -> float:
         """The value of the ``rank``-th smallest observation (1-based), at its bin's geometric centre."""
         idx = int(torch.searchsorted(torch.cumsum(self.counts, 0), torch.tensor(rank)))
@@ -112,9 +115,8 @@ class PairMetrics:
         self.class_counts = {m: {c: zeros(num_classes) for c in ("tp", "fp", "fn")} for m in ("fp", "q")}
         self.boot_counts = {m: {c: zeros(replicates, num_classes) for c in ("tp", "fp", "fn")} for m in ("fp", "q")}
         self.boot_weight = zeros(replicates)
-        self.kl = BootstrapMean(replicates)
-        self.sqnr = BootstrapMean(replicates)  # per-sample logit SQNR, dB
-        self.cosine = BootstrapMean(replicates)  # per-sample logit cosine similarity
+        # per-sample means by metric: KL, logit SQNR (dB), logit cosine similarity (merged and written by name)
+        self.means = {name: BootstrapMean(replicates) for name in ("kl_mean", "logit_sqnr_db", "logit_cosine")}
         self.kl_max = 0.0
         self.kl_hist = LogHistogram()
         self.nonfinite = {"fp32": 0, "quantized": 0}
@@ -160,9 +162,9 @@ class PairMetrics:
         room = KL_KEPT - len(self.first_kl)
         if room > 0:
             self.first_kl.update(zip(ids[:room].tolist(), kl[:room].tolist()))
-        self.kl.update(kl, weights)
-        self.sqnr.update(logit_sqnr_db(fp_logits, q_logits), weights)
-        self.cosine.update(F.cosine_similarity(fp_logits.double(), q_logits.double(), dim=1), weights)
+        self.means["kl_mean"].update(kl, weights)
+        self.means["logit_sqnr_db"].update(logit_sqnr_db(fp_logits, q_logits), weights)
+        self.means["logit_cosine"].update(F.cosine_similarity(fp_logits.double(), q_logits.double(), dim=1), weights)
         self.kl_max = max(self.kl_max, float(kl.max()))
         self.kl_hist.add(kl)
         self.boot_weight += weights.sum(dim=1)
@@ -179,6 +181,66 @@ class PairMetrics:
             self.flipped.append({"id": int(ids[row]), "label": int(labels[row]), **{
                 m: [[int(c), round(float(p), 4)] for c, p in zip(t.indices[j].tolist(), t.values[j].tolist())]
                 for m, t in tops.items()}})
+
+    # ---- shards ------------------------------------------------------------------------------------
+    def merge(self, other: PairMetrics) -> None:
+        """Add ``other``, the state of the samples after this one's (the next sample shard of the same case):
+        the result is the state one pass over both would hold, up to float sums added per shard, so runs
+        that fold the same shards in order agree bit for bit (qrobust.gate.shards)."""
+        if (other.k, other.seed, other.replicates, other.f1_average) != (self.k, self.seed, self.replicates,
+                                                                          self.f1_average):
+            raise invalid("merge", (other.k, other.seed, other.replicates), "states of different configurations")
+        self.n += other.n
+        for name, count in other.counts.items():
+            self.counts[name] += count
+        for model in ("fp", "q"):
+            for name in ("tp", "fp", "fn"):
+                self.class_counts[model][name] += other.class_counts[model][name]
+                self.boot_counts[model][name] += other.boot_counts[model][name]
+        self.boot_weight += other.boot_weight
+        for name, mean in self.means.items():
+            mean.merge(other.means[name])
+        self.kl_max = max(self.kl_max, other.kl_max)
+        self.kl_hist.merge(other.kl_hist)
+        for model, count in other.nonfinite.items():
+            self.nonfinite[model] += count
+        self.nonfinite_ids = (self.nonfinite_ids + other.nonfinite_ids)[:10]
+        self.flipped = (self.flipped + other.flipped)[:FLIPPED_KEPT]
+        for sample, kl in other.first_kl.items():
+            if len(self.first_kl) < KL_KEPT:
+                self.first_kl[sample] = kl
+
+    def state(self) -> dict:
+        """Plain tensors and numbers (``torch.load(weights_only=True)`` reads them back). The bootstrap's
+        per-class counts keep only the classes seen: 48 MB dense for 1,000 classes, a few kB sparse."""
+        boot = {}
+        for model in ("fp", "q"):
+            for name in ("tp", "fp", "fn"):
+                seen = self.class_counts[model][name].nonzero().flatten()
+                boot[f"{model}_{name}"] = (seen, self.boot_counts[model][name][:, seen].clone())
+        return {"config": [self.k, self.seed, self.replicates, self.f1_average], "n": self.n,
+                "counts": dict(self.counts), "class_counts": {m: dict(c) for m, c in self.class_counts.items()},
+                "boot": boot, "boot_weight": self.boot_weight,
+                "means": {name: mean.state() for name, mean in self.means.items()},
+                "kl_max": self.kl_max, "kl_hist": self.kl_hist.counts, "nonfinite": dict(self.nonfinite),
+                "nonfinite_ids": list(self.nonfinite_ids), "flipped": list(self.flipped),
+                "first_kl": [[i, v] for i, v in self.first_kl.items()]}
+
+    @classmethod
+    def from_state(cls, state: dict) -> PairMetrics:
+        k, seed, replicates, f1_average = state["config"]
+        metrics = cls(k, seed, replicates, f1_average)
+        metrics.n, metrics.counts = state["n"], dict(state["counts"])
+        metrics.class_counts = {m: dict(c) for m, c in state["class_counts"].items()}
+        for key, (seen, columns) in state["boot"].items():
+            model, name = key.split("_")
+            metrics.boot_counts[model][name][:, seen] = columns
+        metrics.boot_weight = state["boot_weight"]
+        metrics.means = {name: BootstrapMean.from_state(mean) for name, mean in state["means"].items()}
+        metrics.kl_max, metrics.kl_hist.counts = state["kl_max"], state["kl_hist"]
+        metrics.nonfinite, metrics.nonfinite_ids = dict(state["nonfinite"]), list(state["nonfinite_ids"])
+        metrics.flipped, metrics.first_kl = list(state["flipped"]), {int(i): v for i, v in state["first_kl"]}
+        return metrics
 
     # ---- results -----------------------------------------------------------------------------------
     def _require_samples(self) -> None:
@@ -218,11 +280,11 @@ class PairMetrics:
                                     partial(clopper_pearson_interval, agree, n))
         out["flip_rate"] = Estimate(1 - agree / n, tuple(1 - v for v in reversed(wilson_interval(agree, n))), n,
                                     {"flips": n - agree})
-        out["kl_mean"] = self.kl.estimate()
+        out["kl_mean"] = self.means["kl_mean"].estimate()
         out["kl_p95"] = Estimate(self.kl_hist.quantile(0.95), self.kl_hist.quantile_interval(0.95, CONFIDENCE), n,
                                  {"resolution": "log histogram, 200 bins per decade"},
                                  partial(self.kl_hist.quantile_interval, 0.95))
         out["kl_max"] = Estimate(self.kl_max, None, n, {})
-        out["logit_sqnr_db"] = self.sqnr.estimate({"cap_db": SQNR_CAP_DB})
-        out["logit_cosine"] = self.cosine.estimate()
+        out["logit_sqnr_db"] = self.means["logit_sqnr_db"].estimate({"cap_db": SQNR_CAP_DB})
+        out["logit_cosine"] = self.means["logit_cosine"].estimate()
         return out

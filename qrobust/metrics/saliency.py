@@ -108,7 +108,9 @@ class CamAgreement:
 
     def update(self, ref: tuple[torch.Tensor, torch.Tensor], cand: tuple[torch.Tensor, torch.Tensor],
                ids: torch.Tensor, weights: torch.Tensor, pixels: torch.Tensor,
-               saliency: torch.Tensor | None = None) -> None:
+               saliency: torch.Tensor | None = None, top1: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """``top1``: both models' predicted classes for the batch, kept with the overlays (the report draws
+        them without running a model again)."""
         (ref_maps, ref_deg), (cand_maps, cand_deg) = ref, cand
         ref_deg, cand_deg = ref_deg.cpu(), cand_deg.cpu()
         self.degenerate["fp32"] += int((ref_deg & ~cand_deg).sum())
@@ -128,9 +130,11 @@ class CamAgreement:
         merged = self.most_different + list(zip(rmse.tolist(), ids.tolist()))
         self.most_different = sorted(merged, reverse=True)[: self.capacity]
         pix = pixels.detach().cpu()[valid]
+        classes = [t.cpu()[valid] for t in top1] if top1 is not None else None
         for j in rmse.argsort(descending=True)[: self.overlay_count].tolist():
             self.overlays.append({"id": int(ids[j]), "rmse": float(rmse[j]), "pixels": pix[j],
-                                  "fp32": ref_maps[j], "quantized": cand_maps[j]})
+                                  "fp32": ref_maps[j], "quantized": cand_maps[j],
+                                  "top1": [int(c[j]) for c in classes] if classes is not None else None})
         self.overlays = sorted(self.overlays, key=lambda o: -o["rmse"])[: self.overlay_count]
 
     def _update_ground_truth(self, gt: torch.Tensor, fp_maps: torch.Tensor, q_maps: torch.Tensor,
@@ -145,6 +149,40 @@ class CamAgreement:
             self.gt_deltas[name].update((fp_v - q_v) if worse_when_lower else (q_v - fp_v), w)
             self.gt_sums[name]["fp32"] += float(fp_v.sum())
             self.gt_sums[name]["quantized"] += float(q_v.sum())
+
+    def merge(self, other: CamAgreement) -> None:
+        """Add ``other``, the state of the next sample shard of the same case (see PairMetrics.merge)."""
+        for name, mean in self.means.items():
+            mean.merge(other.means[name])
+        for name, delta in self.gt_deltas.items():
+            delta.merge(other.gt_deltas[name])
+            for model, total in other.gt_sums[name].items():
+                self.gt_sums[name][model] += total
+        for kind, count in other.degenerate.items():
+            self.degenerate[kind] += count
+        self.most_different = sorted(self.most_different + other.most_different, reverse=True)[: self.capacity]
+        self.overlays = sorted(self.overlays + other.overlays, key=lambda o: -o["rmse"])[: self.overlay_count]
+
+    def state(self) -> dict:
+        """Plain tensors and numbers, as PairMetrics.state."""
+        return {"config": [self.method, self.seed, self.replicates, self.fraction, self.capacity, self.overlay_count],
+                "means": {n: m.state() for n, m in self.means.items()},
+                "gt_deltas": {n: m.state() for n, m in self.gt_deltas.items()},
+                "gt_sums": {n: dict(s) for n, s in self.gt_sums.items()}, "degenerate": dict(self.degenerate),
+                "most_different": [list(p) for p in self.most_different], "overlays": list(self.overlays)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> CamAgreement:
+        method, seed, replicates, fraction, capacity, overlays = state["config"]
+        cam = cls(method, seed, replicates, fraction, capacity, overlays)
+        for field, kept in (("means", cam.means), ("gt_deltas", cam.gt_deltas)):
+            for name, mean_state in state[field].items():
+                kept[name] = type(kept[name]).from_state(mean_state)
+        cam.gt_sums = {n: dict(s) for n, s in state["gt_sums"].items()}
+        cam.degenerate = dict(state["degenerate"])
+        cam.most_different = [tuple(p) for p in state["most_different"]]
+        cam.overlays = list(state["overlays"])
+        return cam
 
     @property
     def n(self) -> int:

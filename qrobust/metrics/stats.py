@@ -179,6 +179,24 @@ class BootstrapMean:
         self.weighted += weights @ values
         self.weight += weights.sum(dim=1)
 
+    def merge(self, other: BootstrapMean) -> None:
+        """Add ``other``'s samples (a later shard of the same case): exact for the counts and weights; the
+        float sums are added once per shard, so every run that folds the same shards in order agrees bit
+        for bit (qrobust.gate.shards)."""
+        self.n += other.n
+        self.total += other.total
+        self.weighted += other.weighted
+        self.weight += other.weight
+
+    def state(self) -> dict:
+        return {"n": self.n, "total": self.total, "weighted": self.weighted, "weight": self.weight}
+
+    @classmethod
+    def from_state(cls, state: dict) -> BootstrapMean:
+        mean = cls(len(state["weight"]))
+        mean.n, mean.total, mean.weighted, mean.weight = state["n"], state["total"], state["weighted"], state["weight"]
+        return mean
+
     @property
     def mean(self) -> float:
         return self.total / self.n if self.n else float("nan")
@@ -217,6 +235,25 @@ class BootstrapTrimmedMean:
             raise invalid("weights", float(weights.max()), "Poisson bootstrap weights above 255")
         self.values.append(values.detach().double().cpu().flatten())
         self.weights.append(weights.to(torch.uint8))
+
+    def merge(self, other: BootstrapTrimmedMean) -> None:
+        """Add ``other``'s samples after this one's (a later shard); both must still hold their samples."""
+        if self._final is not None or other._final is not None:
+            raise invalid("merge", "after estimate", "a trimmed mean's samples are released by its estimate")
+        self.values += other.values
+        self.weights += other.weights
+
+    def state(self) -> dict:
+        if self._final is not None:
+            raise invalid("state", "after estimate", "a trimmed mean's samples are released by its estimate")
+        return {"trim": self.trim, "replicates": self.replicates, "values": list(self.values),
+                "weights": list(self.weights)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> BootstrapTrimmedMean:
+        mean = cls(state["replicates"], state["trim"])
+        mean.values, mean.weights = list(state["values"]), list(state["weights"])
+        return mean
 
     @property
     def n(self) -> int:

@@ -16,19 +16,27 @@ CONFTEST = """
         "logit_mae", False, "confidence", "mean absolute difference of the logits", 0.05, values=(0, catalog.INF))
     catalog.CASE_METRICS = catalog.names(*catalog.CASE_FAMILIES)
 
-    # 2. the code computing it (here patched in; in the package, lines in PairMetrics.update and .results)
-    update, results = PairMetrics.update, PairMetrics.results
+    # 2. the code computing it (here patched in; in the package, lines in PairMetrics.__init__, .update, .results)
+    from qrobust.metrics.stats import BootstrapMean
 
-    def patched_update(self, fp_logits, q_logits, *args, **kwargs):
-        self.mae = getattr(self, "mae", []) + [(fp_logits - q_logits).abs().mean(dim=1)]
-        return update(self, fp_logits, q_logits, *args, **kwargs)
+    init, update, results = PairMetrics.__init__, PairMetrics.update, PairMetrics.results
+
+    def patched_init(self, num_classes, seed=0, replicates=1000, *args, **kwargs):
+        init(self, num_classes, seed, replicates, *args, **kwargs)
+        self.means["logit_mae"] = BootstrapMean(replicates)
+
+    def patched_update(self, fp_logits, q_logits, labels, ids, groups, weights=None):
+        keep = torch.isfinite(fp_logits).all(1) & torch.isfinite(q_logits).all(1)
+        if weights is not None:
+            self.means["logit_mae"].update((fp_logits - q_logits)[keep].abs().mean(dim=1), weights[:, keep])
+        return update(self, fp_logits, q_logits, labels, ids, groups, weights)
 
     def patched_results(self):
         out = results(self)
-        out["logit_mae"] = Estimate(float(torch.cat(self.mae).mean()), None, self.n, {})
+        out["logit_mae"] = self.means["logit_mae"].estimate()
         return out
 
-    PairMetrics.update, PairMetrics.results = patched_update, patched_results
+    PairMetrics.__init__, PairMetrics.update, PairMetrics.results = patched_init, patched_update, patched_results
 """
 
 

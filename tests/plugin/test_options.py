@@ -38,6 +38,9 @@ def start_error(pytester, *args) -> str:
     (["--qrobust-max-samples", "0"], "argument --qrobust-max-samples: must be >= 1, got 0"),
     (["--qrobust-decision", "maybe"], "argument --qrobust-decision: expected point, strict, lenient, familywise, got 'maybe'"),
     (["--qrobust-pairs", " , "], "argument --qrobust-pairs: expected comma-separated pair names"),
+    (["--qrobust-shard", "4/3"], "argument --qrobust-shard: expected K/N with 1 <= K <= N (job K of N), got '4/3'"),
+    (["--qrobust-shard", "0/3"], "argument --qrobust-shard: expected K/N with 1 <= K <= N (job K of N), got '0/3'"),
+    (["--qrobust-shard", "2"], "argument --qrobust-shard: expected K/N with 1 <= K <= N (job K of N), got '2'"),
 ])
 def test_bad_options_are_one_line_at_start(pytester, args, message):
     assert message in start_error(pytester, *args)
