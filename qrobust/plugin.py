@@ -220,19 +220,24 @@ def _start(config, eager: bool):
         baseline_any_env=flag(config, "baseline-any-env"), sensitivity=option(config, "sensitivity") or 0,
         x86_kernels=option(config, "x86-kernels"), shard=option(config, "shard"))
     option(config, "markdown")  # read at the end; a bad value is a usage error now, not after the run
-    worker = _is_worker(config)
+    worker, slots = _is_worker(config), None
     if worker:  # share the cores between xdist workers instead of oversubscribing
         import torch
 
         workers = int(config.workerinput.get("workercount", 1))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        if workers > 1:  # and share a case's sample shards between them
+            from qrobust.gate.slots import SlotStore, folder_for
+
+            slots = SlotStore(folder_for(config.workerinput["testrunuid"]), workers)
     if options.shard and not worker:  # before the workers start: a stale state would be merged as this run's
         from qrobust.gate import shards
 
         shards.clear(shards.folder(report, options.shard))
     progress = None if worker else TerminalProgress(config)
     try:
-        session = QrobustSession(options, worker=worker, progress=progress, announce=progress and progress.line)
+        session = QrobustSession(options, worker=worker, progress=progress, announce=progress and progress.line,
+                                 slots=slots)
     except (ConfigError, InvalidArgument) as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SESSION_KEY] = session
@@ -399,12 +404,32 @@ def pytest_collection_modifyitems(config, items):
         judged.update(_checks_of(item, qsession.plan))
     if not judged:
         return
+    _add_share_tests(items, qsession, {check[:3] for check in judged})
     missing = sorted(qsession.plan.required() - judged, key=str)
     if missing:
         shown = "; ".join(f"{m} at {p} / {pert} @ {lv:g}" for p, pert, lv, m in missing[:3])
         raise pytest.UsageError(f"qrobust: {len(missing)} tolerance(s) of {qsession.thresholds.path} are judged by no "
                                 f"collected test ({shown}{'; ...' if len(missing) > 3 else ''}): collect the qrobust "
                                 "suites (qrobust run, or pytest --pyargs qrobust.suites) or remove them")
+
+
+def _add_share_tests(items, qsession, judged: set) -> None:
+    """Under ``-n M``: M - 1 helper tests per evaluation unit a collected test judges, ``qrobust_share[<case
+    id>~<slot>]``, each evaluating one slot of the case's sample shards for the worker judging it
+    (qrobust.gate.slots; the scheduler sends them where they help). They judge nothing; a slot no helper
+    took is evaluated by the judging worker itself."""
+    if qsession.slots is None:
+        return
+    from qrobust.scheduling import SHARE, share_cases
+
+    parent = next(item for item in items if "qrobust" in item.keywords).parent
+    for case in share_cases(qsession, judged):
+        for slot in range(1, qsession.slots.count):
+            def share(case=case, slot=slot):
+                qsession.evaluate_share(case, slot)
+
+            items.append(pytest.Function.from_parent(parent, name=f"qrobust_share[{case.id}{SHARE}{slot}]",
+                                                     callobj=share))
 
 
 def _checks_of(item, plan) -> list[tuple]:
@@ -491,6 +516,7 @@ class _Collector:
         self.pending: list[dict] = []  # with --qrobust-shard: the checks qrobust merge judges
         self.gate_reports = 0
         self.worker_outputs: list[dict] = []
+        self.runs: set[str] = set()  # the xdist runs whose workers reported down
 
     @pytest.hookimpl(tryfirst=True)  # before junitxml reads the properties (it does, from the teardown report)
     def pytest_runtest_logreport(self, report):
@@ -525,6 +551,16 @@ class _Collector:
         output = getattr(node, "workeroutput", {}).get("qrobust")
         if output:
             self.worker_outputs.append(json.loads(output))
+        self.runs.add(node.workerinput.get("testrunuid", ""))
+
+    def remove_slots(self) -> None:
+        """The folders the workers shared a case's shards through (qrobust.gate.slots), once they are down."""
+        import shutil
+
+        from qrobust.gate.slots import folder_for
+
+        for run in filter(None, self.runs):
+            shutil.rmtree(folder_for(run), ignore_errors=True)
 
 
 HTML_HISTORY = pytest.StashKey[list]()  # this process's records, for the pytest-html charts
@@ -596,6 +632,7 @@ def pytest_sessionfinish(session, exitstatus):
                 qsession.write_states(config.workerinput["workerid"])
         return
     collector = config.pluginmanager.get_plugin(COLLECTOR)
+    collector.remove_slots()
     if collector.gate_reports == 0 and not collector.records:
         return
     if qsession is None:  # the controller of an -n run whose workers started the gate when they collected it

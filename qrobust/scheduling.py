@@ -1,4 +1,5 @@
-"""pytest-xdist scheduling by evaluation unit: every test of one unit runs on one worker, once.
+"""pytest-xdist scheduling by evaluation unit: every test of one unit runs on one worker, once, and
+helper tests let other workers evaluate some of its sample shards meanwhile (qrobust.gate.slots).
 
 A unit is what the engine evaluates in one pass: a group of pairs sharing an FP32 model on one
 perturbation level (level 0 of every perturbation is one clean pass). xdist's default ``load``
@@ -27,19 +28,35 @@ def bracket_id(nodeid: str) -> str | None:
 def evaluation_units(session) -> dict[str, str]:
     """Test parametrization id -> its evaluation unit, for every qrobust-parametrized test of the plan."""
     plan = session.plan
-
-    def group(pair: str) -> str:
-        key = session.pairs.group_of(pair)
-        return repr(key) if key is not None else f"pair {pair}"
-
-    def unit(case) -> str:
-        return f"{group(case.pair)}|{'clean' if case.level == 0 else f'{case.perturbation}@{case.level:g}'}"
-
-    units = {case.id: unit(case) for case in plan.cases + plan.bitwidth_cases}
-    units.update((check.id, unit(check.case)) for check in plan.checks)  # the suite's test_metric[<metric>-<case>]
+    units = {case.id: unit_of(session, case) for case in plan.cases + plan.bitwidth_cases}
+    units.update((check.id, unit_of(session, check.case)) for check in plan.checks)  # test_metric[<metric>-<case>]
     for pair in plan.latency_pairs + plan.explanation_pairs + plan.quantizer_pairs:  # where the pair is built
-        units.setdefault(pair, f"{group(pair)}|clean")
+        key = session.pairs.group_of(pair)
+        units.setdefault(pair, f"{repr(key) if key is not None else f'pair {pair}'}|clean")
     return units
+
+
+SHARE = "~"  # a helper test's id: <case id>~<slot> (qrobust.gate.slots)
+
+
+def share_cases(session, judged: set[tuple[str, str, float]]) -> list:
+    """One case per evaluation unit that a collected test judges (``judged``: (pair, perturbation, level)):
+    the cases whose shards helper tests evaluate under ``-n``."""
+    plan = session.plan
+    seen, cases = set(), []
+    for case in plan.cases + plan.bitwidth_cases:
+        unit = unit_of(session, case)
+        if (case.pair, case.perturbation, case.level) in judged and unit not in seen:
+            seen.add(unit)
+            cases.append(case)
+    return cases
+
+
+def unit_of(session, case) -> str:
+    """A case's evaluation unit: its pair's model group and the level (level 0 of any perturbation is clean)."""
+    key = session.pairs.group_of(case.pair)
+    group = repr(key) if key is not None else f"pair {case.pair}"
+    return f"{group}|{'clean' if case.level == 0 else f'{case.perturbation}@{case.level:g}'}"
 
 
 class UnitScheduling(LoadScopeScheduling):
@@ -56,15 +73,22 @@ class UnitScheduling(LoadScopeScheduling):
 
     @staticmethod
     def _group(scope: str) -> str:
+        scope = scope.split("#share", 1)[0]
         return scope.removeprefix("qrobust:").rsplit("|", 1)[0] if scope.startswith("qrobust:") else scope
 
     def _pick(self, node) -> str:
-        """The next scope for ``node``: its own groups first, then a group nobody holds, then the first."""
+        """The next scope for ``node``: a helper for a unit another worker is evaluating now (they share its
+        shards), then its own groups, then a group nobody holds, then the first."""
+        running = {scope for other, work in self.assigned_work.items() if other is not node
+                   for scope, tests in work.items() if not all(tests.values())}
+        for scope in self.workqueue:
+            if "#share" in scope and scope.split("#share", 1)[0] in running:
+                return scope
         held = self._groups.get(node, set())
         taken = set().union(*(g for n, g in self._groups.items() if n is not node)) if self._groups else set()
         for wanted in (lambda g: g in held, lambda g: g not in taken):
             for scope in self.workqueue:
-                if wanted(self._group(scope)):
+                if "#share" not in scope and wanted(self._group(scope)):
                     return scope
         return next(iter(self.workqueue))
 
@@ -81,8 +105,13 @@ class UnitScheduling(LoadScopeScheduling):
     def _split_scope(self, nodeid: str) -> str:
         scope = self._scopes.get(nodeid)
         if scope is None:
-            unit = self.units.get(bracket_id(nodeid) or "")
-            scope = f"qrobust:{unit}" if unit is not None else super()._split_scope(nodeid)
+            test_id = bracket_id(nodeid) or ""
+            case, _, slot = test_id.rpartition(SHARE)
+            if case and slot.isdigit() and case in self.units:  # a helper: its own scope beside its unit's
+                scope = f"qrobust:{self.units[case]}#share{slot}"
+            else:
+                unit = self.units.get(test_id)
+                scope = f"qrobust:{unit}" if unit is not None else super()._split_scope(nodeid)
             self._scopes[nodeid] = scope
         return scope
 

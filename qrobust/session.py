@@ -66,8 +66,9 @@ class QrobustSession:
 
     def __init__(self, options: Options, *, worker: bool = False,
                  progress: Callable[[str, int, int], None] | None = None,
-                 announce: Callable[[str], None] | None = None):
-        self.options, self.progress, self.announce = options, progress, announce
+                 announce: Callable[[str], None] | None = None, slots=None):
+        """``slots``: under xdist, the qrobust.gate.slots.SlotStore the workers share a case's shards through."""
+        self.options, self.progress, self.announce, self.slots = options, progress, announce, slots
         self.started = time.monotonic()  # the report's duration
         self.thresholds: Thresholds = load_thresholds(options.thresholds)
         t = self.thresholds
@@ -119,7 +120,7 @@ class QrobustSession:
                                         wanted={(c.pair, c.perturbation, c.level) for c in cases},
                                         datasets=self.datasets, cam_cases=cam_cases, cam_methods=methods,
                                         loader=lambda name: self.pairs.load_with_group(name, plan.pairs),
-                                        progress=self.progress, shard=self.options.shard)
+                                        progress=self.progress, shard=self.options.shard, slots=self.slots)
         return self._evaluator
 
     def pair(self, name: str):
@@ -135,6 +136,15 @@ class QrobustSession:
             raise
         except QrobustError as exc:
             raise self.pairs.mark_broken(case.pair, exc) from None
+
+    def evaluate_share(self, case, slot: int) -> None:
+        """Under xdist: evaluate one slot of ``case``'s shards for the worker judging it (a helper test). A
+        pair that cannot be built or evaluated is left to the judging tests, which evaluate again and say why."""
+        try:
+            self.pairs.load_with_group(case.pair, self.plan.pairs)
+            self.evaluator.evaluate_share(case.pair, case.perturbation, case.level, slot)
+        except QrobustError:
+            return
 
     def owns(self, pair: str) -> bool:
         """Whether this job runs ``pair``'s whole-pair tests (latency, explanations, quantizer properties):

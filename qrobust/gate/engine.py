@@ -27,6 +27,7 @@ from qrobust.errors import ModelOutputError, UnsupportedError, invalid
 from qrobust.explain.cam import compute_cams, method as cam_method
 from qrobust.explain.layers import match_twin_layer
 from qrobust.gate.config import Thresholds
+from qrobust.gate.slots import SlotStore
 from qrobust.metrics.classification import PairMetrics
 from qrobust.metrics.saliency import CamAgreement
 from qrobust.metrics.stats import Estimate, poisson_weights
@@ -126,6 +127,37 @@ def forwards_per_batch(forwards: Counter, batches: Counter, groups: dict[str, st
     return per_batch
 
 
+class _Case:
+    """One case's evaluation plan: its group, data, CAM pairs, shard layout and the shards this run takes."""
+
+    def __init__(self, evaluator: Evaluator, group: list[ModelPair], perturbation: str, level: float):
+        lead = group[0]
+        self.evaluator, self.group, self.perturbation, self.level = evaluator, group, perturbation, level
+        self.data = evaluator.dataset(lead.dataset)
+        # pairs without a CAM layer get no CAM metrics (their CAM checks skip, with the reason)
+        self.cam_pairs = [p for p in group if (p.target_layer or not cam_method(evaluator.cam_methods[p.name]).uses_layer)
+                          and evaluator._listed(evaluator.cam_cases, p.name, perturbation, level)]
+        self.fp_layer = next((p.target_layer for p in self.cam_pairs if p.target_layer), None)
+        if any(p.target_layer not in (None, self.fp_layer) for p in self.cam_pairs):
+            raise invalid("target_layer", sorted({p.target_layer for p in self.cam_pairs}),
+                          f"pairs sharing {lead.name!r}'s FP32 model must name one CAM layer")
+        self.batch_size = evaluator.batch_size_for(lead)
+        self.per_shard, self.count = shard_layout(len(self.data), self.batch_size)
+        shard = evaluator.shard
+        self.mine = [i for i in range(self.count) if shard is None or i % shard[1] == shard[0] - 1]
+        batches = math.ceil(len(self.data) / self.batch_size)
+        self.total = sum(min((i + 1) * self.per_shard, batches) - i * self.per_shard for i in self.mine)
+        self.label, self.done = f"{lead.name} {perturbation} @ {level:g}", 0
+        # the same key in every worker: which pairs, which case, which cams
+        self.unit = repr((sorted(p.name for p in group), perturbation, level, sorted(p.name for p in self.cam_pairs)))
+
+    def fresh(self) -> tuple[dict[str, PairMetrics], dict[str, CamAgreement]]:
+        ev = self.evaluator
+        return ({p.name: PairMetrics(p.num_classes, ev.seed, ev.replicates, ev.f1_average) for p in self.group},
+                {p.name: CamAgreement(ev.cam_methods[p.name], ev.seed, ev.replicates,
+                                      capacity=math.ceil(0.05 * len(self.data))) for p in self.cam_pairs})
+
+
 class Evaluator:
     """Evaluates cases lazily and caches them; ``forward_passes`` counts model calls per model.
 
@@ -141,7 +173,8 @@ class Evaluator:
                  wanted: set[tuple[str, str, float]] | None = None,
                  cam_cases: set[tuple[str, str, float]] | None = None, cam_methods: dict[str, str] | None = None,
                  loader: Callable[[str], None] | None = None,
-                 progress: Callable[[str, int, int], None] | None = None, shard: tuple[int, int] | None = None):
+                 progress: Callable[[str, int, int], None] | None = None, shard: tuple[int, int] | None = None,
+                 slots: SlotStore | None = None):
         from qrobust._validation import check_int
 
         check_int("batch_size", batch_size, minimum=1)
@@ -165,6 +198,7 @@ class Evaluator:
         self.shard = shard  # (K, N): evaluate only the sample shards i with i % N == K - 1 (qrobust.gate.shards)
         self.shard_states: dict[tuple[str, str, float], dict[int, dict]] = {}  # with ``shard``: each shard's states
         self.shard_counts: dict[tuple[str, str, float], int] = {}  # shards per evaluated case
+        self.slots = slots  # under xdist: the store through which workers share a case's shards
         for pair in pairs:
             self.add(pair)
 
@@ -264,12 +298,15 @@ class Evaluator:
     def _cached(self, pair: str, perturbation: str, level: float, cam: bool = False) -> CaseResult:
         key = (pair, perturbation, level)
         if key not in self._cache:
-            group = [p for p in self.group_of(self.pairs[pair])
-                     if p.name == pair or self._listed(self.wanted, p.name, perturbation, level)]
-            self._run(group, perturbation, level)
+            self._run(self._group_for(pair, perturbation, level), perturbation, level)
         elif cam and self._cache[key].cam is None:
             self._run([self.pairs[pair]], perturbation, level)
         return self._cache[key]
+
+    def _group_for(self, pair: str, perturbation: str, level: float) -> list[ModelPair]:
+        """The pairs evaluated with ``pair`` on this case: its group mates the plan wants there."""
+        return [p for p in self.group_of(self.pairs[pair])
+                if p.name == pair or self._listed(self.wanted, p.name, perturbation, level)]
 
     @staticmethod
     def _listed(cases: set[tuple[str, str, float]] | None, pair: str, perturbation: str, level: float) -> bool:
@@ -290,48 +327,72 @@ class Evaluator:
     def _run(self, group: list[ModelPair], perturbation: str, level: float) -> None:
         """Evaluate one case for ``group``, shard by shard: each sample shard gets fresh states, folded in
         shard order into the case's (so a job running only some shards, ``shard``, holds exactly the states
-        another run's fold adds: qrobust.gate.shards)."""
-        lead = group[0]
-        data = self.dataset(lead.dataset)
-        # pairs without a CAM layer get no CAM metrics (their CAM checks skip, with the reason)
-        cam_pairs = [p for p in group if (p.target_layer or not cam_method(self.cam_methods[p.name]).uses_layer)
-                     and self._listed(self.cam_cases, p.name, perturbation, level)]
-        fp_layer = next((p.target_layer for p in cam_pairs if p.target_layer), None)
-        if any(p.target_layer not in (None, fp_layer) for p in cam_pairs):
-            raise invalid("target_layer", sorted({p.target_layer for p in cam_pairs}),
-                          f"pairs sharing {lead.name!r}'s FP32 model must name one CAM layer")
-
-        def fresh() -> tuple[dict[str, PairMetrics], dict[str, CamAgreement]]:
-            return ({p.name: PairMetrics(p.num_classes, self.seed, self.replicates, self.f1_average) for p in group},
-                    {p.name: CamAgreement(self.cam_methods[p.name], self.seed, self.replicates,
-                                          capacity=math.ceil(0.05 * len(data))) for p in cam_pairs})
-
-        states, cam_states = fresh()
-        batch_size = self.batch_size_for(lead)
-        per_shard, count = shard_layout(len(data), batch_size)
-        mine = [i for i in range(count) if self.shard is None or i % self.shard[1] == self.shard[0] - 1]
-        batches = math.ceil(len(data) / batch_size)
-        total = sum(min((i + 1) * per_shard, batches) - i * per_shard for i in mine)
-        label, done = f"{lead.name} {perturbation} @ {level:g}", 0
-        for index in mine:
-            part, part_cams = fresh()
-            for batch in data.batches(batch_size, index * per_shard, (index + 1) * per_shard):
-                self._evaluate_batch(group, batch, perturbation, level, part, part_cams, fp_layer)
-                done += 1
-                if self.progress is not None:
-                    self.progress(label, done, total)
-            for pair in group:
-                states[pair.name].merge(part[pair.name])
-                if pair.name in cam_states:
-                    cam_states[pair.name].merge(part_cams[pair.name])
-                if self.shard is not None:
-                    cam = part_cams.get(pair.name)
-                    self.shard_states.setdefault((pair.name, perturbation, level), {})[index] = {
-                        "metrics": part[pair.name].state(), "cam": cam.state() if cam is not None else None}
+        another run's fold adds: qrobust.gate.shards). Under xdist with ``slots``, other workers may
+        evaluate some of the shards meanwhile (qrobust.gate.slots)."""
+        case = _Case(self, group, perturbation, level)
+        parts: dict[int, dict[str, dict]] = {}
+        if self.slots is None or len(case.mine) < 2:
+            parts = self._evaluate_shards(case, case.mine)
+        else:
+            others = []
+            for slot in range(self.slots.count):
+                indices = case.mine[slot::self.slots.count]
+                if indices and self.slots.claim(case.unit, slot):
+                    parts.update(self._evaluate_shards(case, indices))
+                elif indices:
+                    others.append(slot)
+            for slot in others:  # being evaluated by another worker now: wait for its states
+                states = self.slots.take(case.unit, slot)
+                parts.update(states if states is not None else self._evaluate_shards(case, case.mine[slot::self.slots.count]))
+        states, cam_states = case.fresh()
+        for index in sorted(parts):
+            for name, state in parts[index].items():
+                states[name].merge(PairMetrics.from_state(state["metrics"]))
+                if state["cam"] is not None:
+                    cam_states[name].merge(CamAgreement.from_state(state["cam"]))
+            if self.shard is not None:
+                for name, state in parts[index].items():
+                    self.shard_states.setdefault((name, perturbation, level), {})[index] = state
         for pair in group:
-            self.shard_counts[(pair.name, perturbation, level)] = count
+            self.shard_counts[(pair.name, perturbation, level)] = case.count
             self._cache[(pair.name, perturbation, level)] = case_result(
-                pair.name, perturbation, level, states[pair.name], cam_states.get(pair.name), data.sample_name)
+                pair.name, perturbation, level, states[pair.name], cam_states.get(pair.name), case.data.sample_name)
+
+    def evaluate_share(self, pair: str, perturbation: str, level: float, slot: int) -> None:
+        """Under xdist: evaluate ``slot`` of a case's shards for the worker judging it, unless the case is
+        done here or the slot is taken (qrobust.gate.slots)."""
+        if self.slots is None:
+            return
+        self._pair(pair)
+        spec = PERTURBATIONS.get(perturbation)
+        level = spec.check_level(level)
+        name = CLEAN if level == 0 else spec.name
+        if (pair, name, level) in self._cache:
+            return
+        case = _Case(self, self._group_for(pair, name, level), name, level)
+        indices = case.mine[slot::self.slots.count]
+        if not indices or not self.slots.claim(case.unit, slot):
+            return
+        try:
+            self.slots.put(case.unit, slot, self._evaluate_shards(case, indices))
+        except BaseException:
+            self.slots.give_up(case.unit, slot)
+            raise
+
+    def _evaluate_shards(self, case: _Case, indices: list[int]) -> dict[int, dict[str, dict]]:
+        """The states of the shards ``indices``, each from fresh states: {shard: {pair: {metrics, cam}}}."""
+        parts = {}
+        for index in indices:
+            part, part_cams = case.fresh()
+            for batch in case.data.batches(case.batch_size, index * case.per_shard, (index + 1) * case.per_shard):
+                self._evaluate_batch(case.group, batch, case.perturbation, case.level, part, part_cams, case.fp_layer)
+                case.done += 1
+                if self.progress is not None:
+                    self.progress(case.label, case.done, case.total)
+            parts[index] = {name: {"metrics": state.state(),
+                                   "cam": part_cams[name].state() if name in part_cams else None}
+                            for name, state in part.items()}
+        return parts
 
     def _evaluate_batch(self, group: list[ModelPair], batch, perturbation: str, level: float,
                         states: dict[str, PairMetrics], cam_states: dict[str, CamAgreement], fp_layer) -> None:

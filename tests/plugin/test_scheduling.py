@@ -54,9 +54,11 @@ def test_two_workers_share_the_installed_suites_units(pytester):
         """)
     result = pytester.runpytest_subprocess("--pyargs", "qrobust.suites", "--qrobust-thresholds", "gate.yaml",
                                            "-n", "2", "-v", "-p", "no:cacheprovider", "-p", "no:randomly")
-    result.assert_outcomes(passed=9, skipped=3)
+    result.assert_outcomes(passed=9 + 4, skipped=3)  # and a helper per unit, evaluating shards for its judge
     ran = {line.split()[0] for line in result.outlines if "PASSED" in line and "test_metric[" in line}
     assert ran == {"[gw0]", "[gw1]"}, result.outlines  # both workers judged metrics (before: one judged them all)
+    helpers = [line for line in result.outlines if "PASSED" in line and "qrobust_share[" in line]
+    assert len(helpers) == 4 and all("~1]" in line for line in helpers)
     report = json.loads((pytester.path / "qrobust-report" / "report.json").read_text())
     assert report["forward_passes"]["perturbed_batches"] == {"fp32[lenet5-digits-w8a8]": 4 * 8}  # 4 units, once each
 
@@ -69,7 +71,7 @@ def test_workers_keep_to_the_model_groups_they_built():
     sched = UnitScheduling.__new__(UnitScheduling)  # the choice alone; xdist's bookkeeping is not needed
     sched.workqueue = OrderedDict((f"qrobust:{g}|{lv}", {}) for g, lv in
                                   [("lite0", "clean"), ("lite0", "awgn@0.1"), ("lenet", "clean"), ("lenet", "awgn@0.1")])
-    sched._groups = {}
+    sched._groups, sched.assigned_work = {}, {}
     a, b = object(), object()
     first = sched._pick(a)
     sched._groups[a] = {sched._group(first)}
@@ -81,3 +83,24 @@ def test_workers_keep_to_the_model_groups_they_built():
     assert sched._group(sched._pick(a)) == "lite0" and sched._group(sched._pick(b)) == "lenet"
     sched.workqueue.pop("qrobust:lenet|awgn@0.1")
     assert sched._pick(b) == "qrobust:lite0|awgn@0.1"  # nothing of its own left: it takes what remains
+
+
+def test_a_helper_goes_where_its_unit_is_being_evaluated():
+    """A helper test has its own scope beside its unit's; a worker asking for work takes the helper of a
+    unit another worker is evaluating now, so the two evaluate its shards at once."""
+    from collections import OrderedDict
+
+    from qrobust.scheduling import UnitScheduling
+
+    sched = UnitScheduling.__new__(UnitScheduling)
+    sched.units, sched._scopes = {"lenet-awgn-0.1": "lenet|awgn@0.1"}, {}
+    assert sched._split_scope("test_gate.py::qrobust_share[lenet-awgn-0.1~1]") == "qrobust:lenet|awgn@0.1#share1"
+    assert sched._split_scope("test_gate.py::test_metric[lenet-awgn-0.1]") == "qrobust:lenet|awgn@0.1"
+    a, b = object(), object()
+    sched.workqueue = OrderedDict.fromkeys(["qrobust:lenet|clean", "qrobust:lenet|awgn@0.1#share1",
+                                            "qrobust:lenet|clean#share1"], {})
+    sched._groups = {a: {"lenet"}}
+    sched.assigned_work = {a: {"qrobust:lenet|awgn@0.1": {"t1": True, "t2": False}}}
+    assert sched._pick(b) == "qrobust:lenet|awgn@0.1#share1"
+    assert sched._pick(a) == "qrobust:lenet|clean"  # not its own unit's helper: it judges that one
+    assert sched._group("qrobust:lenet|awgn@0.1#share1") == "lenet"
