@@ -29,7 +29,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check qrobust tests benchmarks tools
+	$(PY) -m ruff check qrobust tests benchmarks tools examples
 	$(PY) -m mypy
 
 clean:

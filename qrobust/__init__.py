@@ -27,7 +27,7 @@ _PUBLIC = {
     "QuantConfig": "qrobust.quant", "TensorSpec": "qrobust.quant", "PRESETS": "qrobust.quant",
     "get_preset": "qrobust.quant", "quantize_model": "qrobust.runtimes",  # with every runtime's quantizer registered
     # runtimes
-    "load_onnx": "qrobust.runtimes", "RuntimeModel": "qrobust.runtimes",
+    "load_onnx": "qrobust.runtimes", "load_outputs": "qrobust.runtimes", "RuntimeModel": "qrobust.runtimes",
     # data and perturbations
     "ImageSet": "qrobust.data", "StreamingSet": "qrobust.data", "DATASETS": "qrobust.data",
     "load_dataset": "qrobust.data", "perturb": "qrobust.data", "register_perturbation": "qrobust.data",

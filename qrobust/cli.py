@@ -9,6 +9,8 @@
     qrobust propose [THRESHOLDS] --from REPORT ...
                                                 tolerances fitted to each pair's benign spread
     qrobust merge JOB... [--report DIR]        judge a gate run as N jobs (pytest --qrobust-shard K/N)
+    qrobust export-inputs THRESHOLDS --pair P -o DIR
+                                                the inputs the gate feeds P's twin, for a device to run
 
 ``run`` is ``pytest --pyargs qrobust.suites --qrobust-thresholds THRESHOLDS`` with the cache provider
 off (the suites live in site-packages); THRESHOLDS may stand before or after pytest's arguments, which go
@@ -130,6 +132,24 @@ def merge_command(args) -> int:
     return 0 if outcome.report and outcome.report["passed"] and not outcome.failures else 1
 
 
+def export_command(args) -> int:
+    """``qrobust export-inputs``: exit 0 with the export written, 4 on a usage error."""
+    from qrobust.errors import QrobustError
+    from qrobust.exchange import export_inputs
+
+    try:
+        manifest = export_inputs(args.thresholds, args.pair, args.output, seed=args.seed, max_samples=args.max_samples)
+    except QrobustError as exc:
+        print(str(exc) if str(exc).startswith("qrobust export-inputs") else f"qrobust export-inputs: {exc}",
+              file=sys.stderr)
+        return 4
+    batches = sum(len(case["batches"]) for case in manifest["cases"])
+    print(f"qrobust export-inputs: {len(manifest['cases'])} cases, {batches} batches of {args.pair}'s inputs in "
+          f"{args.output} (content sha256 {manifest['content_sha256'][:12]}); run them on the device, write "
+          f"<case>/batch-NNNNN.npy logits and copy manifest.json beside them, then gate with outputs: FOLDER")
+    return 0
+
+
 def _seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
@@ -186,6 +206,13 @@ def command(argv: list[str]) -> int:
                                                                                   "go (default: qrobust-report)")
     merge.add_argument("--thresholds", metavar="PATH", help="the thresholds file the jobs ran with, where it is "
                                                             "elsewhere here (its sha256 must match)")
+    export = commands.add_parser("export-inputs", help="write every input the gate feeds a pair's twin, for a device "
+                                                        "to run (README: Gate what runs on the device)")
+    export.add_argument("thresholds", help="the thresholds file that gates the pair")
+    export.add_argument("--pair", required=True, help="the pair whose twin's inputs to write")
+    export.add_argument("-o", "--output", required=True, metavar="DIR", help="a new (or empty) folder")
+    export.add_argument("--seed", type=int, help="the gate's seed (default: the thresholds')")
+    export.add_argument("--max-samples", type=int, help="the gate's sample cap, as --qrobust-max-samples")
     pytest_args: list[str] = []
     if "--" in argv:
         argv, pytest_args = argv[:argv.index("--")], argv[argv.index("--") + 1:]
@@ -209,6 +236,8 @@ def command(argv: list[str]) -> int:
             return 4
     if args.command == "merge":
         return merge_command(args)
+    if args.command == "export-inputs":
+        return export_command(args)
     if args.command == "template":
         sys.stdout.write(BUILTIN_THRESHOLDS.read_text(encoding="utf-8"))
         return 0

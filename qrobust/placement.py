@@ -20,7 +20,7 @@ import torch
 
 from qrobust.errors import QrobustError
 
-STAGES = ("calibrate", "probe", "evaluate", "CAM", "attack", "diagnose", "explain", "latency", "coverage",
+STAGES = ("calibrate", "probe", "evaluate", "export", "CAM", "attack", "diagnose", "explain", "latency", "coverage",
           "match layer", "export")
 _stage: contextvars.ContextVar[tuple[str | None, str]] = contextvars.ContextVar("qrobust_stage", default=(None, "run"))
 _feeding: contextvars.ContextVar[object] = contextvars.ContextVar("qrobust_feeding", default=None)

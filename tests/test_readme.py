@@ -29,7 +29,7 @@ def user_files(root: Path, classes=("cat", "dog", "fox"), per_class=4) -> None:
 
 
 def test_the_readme_has_the_examples_this_file_runs():
-    assert len(blocks("yaml")) == 5 and len(blocks("python")) == 3 and len(blocks("sh")) >= 4
+    assert len(blocks("yaml")) == 6 and len(blocks("python")) == 3 and len(blocks("sh")) >= 4
 
 
 @pytest.mark.slow
@@ -98,7 +98,7 @@ def test_the_onnx_example_gates_the_shipped_files(tmp_path):
 def test_the_imagenet_c_example_gives_level_0_and_the_five_severities(tmp_path):
     from qrobust.gate.config import load_thresholds
 
-    (tmp_path / "t.yaml").write_text(blocks("yaml")[4] + "gate:\n  lenet5-digits-int8-x86: {}\n")
+    (tmp_path / "t.yaml").write_text(blocks("yaml")[-1] + "gate:\n  lenet5-digits-int8-x86: {}\n")
     sweep = load_thresholds(tmp_path / "t.yaml").sweep
     assert sweep["impulse_noise"].levels == (0, 0.03, 0.06, 0.09, 0.17, 0.27)
     assert sweep["glass_blur"].levels == (0, 1, 2, 3, 4, 5) and sweep["resize_nearest"].levels == (0, 0.5, 0.75)

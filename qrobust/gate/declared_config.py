@@ -12,7 +12,7 @@ from pathlib import Path
 from qrobust.errors import QrobustWarning, show
 from qrobust.registry import did_you_mean
 
-PAIR_KEYS = {"arch", "builder", "fp32", "quantized", "providers", "weights", "trust", "num_classes", "preset",
+PAIR_KEYS = {"arch", "builder", "fp32", "quantized", "outputs", "providers", "weights", "trust", "num_classes", "preset",
              "preprocess", "dataset", "calibration", "target_layer", "quantized_target_layer"}
 DATASET_KEYS = {"folder", "builder", "resolution", "resize", "channels", "boxes", "saliency", "num_classes",
                 "max_samples", "workers"}
@@ -127,6 +127,7 @@ def validate_pair(v, name: str, spec: dict, base: Path, datasets: dict[str, dict
     v.keys(spec, key, PAIR_KEYS)
     source = _one_of(v, spec, key, ("arch", "builder", "fp32"))
     _onnx_models(v, spec, key, base)
+    _recorded_outputs(v, spec, key)
     if source == "arch":
         from qrobust.models.archs import classification_archs
         known = classification_archs()
@@ -168,9 +169,9 @@ def validate_pair(v, name: str, spec: dict, base: Path, datasets: dict[str, dict
         if spec["preset"] not in PRESETS:
             v.fail(f"{key}.preset", f"unknown preset {show(spec['preset'])}{did_you_mean(spec['preset'], PRESETS)} "
                                     f"(known: {', '.join(PRESETS)})")
-        if "quantized" in spec:
-            v.fail(f"{key}.preset", "the pair gives its quantized model (quantized:); a preset would build another "
-                                    "one: remove one of the two")
+        if "quantized" in spec or "outputs" in spec:
+            given = "quantized model (quantized:)" if "quantized" in spec else "device's outputs (outputs:)"
+            v.fail(f"{key}.preset", f"the pair gives its {given}; a preset would build a twin: remove one of the two")
         if source == "fp32" and PRESETS.get(spec["preset"]).runtime != "onnxruntime":
             v.fail(f"{key}.preset", f"{show(spec['preset'])} quantizes torch models and fp32: is an ONNX file: use an "
                                     f"ONNX Runtime preset ({', '.join(PRESETS.names('onnxruntime'))})")
@@ -190,8 +191,20 @@ def validate_pair(v, name: str, spec: dict, base: Path, datasets: dict[str, dict
                           f"same folder as the gated dataset {show(spec['dataset'])} ({show(str(folder), 200)}): the "
                           "twin's ranges then fit the very samples it is judged on; calibrate on another split",
                           QrobustWarning, stacklevel=2)
-    elif source != "builder" and "quantized" not in spec:
-        v.fail(f"{key}.preset", f"an {source} pair needs a quantization preset or its quantized model (quantized:)")
+    elif source != "builder" and "quantized" not in spec and "outputs" not in spec:
+        v.fail(f"{key}.preset", f"an {source} pair needs a quantization preset, its quantized model (quantized:) or "
+                                "a device's recorded outputs (outputs:)")
+
+
+def _recorded_outputs(v, spec: dict, key: str) -> None:
+    """``outputs:``: the folder of a device's logits for an export (read when the pair is first gated, so
+    the file can name it before the device has run)."""
+    if "outputs" not in spec:
+        return
+    if not isinstance(spec["outputs"], str) or not spec["outputs"]:
+        v.fail(f"{key}.outputs", f"expected the folder of the device's outputs, got {show(spec['outputs'])}")
+    if "quantized" in spec:
+        v.fail(f"{key}.outputs", "the pair gives its quantized model (quantized:) too: the twin is one or the other")
 
 
 def _onnx_models(v, spec: dict, key: str, base: Path) -> None:

@@ -17,7 +17,7 @@ import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -202,15 +202,17 @@ class Evaluator:
         for pair in pairs:
             self.add(pair)
 
-    def add(self, pair: ModelPair) -> None:
+    def add(self, pair: ModelPair, probe: bool = True) -> None:
         """Make ``pair`` available after probing it: its FP32 model (and fake-quant twin) move to the
         evaluator's device, and one clean batch must give both models' outputs the right shape, finite.
-        A pair that fails the probe raises ModelOutputError and is not added."""
+        A pair that fails the probe raises ModelOutputError and is not added. ``probe=False`` is for
+        exporting a pair's inputs (qrobust.exchange), which never runs its twin."""
         if pair.name in self.pairs:
             return
         pair.fp32.to(self.device)
         pair.quantized.to(self.twin_device(pair))
-        self.probe(pair)
+        if probe:
+            self.probe(pair)
         self.pairs[pair.name] = pair
         gradients = pair.kind != "int8" and differentiable(pair.fp32) and differentiable(pair.quantized)
         self.cam_methods[pair.name] = self._method_overrides.get(pair.name, "gradcampp" if gradients else "eigencam")
@@ -450,6 +452,16 @@ class Evaluator:
         if id(fp32) not in self._fp64:
             self._fp64[id(fp32)] = copy.deepcopy(fp32).double()
         return self._fp64[id(fp32)]
+
+    def case_batches(self, pair: str, perturbation: str, level: float) -> Iterator[tuple[object, torch.Tensor]]:
+        """Every batch of a case with the normalized input the twin is fed, as the evaluation cuts and
+        perturbs it (the export of qrobust.exchange)."""
+        lead = self._pair(pair)
+        spec = PERTURBATIONS.get(perturbation) if perturbation != CLEAN else None
+        level = spec.check_level(level) if spec is not None else 0.0
+        for batch in self.dataset(lead.dataset).batches(self.batch_size_for(lead)):
+            pixels = batch.images if level == 0 else self._perturb(lead, batch, spec.name, level)
+            yield batch, lead.preprocess.normalize(pixels)
 
     def case_inputs(self, pair: str, perturbation: str, level: float, count: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalized model inputs of a case's first ``count`` samples (as the gate fed them: the same

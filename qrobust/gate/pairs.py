@@ -51,7 +51,8 @@ class PairCache:
         layer = spec.get("target_layer") or TORCHVISION_ARCHS.get(spec.get("arch", ""))
         dataset = spec["dataset"]
         return PairFacts(cam=layer_free or layer is not None, saliency=self._dataset_has(dataset, "saliency"),
-                         boxes=self._dataset_has(dataset, "boxes"), classes=spec["num_classes"], dataset=dataset)
+                         boxes=self._dataset_has(dataset, "boxes"), classes=spec["num_classes"], dataset=dataset,
+                         live="outputs" not in spec)
 
     def _dataset_has(self, dataset: str, what: str) -> bool | None:
         """Whether a dataset carries ``saliency`` maps or ``boxes``: a declared one's key of that name, a

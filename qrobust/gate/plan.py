@@ -176,14 +176,23 @@ def make_plan(thresholds: Thresholds, bits_of: Callable[[str], int | None], sele
         return selected is None or name in selected
 
     skipped: list[tuple[str, str, str]] = []
+    recorded = [p for p in thresholds.gate if not facts(p).live]  # twins that are a device's logits: no live model
+    for pair in recorded:
+        why = facts(pair).cannot("quantizer_violations") or ""
+        skipped += [(pair, metric, why) for metric in ("quantizer_violations", "quantized_fraction")
+                    if metric == "quantizer_violations" or metric in {**thresholds.defaults, **thresholds.gate[pair].tolerances}]
+        for section in ("latency", "explanations"):
+            if pair in getattr(thresholds, section).pairs:
+                raise ConfigError(f"{thresholds.path}: {section}.pairs: {pair} cannot be timed or explained: its twin "
+                                  "is a device's recorded logits (outputs:); these suites need the live twin")
     quantizer = {p: {m: t for m, t in {**thresholds.defaults, **entry.tolerances}.items() if m == "quantized_fraction"}
-                 for p, entry in thresholds.gate.items()}  # the file's tolerances (every property check is implied)
+                 for p, entry in thresholds.gate.items() if p not in recorded}  # the file's (every property is implied)
     plan = GatePlan(
         cases=tuple(c for c in gate_cases(thresholds, facts, skipped) if keep(c.pair)),
         bitwidth_cases=tuple(c for c in bitwidth_cases(thresholds, bits_of) if keep(c.pair)),
         latency_pairs=tuple(p for p in thresholds.latency.pairs if keep(p)),
         explanation_pairs=tuple(p for p in thresholds.explanations.pairs if keep(p)),
-        quantizer_pairs=tuple(p for p in thresholds.gate if keep(p)),
+        quantizer_pairs=tuple(p for p in thresholds.gate if keep(p) and p not in recorded),
         not_applicable=tuple(s for s in skipped if keep(s[0])),
         latency=CaseSpec("", "latency", float(thresholds.latency.batch), thresholds.latency.tolerances),
         explanations=CaseSpec("", "clean", 0.0, thresholds.explanations.tolerances),

@@ -82,6 +82,7 @@ def thresholds_schema() -> dict:
     pair = _closed({
         "arch": {"type": "string"}, "builder": {"type": "string", "pattern": "^[^:]+:[^:]+$"},
         "fp32": {"type": "string", "pattern": r"\.onnx$"}, "quantized": {"type": "string", "pattern": r"\.onnx$"},
+        "outputs": {"type": "string", "minLength": 1},
         "providers": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
         "weights": {"type": "string"}, "trust": {"type": "boolean"}, "num_classes": positive,
         "preset": {"enum": PRESETS.names()},

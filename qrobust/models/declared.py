@@ -85,7 +85,13 @@ def build_pair(name: str, spec: dict, base: Path, datasets: dict, fp32_cache: di
     if not isinstance(fp32, RuntimeModel):
         fp32.eval()
     calibration, requantize = None, None
-    if "quantized" in spec:
+    if "outputs" in spec:
+        from qrobust.runtimes import load_outputs
+
+        quantized = load_outputs(base / spec["outputs"])
+        config = replace(PRESETS.get("int8-x86"), name="recorded-outputs",
+                         source=f"logits recorded on a device in {spec['outputs']} (its recipe is whatever built it)")
+    elif "quantized" in spec:
         if quantized is not None:
             raise invalid(f"pairs.{name}.quantized", spec["quantized"], "the builder returned a twin already")
         quantized = load_onnx(base / spec["quantized"], providers=spec.get("providers"), trust=spec.get("trust", False))

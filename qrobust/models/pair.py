@@ -129,10 +129,13 @@ class PairFacts:
     boxes: bool | None = None  # its dataset has object bounding boxes (WSOL)
     classes: int | None = None
     dataset: str | None = None
+    live: bool = True  # False: the twin is a device's recorded logits (qrobust.runtimes.recorded)
 
     def cannot(self, metric: str) -> str | None:
         """Why the pair cannot compute ``metric``, or None (computable, or not known yet)."""
         info = METRICS[metric]
+        if not self.live and (info.needs_cam or metric in ("quantizer_violations", "quantized_fraction")):
+            return "its twin is a device's recorded logits: this needs the live twin"
         if info.needs_cam and self.cam is False:
             return "it has no CAM target layer (set target_layer, or cam: {method: occlusion}, which needs none)"
         if info.needs_saliency and self.saliency is False:

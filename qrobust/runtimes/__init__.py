@@ -5,13 +5,16 @@ A model in a pair is either a torch ``nn.Module`` (eager, fake-quant, an FX int8
 ``RuntimeModel``: a deployment runtime's session behind the same call, exposing what that runtime can
 (logits; named intermediate tensors for gradient-free CAMs; no gradients). ONNX Runtime is the one
 implemented (``qrobust.runtimes.onnxrt``); its export and static quantization live in
-``qrobust.runtimes.onnx_quantize``. ONNX Runtime is an optional extra: ``pip install qrobust[onnx]``.
+``qrobust.runtimes.onnx_quantize``. A device's recorded logits stand in for a twin that runs elsewhere
+(``qrobust.runtimes.recorded``). ONNX Runtime is an optional extra: ``pip install qrobust[onnx]``.
 """
 from qrobust.quant.convert import quantize_model
 from qrobust.runtimes import exported, onnx_quantize  # noqa: F401  (register the onnxruntime and torchao quantizers)
 from qrobust.runtimes.base import RuntimeModel, differentiable, runtime_name
+from qrobust.runtimes.recorded import RecordedOutputs, load_outputs
 
-__all__ = ["RuntimeModel", "differentiable", "runtime_name", "load_onnx", "quantize_model", "same_runtime_fp32"]
+__all__ = ["RecordedOutputs", "RuntimeModel", "differentiable", "runtime_name", "load_onnx", "load_outputs",
+           "quantize_model", "same_runtime_fp32"]
 
 
 def load_onnx(path, *, providers=None, trust: bool = False, custom_ops=()):
