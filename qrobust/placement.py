@@ -12,6 +12,8 @@ another device) is re-raised naming the pair, the stage and the model, with torc
 """
 from __future__ import annotations
 
+import itertools
+
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterator
@@ -48,9 +50,10 @@ def device_of(model) -> torch.device:
     declared = getattr(model, "input_device", None)
     if declared is not None:
         return torch.device(declared)
-    if isinstance(model, torch.nn.Module):
-        for tensor in (*model.parameters(), *model.buffers()):
-            return tensor.device
+    if isinstance(model, torch.nn.Module):  # the first tensor only: feed asks on every batch
+        first = next(itertools.chain(model.parameters(), model.buffers()), None)
+        if first is not None:
+            return first.device
     return torch.device("cpu")
 
 

@@ -105,6 +105,19 @@ def case_result(pair: str, perturbation: str, level: float, state: PairMetrics, 
                       state, cam)
 
 
+def written_states(part: dict[str, tuple[PairMetrics, CamAgreement | None]]) -> dict[str, dict]:
+    """One shard's states as plain tensors and numbers, by pair (what slot and job files hold)."""
+    return {name: {"metrics": metrics.state(), "cam": cam.state() if cam is not None else None}
+            for name, (metrics, cam) in part.items()}
+
+
+def read_states(written: dict[int, dict[str, dict]]) -> dict[int, dict[str, tuple[PairMetrics, CamAgreement | None]]]:
+    """Shards' states as written (``written_states``), back as objects."""
+    return {index: {name: (PairMetrics.from_state(s["metrics"]),
+                           CamAgreement.from_state(s["cam"]) if s["cam"] is not None else None)
+                    for name, s in part.items()} for index, part in written.items()}
+
+
 def shard_layout(samples: int, batch_size: int) -> tuple[int, int]:
     """(batches per shard, shards) of a case: shards of SHARD_SAMPLES samples in whole batches, whatever
     the machine, so every run folds the same shards."""
@@ -332,7 +345,7 @@ class Evaluator:
         another run's fold adds: qrobust.gate.shards). Under xdist with ``slots``, other workers may
         evaluate some of the shards meanwhile (qrobust.gate.slots)."""
         case = _Case(self, group, perturbation, level)
-        parts: dict[int, dict[str, dict]] = {}
+        parts: dict[int, dict[str, tuple[PairMetrics, CamAgreement | None]]] = {}
         if self.slots is None or len(case.mine) < 2:
             parts = self._evaluate_shards(case, case.mine)
         else:
@@ -344,16 +357,17 @@ class Evaluator:
                 elif indices:
                     others.append(slot)
             for slot in others:  # being evaluated by another worker now: wait for its states
-                states = self.slots.take(case.unit, slot)
-                parts.update(states if states is not None else self._evaluate_shards(case, case.mine[slot::self.slots.count]))
+                written = self.slots.take(case.unit, slot)
+                parts.update(read_states(written) if written is not None
+                             else self._evaluate_shards(case, case.mine[slot::self.slots.count]))
         states, cam_states = case.fresh()
         for index in sorted(parts):
-            for name, state in parts[index].items():
-                states[name].merge(PairMetrics.from_state(state["metrics"]))
-                if state["cam"] is not None:
-                    cam_states[name].merge(CamAgreement.from_state(state["cam"]))
+            for name, (metrics, cam) in parts[index].items():
+                states[name].merge(metrics)
+                if cam is not None:
+                    cam_states[name].merge(cam)
             if self.shard is not None:
-                for name, state in parts[index].items():
+                for name, state in written_states(parts[index]).items():
                     self.shard_states.setdefault((name, perturbation, level), {})[index] = state
         for pair in group:
             self.shard_counts[(pair.name, perturbation, level)] = case.count
@@ -376,13 +390,14 @@ class Evaluator:
         if not indices or not self.slots.claim(case.unit, slot):
             return
         try:
-            self.slots.put(case.unit, slot, self._evaluate_shards(case, indices))
+            parts = self._evaluate_shards(case, indices)
+            self.slots.put(case.unit, slot, {index: written_states(part) for index, part in parts.items()})
         except BaseException:
             self.slots.give_up(case.unit, slot)
             raise
 
-    def _evaluate_shards(self, case: _Case, indices: list[int]) -> dict[int, dict[str, dict]]:
-        """The states of the shards ``indices``, each from fresh states: {shard: {pair: {metrics, cam}}}."""
+    def _evaluate_shards(self, case: _Case, indices: list[int]) -> dict[int, dict[str, tuple[PairMetrics, CamAgreement | None]]]:
+        """The states of the shards ``indices``, each from fresh states: {shard: {pair: (metrics, cam)}}."""
         parts = {}
         for index in indices:
             part, part_cams = case.fresh()
@@ -391,9 +406,7 @@ class Evaluator:
                 case.done += 1
                 if self.progress is not None:
                     self.progress(case.label, case.done, case.total)
-            parts[index] = {name: {"metrics": state.state(),
-                                   "cam": part_cams[name].state() if name in part_cams else None}
-                            for name, state in part.items()}
+            parts[index] = {name: (state, part_cams.get(name)) for name, state in part.items()}
         return parts
 
     def _evaluate_batch(self, group: list[ModelPair], batch, perturbation: str, level: float,
