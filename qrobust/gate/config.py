@@ -507,19 +507,22 @@ def read_thresholds_file(path: str | Path) -> tuple[bytes, Any]:
 
 
 def _gradients_available(v: _Validator, thresholds: Thresholds) -> None:
-    """Attacks (fgsm) need the FP32 model's input gradients: a pair whose FP32 is an ONNX file has none."""
+    """Attacks (fgsm) need the FP32 model's input gradients: a pair whose FP32 is an ONNX file or another
+    device's recorded logits has none."""
     from qrobust.data.perturbations import PERTURBATIONS
 
     for name, spec in thresholds.pairs.items():
         entry = thresholds.gate.get(name)
-        if "fp32" not in spec or entry is None:
+        source = next((k for k in ("fp32", "reference_outputs") if k in spec), None)
+        if source is None or entry is None:
             continue
         used = entry.perturbations if entry.perturbations is not None else thresholds.sweep
         attacks = [p for p in used if PERTURBATIONS.get(p).needs_model]
         if attacks:
+            what = "an ONNX file" if source == "fp32" else "a device's recorded logits (reference_outputs:)"
             v.fail(v.join("gate", name), f"{', '.join(attacks)} needs the FP32 model's input gradients and this pair's "
-                                         "FP32 is an ONNX file: give the pair a torch FP32 (arch or builder) or list "
-                                         "its perturbations without it")
+                                         f"FP32 is {what}: give the pair a torch FP32 (arch or builder) or list its "
+                                         "perturbations without it")
 
 
 def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Thresholds:

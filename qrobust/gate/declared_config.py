@@ -12,8 +12,8 @@ from pathlib import Path
 from qrobust.errors import QrobustWarning, show
 from qrobust.registry import did_you_mean
 
-PAIR_KEYS = {"arch", "builder", "fp32", "quantized", "outputs", "providers", "weights", "trust", "num_classes", "preset",
-             "preprocess", "dataset", "calibration", "target_layer", "quantized_target_layer"}
+PAIR_KEYS = {"arch", "builder", "fp32", "reference_outputs", "quantized", "outputs", "providers", "weights", "trust",
+             "num_classes", "preset", "preprocess", "dataset", "calibration", "target_layer", "quantized_target_layer"}
 DATASET_KEYS = {"folder", "builder", "resolution", "resize", "channels", "boxes", "saliency", "num_classes",
                 "max_samples", "workers"}
 SPLIT_NAMES = {"train", "val", "valid", "validation", "test", "calib", "calibration"}  # folder names that are not classes
@@ -125,7 +125,7 @@ def validate_pair(v, name: str, spec: dict, base: Path, datasets: dict[str, dict
 
     key = v.join("pairs", name)
     v.keys(spec, key, PAIR_KEYS)
-    source = _one_of(v, spec, key, ("arch", "builder", "fp32"))
+    source = _one_of(v, spec, key, ("arch", "builder", "fp32", "reference_outputs"))
     _onnx_models(v, spec, key, base)
     _recorded_outputs(v, spec, key)
     if source == "arch":
@@ -198,13 +198,23 @@ def validate_pair(v, name: str, spec: dict, base: Path, datasets: dict[str, dict
 
 def _recorded_outputs(v, spec: dict, key: str) -> None:
     """``outputs:``: the folder of a device's logits for an export (read when the pair is first gated, so
-    the file can name it before the device has run)."""
+    the file can name it before the device has run); ``reference_outputs:`` another device's, in place of
+    the FP32 model (a device matrix)."""
+    if "outputs" not in spec and "reference_outputs" not in spec:
+        return
+    if "reference_outputs" in spec and (not isinstance(spec["reference_outputs"], str) or not spec["reference_outputs"]):
+        v.fail(f"{key}.reference_outputs", f"expected the folder of a device's outputs, got {show(spec['reference_outputs'])}")
     if "outputs" not in spec:
         return
     if not isinstance(spec["outputs"], str) or not spec["outputs"]:
         v.fail(f"{key}.outputs", f"expected the folder of the device's outputs, got {show(spec['outputs'])}")
     if "quantized" in spec:
         v.fail(f"{key}.outputs", "the pair gives its quantized model (quantized:) too: the twin is one or the other")
+    if "reference_outputs" in spec:
+        if "outputs" not in spec:
+            v.fail(f"{key}.reference_outputs", "compares two devices' recorded logits: give the other's in outputs:")
+        if "weights" in spec:
+            v.fail(f"{key}.weights", "a device's recorded logits carry no weights; remove weights:")
 
 
 def _onnx_models(v, spec: dict, key: str, base: Path) -> None:

@@ -82,7 +82,7 @@ def thresholds_schema() -> dict:
     pair = _closed({
         "arch": {"type": "string"}, "builder": {"type": "string", "pattern": "^[^:]+:[^:]+$"},
         "fp32": {"type": "string", "pattern": r"\.onnx$"}, "quantized": {"type": "string", "pattern": r"\.onnx$"},
-        "outputs": {"type": "string", "minLength": 1},
+        "outputs": {"type": "string", "minLength": 1}, "reference_outputs": {"type": "string", "minLength": 1},
         "providers": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
         "weights": {"type": "string"}, "trust": {"type": "boolean"}, "num_classes": positive,
         "preset": {"enum": PRESETS.names()},
@@ -93,7 +93,7 @@ def thresholds_schema() -> dict:
                                                               required=["dataset"]),
         "target_layer": {"type": "string"}, "quantized_target_layer": {"type": "string"},
     }, required=["num_classes", "preprocess", "dataset"],
-        oneOf=[{"required": [source]} for source in ("arch", "builder", "fp32")])
+        oneOf=[{"required": [source]} for source in ("arch", "builder", "fp32", "reference_outputs")])
     dataset = _closed({
         "folder": {"type": "string"}, "builder": {"type": "string", "pattern": "^[^:]+:[^:]+$"},
         "resolution": {"$ref": "#/$defs/resolution"}, "resize": {"oneOf": [positive, {"const": "stretch"}]},

@@ -25,7 +25,8 @@ def fp32_key(spec: dict, base: Path) -> tuple:
     one FP32 forward per perturbed batch serves all of them)."""
     weights = spec.get("weights")
     path = str((base / weights).resolve()) if weights not in (None, "hub", "random") else weights
-    source = str((base / spec["fp32"]).resolve()) if "fp32" in spec else spec.get("arch") or spec.get("builder")
+    files = [spec[k] for k in ("fp32", "reference_outputs") if k in spec]
+    source = str((base / files[0]).resolve()) if files else spec.get("arch") or spec.get("builder")
     return source, path, int(spec["num_classes"]), bool(spec.get("trust", False)), tuple(spec.get("providers", ()))
 
 
@@ -39,6 +40,10 @@ def _fp32(spec: dict, base: Path, name: str):
     weights_path = None if weights in (None, "hub", "random") else base / weights
     if "fp32" in spec:
         return load_onnx(base / spec["fp32"], providers=spec.get("providers"), trust=spec.get("trust", False)), None
+    if "reference_outputs" in spec:  # a device matrix: another device's recorded logits as the reference
+        from qrobust.runtimes import load_outputs
+
+        return load_outputs(base / spec["reference_outputs"]), None
     if "arch" in spec:
         return build_arch(spec["arch"], int(spec["num_classes"]), str(weights_path or weights),
                           spec.get("trust", False)), None

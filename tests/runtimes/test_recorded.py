@@ -64,6 +64,12 @@ def example(tmp_path_factory):
     gate["pairs"]["lenet-ort"] = {**{k: v for k, v in gate["pairs"]["lenet-device"].items() if k != "outputs"},
                                   "preset": "ort-int8", "calibration": {"dataset": "digits-train", "samples": 64}}
     gate["gate"]["lenet-ort"] = {}
+    # a device matrix: the same export run as another host would (one thread, no graph optimizations),
+    # compared with the first device's logits, with the same statistics
+    gate["pairs"]["cpu-vs-plain"] = {**{k: v for k, v in gate["pairs"]["lenet-device"].items()
+                                        if k not in ("builder", "outputs")},
+                                     "reference_outputs": "device/cpu", "outputs": "device/cpu-plain"}
+    gate["gate"]["cpu-vs-plain"] = {"perturbations": {"awgn": {"levels": [0, 0.1]}}}
     (root / "gate.yaml").write_text(yaml.safe_dump(gate))
     here = os.getcwd()
     os.chdir(root)
@@ -75,6 +81,7 @@ def example(tmp_path_factory):
     assert runner[:2] == ["python", "examples/run_onnxruntime.py"]
     onnx.save(live.quantized.proto, str(root / runner[3]))  # the model that ships to the device
     run_device(root, runner[2:])
+    run_device(root, [*runner[2:4], "device/cpu-plain", "--threads", "1", "--no-optimize"])
     assert run[:2] == ["qrobust", "run"]
     gate_run = subprocess.run([sys.executable, "-m", "qrobust", *run[1:], "-q", "-p", "no:randomly"], cwd=root,
                               capture_output=True, text=True, timeout=600)
@@ -96,6 +103,21 @@ def test_the_device_outputs_give_the_live_twins_records(example):
     assert all(device[key]["n"] == 200 for key in shared)
     judged = {(n["pair"], n["metric"]) for n in report["not_applicable"]}
     assert ("lenet-device", "quantizer_violations") in judged  # said in one line, not silently dropped
+
+
+@pytest.mark.slow
+def test_two_devices_compare_with_the_same_statistics(example):
+    """The device matrix: is the difference between two hosts' outputs larger than quantization's?"""
+    _, report = example
+    matrix = {(c["perturbation"], c["level"], c["metric"]): c for c in report["cases"] if c["pair"] == "cpu-vs-plain"}
+    device = {(c["perturbation"], c["level"], c["metric"]): c for c in report["cases"] if c["pair"] == "lenet-device"}
+    assert set(matrix) == {(p, lv, m) for p, lv in (("awgn", 0), ("awgn", 0.1))
+                           for m in ("top1_delta", "agreement", "kl_mean", "logit_sqnr_db")}
+    for key, record in matrix.items():
+        assert record["n"] == 200 and record["interval"] is not None and record["verdict"] == "pass"
+        if key[2] == "kl_mean":  # two hosts differ far less than the twin differs from FP32
+            assert record["value"] < device[key]["value"] / 100
+    assert matrix[("awgn", 0.1, "agreement")]["value"] == 1.0
 
 
 @pytest.mark.slow
