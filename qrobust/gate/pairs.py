@@ -48,9 +48,10 @@ class PairCache:
         if spec is None:
             facts = pair_entry(name).facts
             return dataclasses.replace(facts, cam=True) if layer_free else facts
-        layer = spec.get("target_layer") or TORCHVISION_ARCHS.get(spec.get("arch", ""))
+        recorded = "outputs" in spec  # CAMs only on the activations a runner recorded, for a layer it names
+        layer = spec.get("target_layer") or (None if recorded else TORCHVISION_ARCHS.get(spec.get("arch", "")))
         dataset = spec["dataset"]
-        return PairFacts(cam=layer_free or layer is not None, saliency=self._dataset_has(dataset, "saliency"),
+        return PairFacts(cam=(layer_free and not recorded) or layer is not None, saliency=self._dataset_has(dataset, "saliency"),
                          boxes=self._dataset_has(dataset, "boxes"), classes=spec["num_classes"], dataset=dataset,
                          live="outputs" not in spec)
 

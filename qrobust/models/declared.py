@@ -120,7 +120,8 @@ def build_pair(name: str, spec: dict, base: Path, datasets: dict, fp32_cache: di
             return quantize_model(fp32, kept, (preprocess.normalize(b.images) for b in data.batches(32)))
     else:
         config = PRESETS.get(spec.get("preset") or ("int8-x86" if quantized_module_names(quantized) else "fake-w8a8"))
-    target = spec.get("target_layer") or TORCHVISION_ARCHS.get(spec.get("arch", ""))
+    # a device's recorded twin has activations only for a layer the pair names (its runner recorded them)
+    target = spec.get("target_layer") or (None if "outputs" in spec else TORCHVISION_ARCHS.get(spec.get("arch", "")))
     weights = spec.get("weights")
     metadata = {"recipe": config.summary(), "declared": True, "weights_source": str(weights),
                 "random_weights": weights == "random", "calibration": calibration or "its own twin (not calibrated by qrobust)"}

@@ -134,8 +134,11 @@ class PairFacts:
     def cannot(self, metric: str) -> str | None:
         """Why the pair cannot compute ``metric``, or None (computable, or not known yet)."""
         info = METRICS[metric]
-        if not self.live and (info.needs_cam or metric in ("quantizer_violations", "quantized_fraction")):
+        if not self.live and metric in ("quantizer_violations", "quantized_fraction"):
             return "its twin is a device's recorded logits: this needs the live twin"
+        if info.needs_cam and self.cam is False and not self.live:
+            return ("its twin is a device's recorded logits and it names no target_layer whose activations the "
+                    "runner recorded")
         if info.needs_cam and self.cam is False:
             return "it has no CAM target layer (set target_layer, or cam: {method: occlusion}, which needs none)"
         if info.needs_saliency and self.saliency is False:

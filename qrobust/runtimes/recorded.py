@@ -8,6 +8,10 @@ for the twin: given a batch, it finds each sample by its bytes and returns the r
 inputs are pixel-identical on every host (qrobust.data.perturbations), so a sample the export did not
 hold (other thresholds, seed or sample cap since the export) is refused, never guessed.
 
+A runner may also record a layer's activations, ``<case>/batch-NNNNN@<layer>.npy`` (the layer name
+URL-quoted): EigenCAM then runs on them, as the pair's ``quantized_target_layer`` (by default its
+``target_layer``) names them.
+
 Files are read with ``numpy.load(allow_pickle=False)`` and the manifest as JSON: nothing in them runs.
 Every problem is one line naming the file: a missing or extra file, a wrong shape, dtype or sample count,
 NaN or Inf logits, a manifest of another format.
@@ -18,6 +22,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import torch
@@ -27,12 +32,17 @@ from qrobust.runtimes.base import RuntimeModel
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-LIVE_ONLY = "recorded outputs hold the device's logits only"
+LIVE_ONLY = "recorded outputs hold the device's logits (and the activations it recorded) only"
 
 
 def sample_key(sample: torch.Tensor) -> str:
     """How the export names one input sample and the twin finds it: SHA-256 of its float32 C-order bytes."""
     return hashlib.sha256(np.ascontiguousarray(sample.detach().cpu().numpy(), dtype=np.float32).tobytes()).hexdigest()
+
+
+def layer_file(batch_file: str, layer: str) -> str:
+    """Where a runner writes a layer's activations for a batch: beside its logits, the layer URL-quoted."""
+    return f"{batch_file.removesuffix('.npy')}@{quote(layer, safe='')}.npy"
 
 
 def read_manifest(path: Path) -> dict:
@@ -59,26 +69,43 @@ class RecordedOutputs(RuntimeModel):
         super().__init__()
         self.folder = Path(folder)
         self._index: dict[str, torch.Tensor] | None = None
+        self._where: dict[str, tuple[str, int]] = {}  # sample key -> (batch file, row)
+        self._rows: dict[str, int] = {}  # batch file -> its samples
+        self._layers: dict[tuple[str, str], torch.Tensor] = {}  # (batch file, layer) -> activations, as read
 
     def describe(self) -> str:
         return f"recorded outputs ({self.folder})"
 
     def run(self, x: torch.Tensor, layers: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if layers:
-            raise UnsupportedError(f"{LIVE_ONLY}, not layer {layers[0]!r}: CAMs and per-layer checks need the live twin")
+        """The recorded logits of each sample of ``x`` and, for ``layers``, its recorded activations."""
         index = self._load()
-        rows = []
-        for sample in x:
-            found = index.get(sample_key(sample))
-            if found is None:
+        keys = [sample_key(sample) for sample in x]
+        for key in keys:
+            if key not in index:
                 raise ModelOutputError(f"{show(str(self.folder / MANIFEST))}: an input the gate feeds is not in the export "
                                        "(its thresholds, seed or sample cap changed since): export again and rerun "
                                        "the device")
-            rows.append(found)
-        return torch.stack(rows) if rows else torch.zeros(0, 0), {}
+        logits = torch.stack([index[k] for k in keys]) if keys else torch.zeros(0, 0)
+        acts = {layer: torch.stack([self._activation(layer, *self._where[k]) for k in keys]) for layer in layers}
+        return logits, acts
 
     def layer_for(self, name: str, reference: RuntimeModel | None = None) -> str:
-        raise UnsupportedError(f"{LIVE_ONLY}: no layer {name!r} to read")
+        """A layer is named as the runner recorded it (``<batch>@<layer>.npy``): checked when first read."""
+        return name
+
+    def _activation(self, layer: str, batch_file: str, row: int) -> torch.Tensor:
+        key = (batch_file, layer)
+        if key not in self._layers:
+            path = self.folder / layer_file(batch_file, layer)
+            if not path.is_file():
+                raise ModelOutputError(f"{show(str(path))} is missing: the runner recorded no activations of layer "
+                                       f"{layer!r} (CAMs on recorded outputs need them; or gate the pair without CAMs)")
+            values = self._array(path, self._rows[batch_file])
+            if not np.isfinite(values).all():
+                raise ModelOutputError(f"{show(str(path))}: activations hold NaN or Inf")
+            self._layers[key] = torch.from_numpy(values.astype(np.float32))
+        values = self._layers[key]
+        return values[row]
 
     def quant_params(self) -> list[dict]:
         raise UnsupportedError(f"{LIVE_ONLY}: the quantizer properties need the live twin")
@@ -88,21 +115,24 @@ class RecordedOutputs(RuntimeModel):
         if self._index is not None:
             return self._index
         manifest = read_manifest(self.folder / MANIFEST)
-        expected, index, classes = set(), {}, None
+        expected, stems, index, classes = set(), set(), {}, None
         for case in manifest["cases"]:
             for batch in case["batches"]:
                 path = self.folder / batch["file"]
                 expected.add(path.resolve())
+                stems.add(str(path.resolve()).removesuffix(".npy") + "@")
                 logits = self._logits(path, len(batch["keys"]), classes)
                 classes = logits.shape[1]
                 bad = ~np.isfinite(logits).all(axis=1)
                 if bad.any():
                     raise ModelOutputError(f"{show(str(path))}: {int(bad.sum())} of {len(logits)} rows hold NaN or Inf "
                                            f"(first sample id {batch['ids'][int(bad.argmax())]})")
-                for key, row in zip(batch["keys"], torch.from_numpy(logits.astype(np.float32))):
-                    index[key] = row
+                for row, (key, values) in enumerate(zip(batch["keys"], torch.from_numpy(logits.astype(np.float32)))):
+                    index[key] = values
+                    self._where[key] = (batch["file"], row)
+                self._rows[batch["file"]] = len(batch["keys"])
         extra = sorted(p for p in self.folder.rglob("*") if p.is_file() and p.name != MANIFEST
-                       and p.resolve() not in expected)
+                       and p.resolve() not in expected and not self._is_layer_file(p, stems))
         if extra:
             raise ModelOutputError(f"{show(str(extra[0]))}: not a batch of {show(str(self.folder / MANIFEST))} "
                                    f"({len(extra)} such file(s)): remove it, or export again")
@@ -110,15 +140,28 @@ class RecordedOutputs(RuntimeModel):
         return index
 
     @staticmethod
-    def _logits(path: Path, rows: int, classes: int | None) -> np.ndarray:
+    def _is_layer_file(path: Path, stems: set[str]) -> bool:
+        name = str(path.resolve())
+        return name.endswith(".npy") and "@" in name and name[:name.rindex("@") + 1] in stems
+
+    @staticmethod
+    def _array(path: Path, rows: int | None) -> np.ndarray:
         try:
-            logits = np.load(path, allow_pickle=False)
+            values = np.load(path, allow_pickle=False)
         except FileNotFoundError:
             raise ModelOutputError(f"{show(str(path))} is missing: the device runner wrote no logits for this batch") from None
         except (OSError, ValueError) as exc:
             raise ModelOutputError(f"{show(str(path))}: not a .npy array ({show(str(exc), 120)})") from None
-        if logits.dtype.kind != "f":
-            raise ModelOutputError(f"{show(str(path))}: dtype {logits.dtype}, expected float logits")
+        if values.dtype.kind != "f":
+            raise ModelOutputError(f"{show(str(path))}: dtype {values.dtype}, expected floats")
+        if rows is not None and (values.ndim < 1 or values.shape[0] != rows):
+            raise ModelOutputError(f"{show(str(path))}: {values.shape[0] if values.ndim else 0} rows, expected {rows}: "
+                                   "one per input sample of the batch")
+        return values
+
+    @classmethod
+    def _logits(cls, path: Path, rows: int, classes: int | None) -> np.ndarray:
+        logits = cls._array(path, None)
         if logits.ndim != 2 or logits.shape[0] != rows or (classes is not None and logits.shape[1] != classes):
             wanted = f"({rows}, {classes if classes is not None else 'classes'})"
             raise ModelOutputError(f"{show(str(path))}: shape {tuple(logits.shape)}, expected {wanted}: one row of "

@@ -81,7 +81,7 @@ def example(tmp_path_factory):
     assert runner[:2] == ["python", "examples/run_onnxruntime.py"]
     onnx.save(live.quantized.proto, str(root / runner[3]))  # the model that ships to the device
     run_device(root, runner[2:])
-    run_device(root, [*runner[2:4], "device/cpu-plain", "--threads", "1", "--no-optimize"])
+    run_device(root, [*runner[2:4], "device/cpu-plain", *runner[5:], "--threads", "1", "--no-optimize"])
     assert run[:2] == ["qrobust", "run"]
     gate_run = subprocess.run([sys.executable, "-m", "qrobust", *run[1:], "-q", "-p", "no:randomly"], cwd=root,
                               capture_output=True, text=True, timeout=600)
@@ -98,7 +98,7 @@ def test_the_device_outputs_give_the_live_twins_records(example):
         by_pair.setdefault(c["pair"], {})[key] = {k: v for k, v in c.items() if k not in ("test", "pair")}
     live, device = by_pair["lenet-ort"], by_pair["lenet-device"]
     shared = live.keys() & device.keys()
-    assert len(shared) == 3 * 4  # three cases (awgn 0 and 0.1, fgsm 0.05) x four metrics
+    assert len(shared) == 3 * 5  # three cases (awgn 0 and 0.1, fgsm 0.05) x five metrics, EigenCAM's SIM one
     assert [key for key in shared if live[key] != device[key]] == []  # value, interval, verdict: all of it
     assert all(device[key]["n"] == 200 for key in shared)
     judged = {(n["pair"], n["metric"]) for n in report["not_applicable"]}
@@ -112,7 +112,7 @@ def test_two_devices_compare_with_the_same_statistics(example):
     matrix = {(c["perturbation"], c["level"], c["metric"]): c for c in report["cases"] if c["pair"] == "cpu-vs-plain"}
     device = {(c["perturbation"], c["level"], c["metric"]): c for c in report["cases"] if c["pair"] == "lenet-device"}
     assert set(matrix) == {(p, lv, m) for p, lv in (("awgn", 0), ("awgn", 0.1))
-                           for m in ("top1_delta", "agreement", "kl_mean", "logit_sqnr_db")}
+                           for m in ("top1_delta", "agreement", "kl_mean", "logit_sqnr_db", "cam_sim")}
     for key, record in matrix.items():
         assert record["n"] == 200 and record["interval"] is not None and record["verdict"] == "pass"
         if key[2] == "kl_mean":  # two hosts differ far less than the twin differs from FP32
@@ -158,8 +158,13 @@ def test_recorded_logits_answer_each_input_by_its_bytes(tmp_path):
     assert twin(mixed).tolist() == [[1.0] * 4, [0.0] * 4]
     with pytest.raises(ModelOutputError, match="an input the gate feeds is not in the export"):
         twin(inputs[0] + 1e-6)  # a changed pixel: a stale export
-    with pytest.raises(UnsupportedError, match="need the live twin"):
+    with pytest.raises(ModelOutputError, match="recorded no activations of layer 'features.0'"):
         twin.run(inputs[0], ["features.0"])
+    np.save(tmp_path / "clean-0" / "batch-00001@%2Ffeatures%2F0.npy", np.arange(3 * 2, dtype=np.float32).reshape(3, 2))
+    logits, acts = RecordedOutputs(tmp_path).run(inputs[1][[2, 0]], ["/features/0"])  # beside the logits, quoted
+    assert acts["/features/0"].tolist() == [[4.0, 5.0], [0.0, 1.0]] and logits.tolist() == [[1.0] * 4] * 2
+    with pytest.raises(UnsupportedError, match="the quantizer properties need the live twin"):
+        twin.quant_params()
 
 
 @pytest.mark.parametrize("fault, message", [
@@ -167,7 +172,7 @@ def test_recorded_logits_answer_each_input_by_its_bytes(tmp_path):
     ("extra", "stray.npy': not a batch of"),
     ("shape", "shape (2, 4), expected (3, 4)"),
     ("classes", "shape (3, 5), expected (3, 4)"),
-    ("dtype", "dtype int64, expected float logits"),
+    ("dtype", "dtype int64, expected floats"),
     ("nan", "1 of 3 rows hold NaN or Inf (first sample id 4)"),
     ("pickle", "not a .npy array"),
     ("manifest", "not a qrobust export manifest"),
