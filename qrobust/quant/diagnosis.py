@@ -92,7 +92,9 @@ def _clip_fraction(code) -> float:
 def layer_errors(fp32: nn.Module, twin: nn.Module, x: torch.Tensor) -> list[LayerError]:
     """Per quantized layer of ``twin``, in execution order, its error against FP32 on the batch ``x``."""
     if is_runtime(twin) or is_runtime(fp32):
-        raise UnsupportedError("per-layer diagnosis hooks torch modules; an onnxruntime model has none to hook")
+        runtime = (twin if is_runtime(twin) else fp32).describe()
+        raise UnsupportedError(f"per-layer diagnosis hooks torch modules; {runtime} has none to hook (it needs live "
+                               "torch models)")
     layers = _quantized_layers(twin)
     fp32_leaves = [n for n, m in fp32.named_modules() if n and not list(m.children())]
     fp_out, _ = _capture(fp32, fp32_leaves, x, "fp32")
