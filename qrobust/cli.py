@@ -99,7 +99,31 @@ def run_command(args: list[str]) -> int:
         print(f"qrobust run: {len(files)} thresholds files given ({', '.join(map(show, files))}); gate one at a time "
               "(or pass the others to pytest after --)", file=sys.stderr)
         return 4
+    problem = bad_option(pytest_args)
+    if problem:
+        print(f"qrobust run: {problem}", file=sys.stderr)
+        return 4
     return run(files[0] if files else None, pytest_args)
+
+
+def bad_option(args: list[str]) -> str | None:
+    """The first ``--qrobust-*`` option value its parser refuses, as one line (pytest would print its usage,
+    the error, the ini file and the rootdir: four lines); None when every one parses."""
+    flags = {o.flag: o for o in opts.OPTIONS}
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        spec = flags.get(name)
+        if spec is None:
+            continue
+        if not eq:
+            if i + 1 >= len(args):
+                return f"argument {name}: expected one argument"
+            value = args[i + 1]
+        try:
+            spec.parse(value)
+        except argparse.ArgumentTypeError as exc:
+            return f"argument {name}: {exc}"
+    return None
 
 
 def run(thresholds: str | None, pytest_args: list[str]) -> int:

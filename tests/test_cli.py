@@ -150,3 +150,16 @@ def test_pytest_xdist_comes_with_qrobust():
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert any(re.match(r"pytest-xdist\b", d) for d in project["dependencies"])
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--qrobust-shard", "3/2"], "qrobust run: argument --qrobust-shard: expected K/N with 1 <= K <= N (job K of N), "
+                                 "got '3/2'"),
+    (["-q", "--qrobust-max-samples=abc"], "qrobust run: argument --qrobust-max-samples: expected a whole number, "
+                                          "got 'abc'"),
+    (["--qrobust-device"], "qrobust run: argument --qrobust-device: expected one argument"),
+])
+def test_a_bad_option_of_qrobust_run_is_one_line(capsys, args, line):
+    """pytest prints a bad option as its usage, the error, the ini file and the rootdir; qrobust run, one line."""
+    assert main(["run", *args]) == 4
+    assert capsys.readouterr().err.strip().splitlines() == [line]
