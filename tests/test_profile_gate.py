@@ -62,6 +62,9 @@ def test_raw_stacks_count_main_threads_of_every_process(profile_gate):
     lines = profile_gate.table(1.0, samples, rate=10)  # 2 processes x 1 s: 1.2 s seen, 0.8 s idle
     assert lines[3:] == ["| idle | 0.8 | 40.0% |", "| pytest and collection | 0.7 | 35.0% |",
                          "| perturb | 0.3 | 15.0% |", "| evaluation loop | 0.2 | 10.0% |"]
+    # more samples than the wall time holds (py-spy's clock under load): shares of what it saw, no idle
+    assert profile_gate.table(1.0, {10: {"perturb": 12, "evaluation loop": 3}}, rate=10)[3:] == [
+        "| perturb | 1.2 | 80.0% |", "| evaluation loop | 0.3 | 20.0% |", "| idle | 0.0 | 0.0% |"]
 
 
 GATE = """\
