@@ -3,11 +3,15 @@ copies, `pytest suites` in a clone collects the built-in gate exactly as `qrobus
 ships both, and pytest tests stays independent of the gate's file."""
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10, which pyproject.toml admits, has no tomllib: tomli is the same parser
+    tomllib = pytest.importorskip("tomli")
 
 ROOT = Path(__file__).parents[1]
 

@@ -30,6 +30,7 @@ class PairCache:
         self.x86_kernels, self.announce = x86_kernels, announce
         self.loaded: dict = {}  # built and probed
         self._built: dict = {}  # built (probed or not)
+        self._unbuildable: dict[str, Exception] = {}  # pair -> why its build failed (not tried again)
         self.broken: dict[str, str] = {}  # pair -> the one-line reason it cannot be gated
         self.loads: Counter[str] = Counter()
         self._fp32_cache: dict = {}  # declared pairs on the same weights share one FP32 model
@@ -108,10 +109,17 @@ class PairCache:
 
     def built(self, name: str):
         """The pair as built, before (or whatever) its probe says: the quantizer-property checks read a
-        twin's parameters even when they are broken enough to fail the probe."""
+        twin's parameters even when they are broken enough to fail the probe. A build that failed raises
+        the same exception again without building again (it would fail the same way, and could take minutes)."""
+        if name in self._unbuildable:
+            raise self._unbuildable[name]
         if name not in self._built:
-            self._built[name] = self._build(name)
             self.loads[name] += 1
+            try:
+                self._built[name] = self._build(name)
+            except Exception as exc:
+                self._unbuildable[name] = exc
+                raise
         return self._built[name]
 
     def _build(self, name: str):
