@@ -258,17 +258,19 @@ class QrobustCheck:
         return lines
 
     def _why_missing(self, case: CaseSpec, metric: str) -> str:
-        """The one-line reason a metric of a case has no value (its check is an error)."""
+        """The one-line reason a metric of a case has no value (its check is an error): what the pair, as
+        built, cannot compute (``PairFacts.cannot``, the plan's own rule), else that it was not computed."""
+        from qrobust.explain.cam import method
+        from qrobust.models import PairFacts
+        from qrobust.runtimes import RecordedOutputs
+
         pair = self._session.pair(case.pair)
-        if METRICS[metric].needs_cam and not pair.target_layer:
-            return (f"{metric} cannot be judged: pair {case.pair!r} has no CAM target layer (set target_layer, or "
-                    "cam: {method: occlusion}, which needs none)")
-        if METRICS[metric].needs_saliency:
-            return f"{metric} cannot be judged: dataset {pair.dataset!r} has no ground-truth saliency maps"
-        if metric == "top5_delta" and pair.num_classes <= 5:
-            return (f"top5_delta cannot be judged: pair {case.pair!r} has {pair.num_classes} classes, so every label "
-                    "is in its top 5")
-        return f"{metric} was not computed for {case.id}"
+        layer_free = not method(self._session.evaluator.cam_methods[case.pair]).uses_layer
+        facts = PairFacts(cam=bool(pair.target_layer) or layer_free, saliency=False, classes=pair.num_classes,
+                          dataset=pair.dataset, live=not isinstance(pair.quantized, RecordedOutputs))
+        reason = facts.cannot(metric)
+        return f"{metric} cannot be judged for pair {case.pair!r}: {reason}" if reason else \
+            f"{metric} was not computed for {case.id}"
 
     def _tolerance(self, configured, metric: str) -> float | None:
         """A ``qrobust_tolerance`` marker's value (validated at collection) over the configured one."""

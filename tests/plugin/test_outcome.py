@@ -38,6 +38,7 @@ CONFTEST = """
     if "unbuildable" not in PAIRS:
         register_pair("unbuildable", unbuildable)
         register_pair("crashing", crashing)
+        register_pair("layerless", lambda: make_pair("layerless", small_net(4)))  # no CAM layer, facts unknown
     if "synthetic" not in DATASETS:
         DATASETS.register("synthetic", lambda: synthetic_set(40))
 """
@@ -85,6 +86,20 @@ def test_a_pair_that_cannot_be_built_fails_everywhere_with_its_error_records(pyt
     assert_agree(found, passed=False)
     assert found["summary"]["error"] == found["summary"]["total"] == 12
     assert set(found["errors"]) == {"pair unbuildable cannot be gated: checkpoint does not fit resnet18"}
+
+
+def test_a_metric_the_built_pair_cannot_compute_is_an_error_saying_why(pytester):
+    """A registered pair's facts are unknown until it is built: a CAM tolerance on a pair without a CAM
+    layer is planned, and each of its checks is an error with the plan's own reason (PairFacts.cannot)."""
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_gate="def test_cam(qrobust_case, qrobust_check):\n    qrobust_check(qrobust_case, 'cam_sim')\n")
+    pytester.makefile(".yaml", thresholds=thresholds(pair="layerless", tolerances="{cam_sim: 0.5}"))
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    report = json.loads((pytester.path / "qrobust-report" / "report.json").read_text())
+    assert result.ret == 1 and report["summary"]["error"] == report["summary"]["total"] == 4
+    assert {c["error"] for c in report["cases"]} == {
+        "cam_sim cannot be judged for pair 'layerless': it has no CAM target layer (set target_layer, or cam: "
+        "{method: occlusion}, which needs none)"}
 
 
 def test_a_crashed_check_fails_everywhere_with_its_error_records(pytester):
