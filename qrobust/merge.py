@@ -12,7 +12,7 @@ from pathlib import Path
 
 from qrobust import __version__
 from qrobust.errors import ConfigError, show
-from qrobust.gate.engine import CLEAN
+from qrobust.gate.engine import case_key
 from qrobust.gate.overlays import overlays
 from qrobust.gate.plan import CaseSpec
 from qrobust.gate.shards import check_jobs, job_folders, load_job, merged_results
@@ -56,7 +56,7 @@ def merge(given: list[str], report_dir: str, thresholds: str | None = None) -> O
         check = checks[0]
         case = CaseSpec(check["pair"], check["perturbation"], float(check["level"]), check["tolerances"], check["xfail"])
         error = next((c["error"] for c in checks if c["error"]), None)
-        key = (case.pair, CLEAN if case.level == 0 else case.perturbation, case.level)
+        key = (case.pair, *case_key(case.perturbation, case.level))
         if error is None and key not in results:
             error = f"{case.id} was evaluated by no job"
         if error is not None:

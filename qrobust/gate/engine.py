@@ -93,6 +93,28 @@ class CaseResult:
         return self.estimates[name]
 
 
+def case_key(perturbation: str, level: float) -> tuple[str, float]:
+    """The evaluated case behind (perturbation, level): level 0 of every perturbation, and ``CLEAN``, is the
+    one clean case; other levels are checked against the perturbation's range."""
+    if perturbation == CLEAN:
+        return CLEAN, 0.0
+    spec = PERTURBATIONS.get(perturbation)
+    level = spec.check_level(level)
+    return (CLEAN, 0.0) if level == 0 else (spec.name, level)
+
+
+def fold(parts: dict[int, dict[str, tuple[PairMetrics, CamAgreement | None]]],
+         into: dict[str, tuple[PairMetrics, CamAgreement | None]]) -> None:
+    """Merge shards' states into ``into`` (by pair) in shard order: the order every run folds them in, so
+    one job, N jobs merged and N workers compute the same sums."""
+    for index in sorted(parts):
+        for name, (metrics, cam) in parts[index].items():
+            total, total_cam = into[name]
+            total.merge(metrics)
+            if cam is not None:
+                total_cam.merge(cam)
+
+
 def case_result(pair: str, perturbation: str, level: float, state: PairMetrics, cam: CamAgreement | None,
                 sample_name: Callable[[int], str] = str) -> CaseResult:
     """A case's result from its (folded) states."""
@@ -361,13 +383,10 @@ class Evaluator:
                 parts.update(read_states(written) if written is not None
                              else self._evaluate_shards(case, case.mine[slot::self.slots.count]))
         states, cam_states = case.fresh()
-        for index in sorted(parts):
-            for name, (metrics, cam) in parts[index].items():
-                states[name].merge(metrics)
-                if cam is not None:
-                    cam_states[name].merge(cam)
-            if self.shard is not None:
-                for name, state in written_states(parts[index]).items():
+        fold(parts, {name: (state, cam_states.get(name)) for name, state in states.items()})
+        if self.shard is not None:
+            for index, part in parts.items():
+                for name, state in written_states(part).items():
                     self.shard_states.setdefault((name, perturbation, level), {})[index] = state
         for pair in group:
             self.shard_counts[(pair.name, perturbation, level)] = case.count
@@ -380,9 +399,7 @@ class Evaluator:
         if self.slots is None:
             return
         self._pair(pair)
-        spec = PERTURBATIONS.get(perturbation)
-        level = spec.check_level(level)
-        name = CLEAN if level == 0 else spec.name
+        name, level = case_key(perturbation, level)
         if (pair, name, level) in self._cache:
             return
         case = _Case(self, self._group_for(pair, name, level), name, level)
@@ -470,23 +487,17 @@ class Evaluator:
         """Every batch of a case with the normalized input the twin is fed, as the evaluation cuts and
         perturbs it (the export of qrobust.exchange)."""
         lead = self._pair(pair)
-        spec = PERTURBATIONS.get(perturbation) if perturbation != CLEAN else None
-        level = spec.check_level(level) if spec is not None else 0.0
+        name, level = case_key(perturbation, level)
         for batch in self.dataset(lead.dataset).batches(self.batch_size_for(lead)):
-            pixels = batch.images if level == 0 else self._perturb(lead, batch, spec.name, level)
+            pixels = batch.images if name == CLEAN else self._perturb(lead, batch, name, level)
             yield batch, lead.preprocess.normalize(pixels)
 
     def case_inputs(self, pair: str, perturbation: str, level: float, count: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalized model inputs of a case's first ``count`` samples (as the gate fed them: the same
         seeded perturbation), and their sample ids."""
-        lead = self._pair(pair)
-        spec = PERTURBATIONS.get(perturbation)
-        level = spec.check_level(level)
-        data = self.dataset(lead.dataset)
         xs, ids, seen = [], [], 0
-        for batch in data.batches(self.batch_size_for(lead)):
-            pixels = batch.images if level == 0 else self._perturb(lead, batch, spec.name, level)
-            xs.append(lead.preprocess.normalize(pixels))
+        for batch, x in self.case_batches(pair, perturbation, level):
+            xs.append(x)
             ids.append(batch.ids)
             seen += len(batch.ids)
             if seen >= count:

@@ -144,7 +144,7 @@ def check_jobs(jobs: list[Job]) -> None:
 
 def merged_results(jobs: list[Job]) -> dict[tuple[str, str, float], object]:
     """Every evaluated case's result, its shards folded in order from all jobs' states."""
-    from qrobust.gate.engine import case_result
+    from qrobust.gate.engine import case_result, fold, read_states
     from qrobust.metrics.classification import PairMetrics
     from qrobust.metrics.saliency import CamAgreement
 
@@ -170,16 +170,9 @@ def merged_results(jobs: list[Job]) -> dict[tuple[str, str, float], object]:
         if missing:
             raise ConfigError(f"qrobust merge: {key[0]} / {key[1]} @ {key[2]:g}: shard(s) {missing[:5]} of {count} "
                               "are in no job's state (a job crashed or its states were not kept)")
-        metrics, cam = None, None
-        for index in range(count):
-            state = found[index][1]
-            part = PairMetrics.from_state(state["metrics"])
-            part_cam = CamAgreement.from_state(state["cam"]) if state["cam"] is not None else None
-            if metrics is None:
-                metrics, cam = part, part_cam
-                continue
-            metrics.merge(part)
-            if cam is not None and part_cam is not None:
-                cam.merge(part_cam)
-        results[key] = case_result(*key, metrics, cam)
+        config = found[0][1]  # the fold starts from empty states of the same configuration, as a job's does
+        total = {key[0]: (PairMetrics(*config["metrics"]["config"]),
+                          CamAgreement(*config["cam"]["config"]) if config["cam"] is not None else None)}
+        fold(read_states({index: {key[0]: state} for index, (_, state) in found.items()}), total)
+        results[key] = case_result(*key, *total[key[0]])
     return results

@@ -78,7 +78,7 @@ class SlotStore:
                 return torch.load(state, weights_only=True)
             if failed.exists():
                 return None
-            owner = claim.read_text() if claim.exists() else ""
-            if owner.isdigit() and not _alive(int(owner)) and not state.exists():
+            owner = claim.read_text() if claim.exists() else ""  # empty while the claimant writes its pid
+            if owner.isdigit() and not _alive(int(owner)):
                 return None
             time.sleep(POLL_S)
