@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
@@ -289,13 +290,22 @@ def quantize_torch(model: nn.Module, config: QuantConfig, calibration: Iterable[
     return convert_int8(model, config, calibration)
 
 
+CALIBRATION_INPUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # twin -> the batches it was calibrated on
+
+
 def quantize_model(model: nn.Module, config: QuantConfig, calibration: Iterable[torch.Tensor]) -> nn.Module:
     """The quantized twin ``config`` describes (fake-quant, real int8, an ONNX Runtime or a PT2E int8 model),
     built by the quantizer registered for its runtime."""
     if config.runtime not in QUANTIZERS:
         raise invalid("runtime", config.runtime, "has no quantizer registered: import qrobust.runtimes first "
                                                  "(qrobust.models and the public qrobust.quantize_model do)")
-    return QUANTIZERS.get(config.runtime)(model, config, calibration)
+    batches = list(calibration)
+    twin = QUANTIZERS.get(config.runtime)(model, config, batches)
+    try:  # its calibration split: the reference of its clipping on gated data (qrobust.quant.taps)
+        CALIBRATION_INPUTS[twin] = batches
+    except TypeError:  # an object that cannot be weakly referenced keeps no reference
+        pass
+    return twin
 
 
 def is_runtime(model) -> bool:
