@@ -240,18 +240,23 @@ class QrobustCheck:
                             metric=metric, mode=self._session.decision, error=reason)
 
     def _diagnosis(self, case: CaseSpec, failed: list[tuple[str, float, float]]) -> list[str]:
-        """The failing case's worst layers (one line) and, with --qrobust-sensitivity, a fix to try; both
-        attached to its records for the report."""
+        """The failing case's worst layers (one line), with --qrobust-sensitivity a fix to try, with
+        --qrobust-try-fix that fix re-gated; all attached to its records for the report."""
+        from qrobust.gate.diagnosis import describe_fix
         from qrobust.gate.sensitivity import describe
 
         session = self._session
         try:
             found = dict(session.diagnoses.layers(case))
             lines = [found["line"]] if found["line"] else []
-            if session.options.sensitivity and failed:
+            if session.diagnoses.top and failed:
                 metric, tolerance, value = failed[0]
                 found["sensitivity"] = {"metric": metric, **session.diagnoses.sensitivity(case, metric, tolerance, value)}
                 lines.append(describe(found["sensitivity"], metric))
+            if session.options.try_fix and failed:
+                found["fix"] = session.diagnoses.try_fix(case, failed, lambda tolerances, result: session.case_records(
+                    self._node.nodeid, case, tolerances, result, lambda m: self._why_missing(case, m))[0])
+                lines.append(describe_fix(found["fix"]))
         except Exception as exc:  # noqa: BLE001 - a diagnosis that cannot run must not hide the failure
             return [f"(no per-layer diagnosis: {type(exc).__name__}: {exc})"[:300]]
         self._carry("diagnosis", {"pair": case.pair, "perturbation": case.perturbation, "level": case.level, **found})
@@ -262,12 +267,15 @@ class QrobustCheck:
         built, cannot compute (``PairFacts.cannot``, the plan's own rule), else that it was not computed."""
         from qrobust.explain.cam import method
         from qrobust.models import PairFacts
+        from qrobust.quant.convert import is_runtime
+        from qrobust.quant.taps import tappable
         from qrobust.runtimes import RecordedOutputs
 
         pair = self._session.pair(case.pair)
         layer_free = not method(self._session.evaluator.cam_methods[case.pair]).uses_layer
         facts = PairFacts(cam=bool(pair.target_layer) or layer_free, saliency=False, classes=pair.num_classes,
-                          dataset=pair.dataset, live=not isinstance(pair.quantized, RecordedOutputs))
+                          dataset=pair.dataset, live=not isinstance(pair.quantized, RecordedOutputs),
+                          layers=tappable(pair.quantized) and not is_runtime(pair.fp32))
         reason = facts.cannot(metric)
         return f"{metric} cannot be judged for pair {case.pair!r}: {reason}" if reason else \
             f"{metric} was not computed for {case.id}"

@@ -16,13 +16,13 @@ from qrobust._files import append_text
 from qrobust.errors import QrobustError
 from qrobust.gate.baseline import Comparison, baseline_document, fingerprint, refuse_overwrite
 from qrobust.gate.config import Thresholds, load_thresholds
-from qrobust.gate.diagnosis import Diagnoses
+from qrobust.gate.diagnosis import TRY_FIX_LAYERS, Diagnoses
 from qrobust.gate.overlays import overlays
 from qrobust.gate.pairs import PairCache, PairUnavailable
 from qrobust.gate.plan import GatePlan, make_plan
 from qrobust.gate.report import build_report, environment, render_markdown, write_report
 from qrobust.gate.verdict import worst_cases
-from qrobust.metrics.catalog import CAM_METRICS
+from qrobust.metrics.catalog import CAM_METRICS, LAYER_METRICS
 
 __all__ = ["GATE_TEST", "Options", "Outcome", "PairUnavailable", "QrobustSession", "summary_lines"]
 
@@ -43,6 +43,7 @@ class Options:
     baseline: str | None = None
     baseline_any_env: bool = False
     sensitivity: int = 0  # try this many worst layers in FP32 on a failing case (0: off)
+    try_fix: bool = False  # re-judge a failing case's checks with the sensitivity search's keep_fp32 applied
     x86_kernels: str | None = None  # run x86-engine int8 convs on this library (another CPU's path); None: this CPU's
     shard: tuple[int, int] | None = None  # (K, N): this job's share of every case's samples (qrobust.gate.shards)
 
@@ -84,7 +85,8 @@ class QrobustSession:
         if options.save_baseline and not worker:
             refuse_overwrite(options.save_baseline, options.overwrite_baseline)
         self.baseline = Comparison(options.baseline, options.baseline_any_env) if options.baseline else None
-        self.diagnoses = Diagnoses(lambda: self.evaluator, self.pairs.pair, top=options.sensitivity, announce=announce)
+        self.diagnoses = Diagnoses(lambda: self.evaluator, self.pairs.pair, announce=announce,
+                                   top=options.sensitivity or (TRY_FIX_LAYERS if options.try_fix else 0))
         self._evaluator = None
         self._datasets = None
         self._fingerprint_cache: tuple[tuple, dict] = ((None,), {})
@@ -114,11 +116,14 @@ class QrobustSession:
             plan, t = self.plan, self.thresholds
             cases = plan.cases + plan.bitwidth_cases
             cam_cases = {(c.pair, c.perturbation, c.level) for c in cases if set(c.tolerances) & set(CAM_METRICS)}
+            layer_cases = {m: {(c.pair, c.perturbation, c.level) for c in cases if m in c.tolerances}
+                           for m in LAYER_METRICS}
             methods = {} if t.cam_method == "auto" else {name: t.cam_method for name in plan.pairs}
             self._evaluator = Evaluator(seed=self.seed, batch_size=t.batch_size, max_samples=self.max_samples,
                                         replicates=t.replicates, f1_average=t.f1_average, device=self.device,
                                         wanted={(c.pair, c.perturbation, c.level) for c in cases},
                                         datasets=self.datasets, cam_cases=cam_cases, cam_methods=methods,
+                                        layer_cases=layer_cases, operating_points=t.operating_points,
                                         loader=lambda name: self.pairs.load_with_group(name, plan.pairs),
                                         progress=self.progress, shard=self.options.shard, slots=self.slots)
         return self._evaluator
@@ -178,6 +183,10 @@ class QrobustSession:
             return [self.decide(test, case, m, Estimate(float("nan"), None, result.n, {"error": message}), t)[0]
                     for m, t in tolerances.items()], [message], []
         context = {k: result.estimates[k].value for k in ("top1_fp32", "top1_quant", "logit_sqnr_db")}
+        worst = result.estimates.get("class_top1_delta")  # the report names the worst class of a failing case
+        if worst is not None:
+            context.update(worst_class=worst.details["class"], worst_class_delta=worst.value,
+                           worst_class_n=worst.details["n_class"])
         records, messages, failed = [], [], []
         for metric, tolerance in tolerances.items():
             if metric not in result.estimates:

@@ -12,6 +12,7 @@ Schema (every section optional; a file must gate something)::
     max_samples: null           # a quick profile caps every dataset (seeded subsample)
     replicates: 1000            # bootstrap replicates
     f1_average: macro           # macro | micro | weighted
+    operating_point: null       # a deployment threshold tau on top-1 confidence (operating_point_flips)
     defaults: {top1_delta: 0.01, ...}                 # tolerance per metric (default: the catalogue's)
     baseline: {top1_delta: 0.005, kl_mean: {relative: 0.5}}   # allowed regression against a saved baseline
     perturbations:                                    # the sweep (default: DEFAULT_SWEEP)
@@ -26,6 +27,7 @@ Schema (every section optional; a file must gate something)::
         perturbations: {awgn: {levels: [0, 0.1], tolerances: {...}, at: {...}}}   # only these (levels: a subset)
         metrics: [agreement, kl_mean]                           # only: check just these metrics
         xfail: "why this configuration is known to fail"        # strict expected failure
+        operating_point: 0.5                                    # this pair's tau (over the file's)
     cam: {method: auto}          # auto: eigencam for real int8 twins, gradcampp for fake-quant ones
     bitwidth: {pairs: [...], min_bits: 4, perturbation: awgn, level: 0, tolerances: {...}}
     latency: {pairs: [...], batch: 32, rounds: 20, speedup: 1.0, cam_speedup: 1.0}
@@ -71,14 +73,15 @@ F1_AVERAGES = ("macro", "micro", "weighted")
 DEFAULT_SWEEP = ("awgn", "brownian", "occlusion_vertical", "occlusion_horizontal")
 # the keys each section takes (the validator below and the JSON Schema in qrobust.gate.schema read these)
 SWEEP_KEYS = ("levels", "tolerances", "at")
-GATE_KEYS = ("tolerances", "perturbations", "metrics", "xfail")
+GATE_KEYS = ("tolerances", "perturbations", "metrics", "xfail", "operating_point")
 MARGIN_KEYS = ("absolute", "relative")
 BITWIDTH_KEYS = ("pairs", "min_bits", "perturbation", "level", "tolerances")
 LATENCY_KEYS = ("pairs", "batch", "rounds") + LATENCY_METRICS
 EXPLANATIONS_KEYS = ("pairs", "samples", "steps", "tolerances")
 CAM_KEYS = ("method",)
 PAIR_TOLERANCES = CASE_METRICS + ("quantized_fraction",)  # defaults and a pair's own: its cases and its coverage
-TOP_KEYS = ("decision", "seed", "batch_size", "max_samples", "replicates", "f1_average", "defaults", "baseline",
+TOP_KEYS = ("decision", "seed", "batch_size", "max_samples", "replicates", "f1_average", "operating_point", "defaults",
+            "baseline",
             "perturbations", "gate", "bitwidth", "latency", "cam", "explanations", "pairs", "datasets")
 
 
@@ -100,6 +103,7 @@ class GateEntry:
     perturbations: Mapping[str, SweepEntry] | None = None  # only these, at these levels (a subset of the sweep's)
     metrics: tuple[str, ...] | None = None
     xfail: str | None = None
+    operating_point: float | None = None
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,7 @@ class Thresholds:
     replicates: int = 1000
     f1_average: str = "macro"
     cam_method: str = "auto"
+    operating_point: float | None = None  # every gated pair's tau, unless its gate entry sets its own
     defaults: Mapping[str, float] = field(default_factory=default_tolerances)
     sweep: Mapping[str, SweepEntry] = field(default_factory=dict)
     gate: Mapping[str, GateEntry] = field(default_factory=dict)
@@ -174,6 +179,13 @@ class Thresholds:
 
     def baseline_margin(self, metric: str) -> BaselineMargin:
         return self.baseline.get(metric) or BaselineMargin(absolute=METRICS[metric].baseline_margin)
+
+    @property
+    def operating_points(self) -> dict[str, float]:
+        """Each gated pair's deployment threshold tau, where one is set."""
+        found = {p: e.operating_point if e.operating_point is not None else self.operating_point
+                 for p, e in self.gate.items()}
+        return {p: tau for p, tau in found.items() if tau is not None}
 
     @property
     def mentioned_pairs(self) -> list[str]:
@@ -399,6 +411,8 @@ def _gate(v: _Validator, raw: dict, sweep: dict[str, SweepEntry]) -> dict[str, G
                                                   "their own sections)")
             metrics = tuple(metrics)
         xfail = None if spec.get("xfail") is None else v.text(spec["xfail"], f"{key}.xfail")
+        tau = None if spec.get("operating_point") is None else _operating_point(v, spec["operating_point"],
+                                                                                  f"{key}.operating_point")
         only = None
         if spec.get("perturbations") is not None:
             only = {}
@@ -419,7 +433,7 @@ def _gate(v: _Validator, raw: dict, sweep: dict[str, SweepEntry]) -> dict[str, G
             if not only:
                 v.fail(f"{key}.perturbations", "is empty: name the perturbations to keep, or leave the key out")
         gate[pair] = GateEntry(_frozen(v.tolerances(spec.get("tolerances"), f"{key}.tolerances", PAIR_TOLERANCES)),
-                               None if only is None else _frozen(only), metrics, xfail)
+                               None if only is None else _frozen(only), metrics, xfail, tau)
     return gate
 
 
@@ -506,6 +520,14 @@ def read_thresholds_file(path: str | Path) -> tuple[bytes, Any]:
         raise ConfigError(f"{path}: not valid YAML: {reason}") from None
 
 
+def _operating_point(v: _Validator, value, key: str) -> float:
+    """A confidence threshold: a softmax probability in (0, 1] (0 would accept every sample)."""
+    tau = v.number(value, key, minimum=0.0, maximum=1.0)
+    if tau == 0:
+        v.fail(key, "must be > 0 (a threshold of 0 accepts every sample: no decision can change)")
+    return tau
+
+
 def _gradients_available(v: _Validator, thresholds: Thresholds) -> None:
     """Attacks (fgsm) need the FP32 model's input gradients: a pair whose FP32 is an ONNX file or another
     device's recorded logits has none."""
@@ -560,6 +582,8 @@ def load_thresholds(path: str | Path, known_pairs: set[str] | None = None) -> Th
                            maximum=MAX_REPLICATES),
         f1_average=v.choice(raw.get("f1_average", Thresholds.f1_average), "f1_average", F1_AVERAGES),
         cam_method=v.choice(cam.get("method", Thresholds.cam_method), "cam.method", ("auto", *_cam_methods())),
+        operating_point=None if raw.get("operating_point") is None else _operating_point(v, raw["operating_point"],
+                                                                                         "operating_point"),
         defaults=_frozen(default_tolerances() if defaults is None
                          else v.tolerances(defaults, "defaults", PAIR_TOLERANCES)),
         sweep=_frozen(sweep), gate=_frozen(_gate(v, raw, sweep)), baseline=_frozen(_baseline(v, raw)),

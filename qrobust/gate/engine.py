@@ -28,11 +28,15 @@ from qrobust.explain.cam import compute_cams, method as cam_method
 from qrobust.explain.layers import match_twin_layer
 from qrobust.gate.config import Thresholds
 from qrobust.gate.slots import SlotStore
+from qrobust.metrics.catalog import LAYER_METRICS
 from qrobust.metrics.classification import PairMetrics
 from qrobust.metrics.saliency import CamAgreement
 from qrobust.metrics.stats import Estimate, poisson_weights
 from qrobust.models.pair import ModelPair
 from qrobust.placement import feed, stage
+from qrobust.quant.convert import is_runtime
+from qrobust.quant.taps import Taps, calibration_batches, calibration_reference, leaf_modules, match_fp32, \
+    quantized_layers, tappable
 from qrobust.runtimes.base import differentiable, runtime_name
 
 CLEAN = "clean"  # cache key of the unperturbed input (level 0 of every perturbation)
@@ -176,6 +180,12 @@ class _Case:
         if any(p.target_layer not in (None, self.fp_layer) for p in self.cam_pairs):
             raise invalid("target_layer", sorted({p.target_layer for p in self.cam_pairs}),
                           f"pairs sharing {lead.name!r}'s FP32 model must name one CAM layer")
+        # pairs whose twin's layers are tapped in this case's forwards (qrobust.quant.taps)
+        live = [p for p in group if tappable(p.quantized)]
+        self.clip_pairs = [p for p in live if evaluator._listed(evaluator.layer_cases["clip_excess"], p.name,
+                                                                perturbation, level)]
+        self.sqnr_pairs = [p for p in live if not is_runtime(p.fp32) and evaluator._listed(
+            evaluator.layer_cases["layer_sqnr_db"], p.name, perturbation, level)]
         self.batch_size = evaluator.batch_size_for(lead)
         self.per_shard, self.count = shard_layout(len(self.data), self.batch_size)
         shard = evaluator.shard
@@ -184,11 +194,13 @@ class _Case:
         self.total = sum(min((i + 1) * self.per_shard, batches) - i * self.per_shard for i in self.mine)
         self.label, self.done = f"{lead.name} {perturbation} @ {level:g}", 0
         # the same key in every worker: which pairs, which case, which cams
-        self.unit = repr((sorted(p.name for p in group), perturbation, level, sorted(p.name for p in self.cam_pairs)))
+        self.unit = repr((sorted(p.name for p in group), perturbation, level, sorted(p.name for p in self.cam_pairs),
+                          sorted(p.name for p in self.clip_pairs), sorted(p.name for p in self.sqnr_pairs)))
 
     def fresh(self) -> tuple[dict[str, PairMetrics], dict[str, CamAgreement]]:
         ev = self.evaluator
-        return ({p.name: PairMetrics(p.num_classes, ev.seed, ev.replicates, ev.f1_average) for p in self.group},
+        return ({p.name: PairMetrics(p.num_classes, ev.seed, ev.replicates, ev.f1_average,
+                                     ev.operating_points.get(p.name)) for p in self.group},
                 {p.name: CamAgreement(ev.cam_methods[p.name], ev.seed, ev.replicates,
                                       capacity=math.ceil(0.05 * len(self.data))) for p in self.cam_pairs})
 
@@ -209,7 +221,8 @@ class Evaluator:
                  cam_cases: set[tuple[str, str, float]] | None = None, cam_methods: dict[str, str] | None = None,
                  loader: Callable[[str], None] | None = None,
                  progress: Callable[[str, int, int], None] | None = None, shard: tuple[int, int] | None = None,
-                 slots: SlotStore | None = None):
+                 slots: SlotStore | None = None, layer_cases: dict[str, set[tuple[str, str, float]]] | None = None,
+                 operating_points: dict[str, float] | None = None):
         from qrobust._validation import check_int
 
         check_int("batch_size", batch_size, minimum=1)
@@ -219,6 +232,11 @@ class Evaluator:
         self._method_overrides = dict(cam_methods or {})
         self.wanted = wanted
         self.cam_cases = set(cam_cases or ())
+        # per layer metric, the cases that gate it: their forwards tap the twin's layers
+        self.layer_cases = {m: set((layer_cases or {}).get(m, ())) for m in LAYER_METRICS}
+        self.operating_points = dict(operating_points or {})  # pair -> its deployment threshold tau
+        self._clip_reference: dict[str, tuple[dict, bool]] = {}  # pair -> (its layers' clip reference, calibrated)
+        self._layer_match: dict[str, dict[str, str]] = {}  # pair -> {twin layer: the FP32 module it computes}
         self.seed, self.batch_size, self.max_samples = seed, batch_size, max_samples
         self.replicates, self.f1_average = replicates, f1_average
         self.datasets = dict(datasets or {})  # declared datasets by name (others load from the registry)
@@ -316,17 +334,21 @@ class Evaluator:
             pair.metadata["cam_layer_match_error"] = error
 
     # ---- evaluation ----------------------------------------------------------------------------------
-    def evaluate(self, pair: str, perturbation: str, level: float, cam: bool = False) -> CaseResult:
+    def evaluate(self, pair: str, perturbation: str, level: float, cam: bool = False,
+                 layers: tuple[str, ...] = ()) -> CaseResult:
         """The result of one case, computed once (with every pair of its group) and then cached.
 
         ``cam=True`` asks for the CAM agreement metrics too; cases listed in ``cam_cases`` get them in
-        their one pass, any other case pays a second pass (counted in ``forward_passes``).
+        their one pass, any other case pays a second pass (counted in ``forward_passes``). ``layers``
+        names layer metrics to compute, as ``layer_cases`` does for a whole run (before the first pass).
         """
         self._pair(pair)
         spec = PERTURBATIONS.get(perturbation)
         level = spec.check_level(level)
         if cam:
             self.cam_cases.add((pair, spec.name, level))
+        for metric in layers:
+            self.layer_cases[metric].add((pair, spec.name, level))
         if level == 0:  # every perturbation's level 0 is the clean input: evaluate it once
             clean = self._cached(pair, CLEAN, 0.0, cam)
             return dataclasses.replace(clean, perturbation=spec.name)
@@ -419,16 +441,18 @@ class Evaluator:
         for index in indices:
             part, part_cams = case.fresh()
             for batch in case.data.batches(case.batch_size, index * case.per_shard, (index + 1) * case.per_shard):
-                self._evaluate_batch(case.group, batch, case.perturbation, case.level, part, part_cams, case.fp_layer)
+                self._evaluate_batch(case, batch, part, part_cams)
                 case.done += 1
                 if self.progress is not None:
                     self.progress(case.label, case.done, case.total)
             parts[index] = {name: (state, part_cams.get(name)) for name, state in part.items()}
         return parts
 
-    def _evaluate_batch(self, group: list[ModelPair], batch, perturbation: str, level: float,
-                        states: dict[str, PairMetrics], cam_states: dict[str, CamAgreement], fp_layer) -> None:
-        """One batch through the group: perturbed once, one FP32 forward, one forward per twin."""
+    def _evaluate_batch(self, case: _Case, batch, states: dict[str, PairMetrics],
+                        cam_states: dict[str, CamAgreement]) -> None:
+        """One batch through the group: perturbed once, one FP32 forward, one forward per twin (the layer
+        taps and CAM hooks ride on those forwards)."""
+        group, perturbation, level = case.group, case.perturbation, case.level
         lead = group[0]
         fp_methods = sorted({cam.method for cam in cam_states.values()})
         fp_label = fp32_label(self.group_of(lead))
@@ -437,25 +461,61 @@ class Evaluator:
         self.perturbed_batches[fp_label] += 1
         x = lead.preprocess.normalize(pixels)
         weights = poisson_weights(self.seed, batch.groups, self.replicates)
-        with stage("CAM" if fp_methods else "evaluate", lead.name):
-            fp_cams = compute_cams(lead.fp32, x, fp_layer, fp_methods) if fp_methods else None
+        matches = {p.name: self.layer_match(p) for p in case.sqnr_pairs}
+        fp_keep = {name for found in matches.values() for name in found.values()}
+        with stage("CAM" if fp_methods else "evaluate", lead.name), Taps(lead.fp32, keep=fp_keep) as fp_taps:
+            fp_cams = compute_cams(lead.fp32, x, case.fp_layer, fp_methods) if fp_methods else None
             with torch.inference_mode():
                 fp_logits = fp_cams.logits if fp_cams else feed(lead.fp32, x, role="fp32").cpu()
         self.forward_passes[fp_label] += 1
         for pair in group:
             cam = cam_states.get(pair.name)
-            if cam is None:
-                with torch.inference_mode(), stage("evaluate", pair.name):
-                    q_logits = feed(pair.quantized, x, role="twin").cpu()
-            else:  # the CAM forward's logits serve the classification metrics: no second forward
-                with stage("CAM", pair.name):
-                    q_cams = compute_cams(pair.quantized, x, pair.quantized_target_layer, [cam.method],
-                                          targets=fp_cams.targets)
-                q_logits = q_cams.logits
-                cam.update(fp_cams.maps[cam.method], q_cams.maps[cam.method], batch.ids, weights, pixels,
-                           batch.saliency, top1=(fp_logits.argmax(1), q_logits.argmax(1)))
+            reference, calibrated = self.clip_reference(pair) if pair in case.clip_pairs else ({}, True)
+            rules = {layer: rule for layer, (rule, _) in reference.items()}
+            with Taps(pair.quantized, rules, keep=matches.get(pair.name, {})) as taps:
+                if cam is None:
+                    with torch.inference_mode(), stage("evaluate", pair.name):
+                        q_logits = feed(pair.quantized, x, role="twin").cpu()
+                else:  # the CAM forward's logits serve the classification metrics: no second forward
+                    with stage("CAM", pair.name):
+                        q_cams = compute_cams(pair.quantized, x, pair.quantized_target_layer, [cam.method],
+                                              targets=fp_cams.targets)
+                    q_logits = q_cams.logits
+                    cam.update(fp_cams.maps[cam.method], q_cams.maps[cam.method], batch.ids, weights, pixels,
+                               batch.saliency, top1=(fp_logits.argmax(1), q_logits.argmax(1)))
             self.forward_passes[pair.name] += 1
+            if rules:
+                states[pair.name].layers.update_clip(taps.clips, {k: share for k, (_, share) in reference.items()},
+                                                     calibrated, weights)
+            if pair.name in matches:
+                states[pair.name].layers.update_sqnr(fp_taps.outputs, taps.outputs, matches[pair.name], weights)
             states[pair.name].update(fp_logits, q_logits, batch.labels, batch.ids, batch.groups, weights)
+
+    def clip_reference(self, pair: ModelPair) -> tuple[dict, bool]:
+        """The twin's clip rule and calibration-split share per quantized layer, and whether its calibration
+        split is known (qrobust.quant.taps), computed once per pair."""
+        if pair.name not in self._clip_reference:
+            batches = calibration_batches(pair.quantized)
+            device = self.twin_device(pair)
+            with stage("calibrate", pair.name):
+                reference = calibration_reference(pair.quantized, [b.to(device) for b in batches] if batches else None)
+            self._clip_reference[pair.name] = reference, batches is not None
+        return self._clip_reference[pair.name]
+
+    def layer_match(self, pair: ModelPair) -> dict[str, str]:
+        """Which FP32 module each of the twin's quantized layers computes, settled once per pair on the
+        dataset's first clean batch (as the probe: the same in every process and shard)."""
+        if pair.name not in self._layer_match:
+            data = self.dataset(pair.dataset)
+            x = pair.preprocess.normalize(next(data.batches(min(self.batch_size_for(pair), len(data), 8))).images)
+            layers = quantized_layers(pair.quantized)
+            with Taps(pair.fp32, keep=leaf_modules(pair.fp32)) as fp, torch.inference_mode():
+                feed(pair.fp32, x, role="fp32")
+            with Taps(pair.quantized, keep=layers) as twin, torch.inference_mode():
+                feed(pair.quantized, x, role="twin")
+            self.forward_passes["layer match"] += 2
+            self._layer_match[pair.name] = match_fp32(fp.outputs, twin.outputs)
+        return self._layer_match[pair.name]
 
     def _perturb(self, lead: ModelPair, batch, perturbation: str, level: float) -> torch.Tensor:
         """The perturbed pixels of ``batch`` (CPU), the same for every pair of the group."""

@@ -204,6 +204,11 @@ def make_plan(thresholds: Thresholds, bits_of: Callable[[str], int | None], sele
             if reason:
                 raise ConfigError(f"{thresholds.path}: explanations.tolerances.{metric}: cannot be judged for "
                                   f"{pair}: {reason}")
+    taus = thresholds.operating_points
+    untold = next((c.pair for c in plan.cases if "operating_point_flips" in c.tolerances and c.pair not in taus), None)
+    if untold is not None:
+        raise ConfigError(f"{thresholds.path}: gate.{untold}: operating_point_flips needs a deployment threshold: set "
+                          "operating_point (top level, or in the pair's gate entry), e.g. operating_point: 0.5")
     empty = [c.pair for c in plan.cases if not c.tolerances]
     if empty:
         raise ConfigError(f"{thresholds.path}: gate.{empty[0]}: no tolerance applies to its cases "

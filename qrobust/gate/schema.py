@@ -75,6 +75,7 @@ def thresholds_schema() -> dict:
         "perturbations": {**perturbations, "minProperties": 1},
         "metrics": {"type": "array", "items": {"enum": list(CASE_METRICS)}, "minItems": 1},
         "xfail": {"type": "string", "minLength": 1, "description": "why this pair is known to fail (strict xfail)"},
+        "operating_point": {"$ref": "#/$defs/operating_point"},
     })
     margin = {"oneOf": [{"$ref": "#/$defs/tolerance"},
                         _closed({k: {"$ref": "#/$defs/tolerance"} for k in C.MARGIN_KEYS}, minProperties=1)]}
@@ -106,6 +107,7 @@ def thresholds_schema() -> dict:
         "max_samples": {"oneOf": [{**positive, "maximum": C.MAX_SAMPLES}, {"type": "null"}]},
         "replicates": {"type": "integer", "minimum": 10, "maximum": C.MAX_REPLICATES},
         "f1_average": {"enum": list(C.F1_AVERAGES)},
+        "operating_point": {"oneOf": [{"$ref": "#/$defs/operating_point"}, {"type": "null"}]},
         "defaults": _tolerances(C.PAIR_TOLERANCES),
         "baseline": _closed({m: margin for m in METRICS}),
         "perturbations": {**perturbations, "minProperties": 1},
@@ -126,4 +128,7 @@ def thresholds_schema() -> dict:
             "title": "qrobust thresholds file", "type": "object", "properties": top, "additionalProperties": False,
             "$defs": {"tolerance": {"type": "number", "minimum": 0},
                       "resolution": {"type": "array", "items": positive, "minItems": 2, "maxItems": 2},
+                      "operating_point": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
+                                          "description": "deployment threshold tau on top-1 confidence "
+                                                         "(operating_point_flips)"},
                       "sweep_entry": sweep_entry}}

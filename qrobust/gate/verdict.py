@@ -26,7 +26,7 @@ the test outcome, JUnit and the exit code). The fixture and the plugin only carr
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 
 from qrobust.gate.modes import DECISIONS as MODES
@@ -309,6 +309,8 @@ def judge(*, test: str, pair: str, perturbation: str, level: float, metric: str,
                       exact_estimate=exact_value)
     fragile = fragility(metric, decision, details, n, confidence) if finite else {"fragile": False}
     extra.update({k: v for k, v in fragile.items() if k != "fragile"})
+    if decision.verdict == "pass" and details.get("unjudged"):  # part of what it covers could not be measured
+        decision, extra["note"] = replace(decision, verdict="inconclusive"), details["unjudged"]
     verdict = decision.verdict
     failed_by = None if decision.passed else "tolerance"
     messages = []

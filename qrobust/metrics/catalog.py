@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-FAMILIES = ("accuracy", "confidence", "cam", "saliency_gt", "explanation", "latency", "quantizer")
-CASE_FAMILIES = ("accuracy", "confidence", "cam", "saliency_gt")  # computed per pair x perturbation x level
+FAMILIES = ("accuracy", "confidence", "layer", "cam", "saliency_gt", "explanation", "latency", "quantizer")
+CASE_FAMILIES = ("accuracy", "confidence", "layer", "cam", "saliency_gt")  # computed per pair x perturbation x level
 INF = math.inf
 
 
@@ -44,6 +44,11 @@ class Metric:
         return self.family in ("cam", "saliency_gt")
 
     @property
+    def needs_layers(self) -> bool:
+        """Read off the twin's quantized layers during the evaluation's forwards (a live torch twin)."""
+        return self.family == "layer"
+
+    @property
     def needs_saliency(self) -> bool:
         """Compared with ground-truth saliency maps (a dataset needs them)."""
         return self.family == "saliency_gt"
@@ -71,6 +76,9 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("f1_delta", False, "accuracy", "F1 (macro by default), FP32 minus quantized", 0.005, 0.01, values=DELTA),
     Metric("agreement", True, "accuracy", "fraction of samples with the same top-1 class", 0.005, 0.98,
            counted="agreement", values=FRACTION, unit="fraction of samples"),
+    Metric("class_top1_delta", False, "accuracy",
+           "the worst class's top-1 accuracy (recall), FP32 minus quantized; interval widened over the classes", 0.02,
+           values=DELTA, unit="fraction of the class's samples"),
     Metric("kl_mean", False, "confidence", "mean KL(P_fp32 || P_quant), nats", 0.005, 0.02, values=(0, INF), unit="nats"),
     Metric("kl_p95", False, "confidence", "95th percentile of per-sample KL, nats", 0.01, 0.05, values=(0, INF),
            unit="nats"),
@@ -78,6 +86,16 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            unit="dB"),
     Metric("logit_cosine", True, "confidence", "mean per-sample cosine similarity of the logits", 0.001,
            values=(-1, 1)),
+    Metric("ece_delta", False, "confidence", "expected calibration error (15 bins), quantized minus FP32", 0.005,
+           values=DELTA),
+    Metric("operating_point_flips", False, "confidence",
+           "share of samples whose 'top-1 confidence >= operating_point' decision differs", 0.005, values=FRACTION,
+           unit="fraction of samples"),
+    Metric("clip_excess", False, "layer",
+           "worst quantized activation's share of values its calibrated range clips, minus that share on the "
+           "calibration split", 0.005, values=DELTA, unit="fraction of values"),
+    Metric("layer_sqnr_db", True, "layer", "worst quantized layer's mean per-sample output SQNR against FP32's, dB",
+           1.0, values=(-INF, 120.0), unit="dB"),
     Metric("cam_rmse", False, "cam", "RMSE between FP32 and quantized CAMs on [0, 1]", 0.01, values=FRACTION),
     Metric("cam_sim", True, "cam", "histogram intersection of the sum-normalized CAMs", 0.01, values=FRACTION),
     Metric("cam_cc", True, "cam", "Pearson correlation of the CAMs", 0.02, values=(-1, 1)),
@@ -117,6 +135,7 @@ def names(*families: str) -> tuple[str, ...]:
 
 CASE_METRICS = names(*CASE_FAMILIES)
 CAM_METRICS = names("cam", "saliency_gt")  # a case computes CAMs only when it gates one of these
+LAYER_METRICS = names("layer")  # a case taps the twin's layers only when it gates one of these
 EXPLANATION_METRICS = names("explanation")
 LATENCY_METRICS = names("latency")
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from qrobust.errors import invalid
+from qrobust.metrics.internal import SQNR_CAP_DB, LayerEvidence, sqnr_db
+from qrobust.metrics.segments import ConfidenceRecord, worst_class
 from qrobust.metrics.stats import (
     CONFIDENCE, BootstrapMean, Estimate, PairedDelta, bootstrap_estimate, clopper_pearson_interval, paired_delta,
     paired_interval, poisson_weights, quantile_rank_interval, replicate_ratio, wilson_interval,
@@ -30,15 +32,9 @@ def kl_per_sample(fp32_logits: torch.Tensor, quant_logits: torch.Tensor) -> torc
     return (log_p.exp() * (log_p - log_q)).sum(dim=1).clamp_min(0.0)
 
 
-SQNR_CAP_DB = 120.0  # identical logits would be +inf dB; float32 logits carry about 140 dB anyway
-
-
 def logit_sqnr_db(fp32_logits: torch.Tensor, quant_logits: torch.Tensor) -> torch.Tensor:
-    """Per-sample 20 log10(||f|| / ||f - q||) of the logits, capped at SQNR_CAP_DB: it moves with a
-    changed recipe long before the top-1 class does."""
-    f, q = fp32_logits.double(), quant_logits.double()
-    ratio = f.norm(dim=1) / (f - q).norm(dim=1).clamp_min(1e-300)
-    return (20 * torch.log10(ratio.clamp_min(1e-300))).clamp(max=SQNR_CAP_DB)
+    """Per-sample SQNR of the twin's logits against FP32's, dB (``qrobust.metrics.internal.sqnr_db``)."""
+    return sqnr_db(fp32_logits, quant_logits)
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -103,18 +99,23 @@ class LogHistogram:
 class PairMetrics:
     """Streaming accuracy / F1 / agreement / KL state for one pair on one case."""
 
-    def __init__(self, num_classes: int, seed: int = 0, replicates: int = 1000, f1_average: str = "macro"):
+    def __init__(self, num_classes: int, seed: int = 0, replicates: int = 1000, f1_average: str = "macro",
+                 operating_point: float | None = None):
         if num_classes < 1:
             raise invalid("num_classes", num_classes, "must be >= 1")
         if f1_average not in F1_AVERAGES:
             raise invalid("f1_average", f1_average, f"must be one of {', '.join(F1_AVERAGES)}")
         self.k, self.seed, self.replicates, self.f1_average = num_classes, seed, replicates, f1_average
+        self.operating_point = operating_point
         self.n = 0
         self.counts = dict.fromkeys(("fp_top1", "q_top1", "b1", "c1", "fp_top5", "q_top5", "b5", "c5", "agree"), 0)
         zeros = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
         self.class_counts = {m: {c: zeros(num_classes) for c in ("tp", "fp", "fn")} for m in ("fp", "q")}
         self.boot_counts = {m: {c: zeros(replicates, num_classes) for c in ("tp", "fp", "fn")} for m in ("fp", "q")}
         self.boot_weight = zeros(replicates)
+        self.class_flips = {"b": zeros(num_classes), "c": zeros(num_classes)}  # per label: FP32 right only, twin right only
+        self.confidences = ConfidenceRecord(seed, replicates, operating_point)  # ECE, the operating point
+        self.layers = LayerEvidence(replicates)  # the twin's clipping and layer SQNR, where the case taps them
         # per-sample means by metric: KL, logit SQNR (dB), logit cosine similarity (merged and written by name)
         self.means = {name: BootstrapMean(replicates) for name in ("kl_mean", "logit_sqnr_db", "logit_cosine")}
         self.kl_max = 0.0
@@ -151,6 +152,9 @@ class PairMetrics:
             self.counts[f"q_top{suffix}"] += int(q_right.sum())
             self.counts[f"b{suffix}"] += int((fp_right & ~q_right).sum())
             self.counts[f"c{suffix}"] += int((~fp_right & q_right).sum())
+            if suffix == "1":
+                for name, mask in (("b", fp_right & ~q_right), ("c", ~fp_right & q_right)):
+                    self.class_flips[name].index_add_(0, labels[mask], torch.ones(int(mask.sum()), dtype=torch.float64))
         self.counts["agree"] += int((fp_pred == q_pred).sum())
         self._keep_flipped(fp_logits, q_logits, labels, ids, fp_pred != q_pred)
         for model, pred in (("fp", fp_pred), ("q", q_pred)):
@@ -168,6 +172,7 @@ class PairMetrics:
         self.kl_max = max(self.kl_max, float(kl.max()))
         self.kl_hist.add(kl)
         self.boot_weight += weights.sum(dim=1)
+        self.confidences.update(fp_logits, q_logits, labels, groups)
 
     def _keep_flipped(self, fp_logits, q_logits, labels, ids, flipped) -> None:
         room = FLIPPED_KEPT - len(self.flipped)
@@ -187,8 +192,8 @@ class PairMetrics:
         """Add ``other``, the state of the samples after this one's (the next sample shard of the same case):
         the result is the state one pass over both would hold, up to float sums added per shard, so runs
         that fold the same shards in order agree bit for bit (qrobust.gate.shards)."""
-        if (other.k, other.seed, other.replicates, other.f1_average) != (self.k, self.seed, self.replicates,
-                                                                          self.f1_average):
+        if (other.k, other.seed, other.replicates, other.f1_average, other.operating_point) != (
+                self.k, self.seed, self.replicates, self.f1_average, self.operating_point):
             raise invalid("merge", (other.k, other.seed, other.replicates), "states of different configurations")
         self.n += other.n
         for name, count in other.counts.items():
@@ -198,6 +203,10 @@ class PairMetrics:
                 self.class_counts[model][name] += other.class_counts[model][name]
                 self.boot_counts[model][name] += other.boot_counts[model][name]
         self.boot_weight += other.boot_weight
+        for name in self.class_flips:
+            self.class_flips[name] += other.class_flips[name]
+        self.confidences.merge(other.confidences)
+        self.layers.merge(other.layers)
         for name, mean in self.means.items():
             mean.merge(other.means[name])
         self.kl_max = max(self.kl_max, other.kl_max)
@@ -218,7 +227,9 @@ class PairMetrics:
             for name in ("tp", "fp", "fn"):
                 seen = self.class_counts[model][name].nonzero().flatten()
                 boot[f"{model}_{name}"] = (seen, self.boot_counts[model][name][:, seen].clone())
-        return {"config": [self.k, self.seed, self.replicates, self.f1_average], "n": self.n,
+        return {"config": [self.k, self.seed, self.replicates, self.f1_average, self.operating_point], "n": self.n,
+                "class_flips": dict(self.class_flips), "confidences": self.confidences.state(),
+                "layers": self.layers.state(),
                 "counts": dict(self.counts), "class_counts": {m: dict(c) for m, c in self.class_counts.items()},
                 "boot": boot, "boot_weight": self.boot_weight,
                 "means": {name: mean.state() for name, mean in self.means.items()},
@@ -228,9 +239,12 @@ class PairMetrics:
 
     @classmethod
     def from_state(cls, state: dict) -> PairMetrics:
-        k, seed, replicates, f1_average = state["config"]
-        metrics = cls(k, seed, replicates, f1_average)
+        k, seed, replicates, f1_average, operating_point = state["config"]
+        metrics = cls(k, seed, replicates, f1_average, operating_point)
         metrics.n, metrics.counts = state["n"], dict(state["counts"])
+        metrics.class_flips = dict(state["class_flips"])
+        metrics.confidences = ConfidenceRecord.from_state(state["confidences"])
+        metrics.layers = LayerEvidence.from_state(state["layers"])
         metrics.class_counts = {m: dict(c) for m, c in state["class_counts"].items()}
         for key, (seen, columns) in state["boot"].items():
             model, name = key.split("_")
@@ -287,4 +301,10 @@ class PairMetrics:
         out["kl_max"] = Estimate(self.kl_max, None, n, {})
         out["logit_sqnr_db"] = self.means["logit_sqnr_db"].estimate({"cap_db": SQNR_CAP_DB})
         out["logit_cosine"] = self.means["logit_cosine"].estimate()
+        fp, q = self.class_counts["fp"], self.class_counts["q"]
+        worst = worst_class(fp["tp"] + fp["fn"], fp["tp"], q["tp"], self.class_flips["b"], self.class_flips["c"])
+        if worst is not None:
+            out["class_top1_delta"] = worst
+        out.update(self.confidences.results())
+        out.update(self.layers.results())
         return out

@@ -130,12 +130,16 @@ class PairFacts:
     classes: int | None = None
     dataset: str | None = None
     live: bool = True  # False: the twin is a device's recorded logits (qrobust.runtimes.recorded)
+    layers: bool | None = None  # the twin's quantized layers take torch hooks (layer metrics)
 
     def cannot(self, metric: str) -> str | None:
         """Why the pair cannot compute ``metric``, or None (computable, or not known yet)."""
         info = METRICS[metric]
-        if not self.live and metric in ("quantizer_violations", "quantized_fraction"):
+        if not self.live and (metric in ("quantizer_violations", "quantized_fraction") or info.needs_layers):
             return "its twin is a device's recorded logits: this needs the live twin"
+        if info.needs_layers and self.layers is False:
+            return ("its twin has no quantized torch layers to hook (a deployment runtime runs it, or nothing in it "
+                    "is quantized): per-layer evidence needs a torch twin")
         if info.needs_cam and self.cam is False and not self.live:
             return ("its twin is a device's recorded logits and it names no target_layer whose activations the "
                     "runner recorded")

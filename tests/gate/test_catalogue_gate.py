@@ -39,7 +39,8 @@ def gate_file(metric: str) -> str:
         return BASE + f"gate: {{{PAIR}: {{}}}}\nlatency: {{pairs: [{PAIR}], batch: 4, rounds: 3, {metric}: {t}}}\n"
     if family == "quantizer":
         return BASE + f"gate: {{{PAIR}: {{tolerances: {{{metric}: {t}}}}}}}\n"
-    return BASE + f"gate: {{{PAIR}: {{tolerances: {{{metric}: {t}}}, metrics: [{metric}]}}}}\n"
+    tau = ", operating_point: 0.5" if metric == "operating_point_flips" else ""  # the threshold it is judged at
+    return BASE + f"gate: {{{PAIR}: {{tolerances: {{{metric}: {t}}}, metrics: [{metric}]{tau}}}}}\n"
 
 
 @pytest.mark.slow
@@ -75,6 +76,10 @@ def test_which_metrics_are_refused_on_the_built_in_lenet_and_why(tmp_path):
         except ConfigError as exc:
             refused[metric] = str(exc).split(": ", 1)[1]
     assert set(refused) == REFUSED
+    path = tmp_path / "untold.yaml"
+    path.write_text(gate_file("operating_point_flips").replace(", operating_point: 0.5", ""))
+    with pytest.raises(ConfigError, match="operating_point_flips needs a deployment threshold: set operating_point"):
+        QrobustSession(Options(thresholds=str(path)))
     assert refused["wsol_iou_delta"].endswith("explanations.tolerances.wsol_iou_delta: cannot be judged for "
                                               f"{PAIR}: its dataset 'digits-test' has no bounding boxes")
     assert refused["cam_sim_gt_delta"].endswith("cam_sim_gt_delta cannot be judged: its dataset 'digits-test' has "
