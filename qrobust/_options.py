@@ -154,4 +154,6 @@ BY_NAME = {o.name: o for o in OPTIONS}
 FLAGS = {  # switches: on from the command line, or from their env var or ini key (bool), e.g. QROBUST_BASELINE_ANY_ENV=1
     "overwrite-baseline": "allow --qrobust-save-baseline to replace an existing file",
     "baseline-any-env": "compare with a baseline recorded in a different environment (torch, CPU, weights)",
+    "try-fix": "on a failing case, requantize with the worst layers kept in FP32 (the --qrobust-sensitivity search, "
+               "3 layers unless set) and re-judge its failing checks on the same inputs (10 minutes a run at most)",
 }

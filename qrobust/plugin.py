@@ -218,6 +218,7 @@ def _start(config, eager: bool):
         max_samples=option(config, "max-samples"), save_baseline=option(config, "save-baseline"),
         overwrite_baseline=flag(config, "overwrite-baseline"), baseline=option(config, "baseline"),
         baseline_any_env=flag(config, "baseline-any-env"), sensitivity=option(config, "sensitivity") or 0,
+        try_fix=flag(config, "try-fix"),
         x86_kernels=option(config, "x86-kernels"), shard=option(config, "shard"))
     option(config, "markdown")  # read at the end; a bad value is a usage error now, not after the run
     worker, slots = _is_worker(config), None
@@ -539,7 +540,7 @@ class _Collector:
                 continue
             record = dict(value)
             if diagnosis is not None and record["verdict"] in ("fail", "inconclusive"):
-                record["diagnosis"] = {k: diagnosis[k] for k in ("line", "layers", "samples", "sensitivity")
+                record["diagnosis"] = {k: diagnosis[k] for k in ("line", "layers", "samples", "sensitivity", "fix")
                                        if k in diagnosis}
             if report.when in ("setup", "call"):
                 self.records.append(record)

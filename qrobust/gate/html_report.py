@@ -262,6 +262,8 @@ def _anchor(*parts) -> str:
 
 def _diagnosis(group: list[dict]) -> dict | None:
     """The per-layer SQNR of the case's diagnosis as bars (red: the worst layers, where the error enters)."""
+    from qrobust.gate.diagnosis import describe_fix
+
     d = next((c["diagnosis"] for c in group if c.get("diagnosis")), None)
     if not d:
         return None
@@ -277,7 +279,8 @@ def _diagnosis(group: list[dict]) -> dict | None:
                     f'<text x="{174 + w:.0f}" y="{i * 12 + 9}" class="lg">{value:.1f} dB</text>')
     svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="590" height="{len(layers) * 12 + 4}" role="img" '
            f'aria-label="per-layer SQNR">{"".join(bars)}</svg>')
-    return {"line": d["line"], "samples": len(d["samples"]), "svg": Markup(svg)}
+    return {"line": d["line"], "samples": len(d["samples"]), "svg": Markup(svg),
+            "fix": describe_fix(d["fix"]) if d.get("fix") else None}
 
 
 def _escape(text: str) -> str:

@@ -1,5 +1,6 @@
 """The sensitivity pass finds the layer that breaks a twin and measures the fix."""
 import dataclasses
+import json
 
 import torch
 from torch import nn
@@ -56,3 +57,42 @@ def test_the_broken_layer_is_found_and_keeping_it_in_fp32_recovers_the_metric():
     assert describe(result, "kl_mean").startswith("fix to try: keep_fp32 ['2', '3'] -> kl_mean ")
     assert suggest_keep_fp32(dataclasses.replace(pair, requantize=None), evaluate, "kl_mean", tolerance, before, rows) == \
         {"error": "the pair cannot be requantized (register it with requantize=...)"}
+
+
+TRY_FIX_GATE = """\
+decision: point
+max_samples: 200
+replicates: 200
+perturbations: {awgn: {levels: [0]}}
+gate:
+  lenet5-digits-int8-x86:
+    tolerances: {kl_mean: 0.00008, agreement: 0.9}
+    metrics: [kl_mean, agreement]
+"""
+
+
+def test_try_fix_re_gates_the_failing_check_with_the_suggested_keep_fp32(pytester):
+    """--qrobust-try-fix on the built-in LeNet int8 twin held to a KL it misses (0.00015 against 0.00008):
+    its last layer kept in FP32 passes when re-judged on the same 200 digits, at 99.8% of MACs quantized."""
+    pytester.makefile(".yaml", thresholds=TRY_FIX_GATE)
+    result = pytester.runpytest("--pyargs", "qrobust.suites", "--qrobust-thresholds", "thresholds.yaml",
+                                f"--rootdir={pytester.path}", "-p", "no:cacheprovider", "--qrobust-try-fix",
+                                "-k", "kl_mean")
+    result.assert_outcomes(failed=1)  # a fix is a report, never a silent change of the verdict
+    result.stdout.fnmatch_lines(["fix re-gated: keep_fp32 ['classifier.5']: 1 of 1 failing checks now pass; "
+                                 "99.8% of MACs stay quantized"])
+    report = json.loads((pytester.path / "qrobust-report" / "report.json").read_text())
+    failed = [c for c in report["cases"] if c["verdict"] == "fail"]
+    fix = failed[0]["diagnosis"]["fix"]
+    assert fix["keep_fp32"] == ["classifier.5"] and fix["passes"] and 0.99 < fix["quantized_fraction"] < 1
+    assert fix["checks"][0]["value"] < 0.00008 < failed[0]["value"]
+    assert "fix re-gated" in (pytester.path / "qrobust-report" / "report.html").read_text()
+
+
+def test_try_fix_is_bounded_in_time():
+    from qrobust.gate.diagnosis import TRY_FIX_SECONDS, Diagnoses, describe_fix
+
+    diagnoses = Diagnoses(lambda: None, lambda name: None, top=3)
+    diagnoses.fix_seconds = TRY_FIX_SECONDS
+    found = diagnoses.try_fix(object(), [("kl_mean", 0.1, 0.2)], lambda tolerances, result: [])
+    assert describe_fix(found) == "fix re-gated: none (this run's 600 s for fixes are spent (--qrobust-try-fix is bounded))"
