@@ -42,6 +42,7 @@ class PairCache:
         from qrobust.explain.cam import method
         from qrobust.models import PairFacts, pair_entry
         from qrobust.models.archs import TORCHVISION_ARCHS
+        from qrobust.quant import PRESETS
 
         t = self.thresholds
         layer_free = t.cam_method != "auto" and not method(t.cam_method).uses_layer
@@ -52,9 +53,10 @@ class PairCache:
         recorded = "outputs" in spec  # CAMs only on the activations a runner recorded, for a layer it names
         layer = spec.get("target_layer") or (None if recorded else TORCHVISION_ARCHS.get(spec.get("arch", "")))
         dataset = spec["dataset"]
+        runtime = "quantized" in spec or (spec.get("preset") and PRESETS.get(spec["preset"]).runtime != "torch")
         return PairFacts(cam=(layer_free and not recorded) or layer is not None, saliency=self._dataset_has(dataset, "saliency"),
                          boxes=self._dataset_has(dataset, "boxes"), classes=spec["num_classes"], dataset=dataset,
-                         live="outputs" not in spec)
+                         live="outputs" not in spec, layers=False if runtime else None)
 
     def _dataset_has(self, dataset: str, what: str) -> bool | None:
         """Whether a dataset carries ``saliency`` maps or ``boxes``: a declared one's key of that name, a

@@ -130,3 +130,37 @@ def test_a_cli_seed_beyond_the_generators_range_is_one_line():
 
     with pytest.raises(argparse.ArgumentTypeError, match="must be <= 4294967295, got 1180591620717411303424"):
         BY_NAME["seed"].parse(str(2**70))
+
+
+LAYER_GATE = """\
+max_samples: 30
+perturbations: {awgn: {levels: [0]}}
+defaults: {kl_mean: 0.1, clip_excess: 0.01}
+pairs:
+  lenet-ort:
+    builder: qrobust.models.lenet:lenet5_digits
+    preset: ort-int8
+    calibration: {dataset: digits-train, samples: 64}
+    num_classes: 10
+    preprocess: {resolution: [32, 32], mean: [0.5], std: [0.5]}
+    dataset: digits-test
+gate:
+  lenet-ort: {}
+  lenet5-digits-int8-x86: {}
+"""
+
+
+def test_layer_metrics_on_a_runtime_twin_are_left_out_with_the_reason_or_refused(tmp_path):
+    """ONNX Runtime runs the twin: no torch layer to hook. A file-wide clip_excess skips it, saying why; set
+    for the pair itself it is a usage error naming the pair (never a check that silently measures nothing)."""
+    from qrobust.session import Options, QrobustSession
+
+    path = tmp_path / "gate.yaml"
+    path.write_text(LAYER_GATE)
+    plan = QrobustSession(Options(thresholds=str(path))).plan
+    assert [(p, m) for p, m, _ in plan.not_applicable] == [("lenet-ort", "clip_excess")]
+    assert "no quantized torch layers to hook" in plan.not_applicable[0][2]
+    assert {c.pair for c in plan.cases if "clip_excess" in c.tolerances} == {"lenet5-digits-int8-x86"}
+    path.write_text(LAYER_GATE.replace("  lenet-ort: {}", "  lenet-ort: {tolerances: {layer_sqnr_db: 30}}"))
+    with pytest.raises(ConfigError, match="gate.lenet-ort: layer_sqnr_db cannot be judged: its twin has no quantized"):
+        QrobustSession(Options(thresholds=str(path)))
