@@ -105,14 +105,15 @@ class Diagnoses:
         checks = [{"metric": r.metric, "verdict": r.verdict, "value": r.value, "tolerance": r.tolerance,
                    "passes": not fails(r.as_dict())} for r in rejudge({m: t for m, t, _ in failed}, result)]
         return {"keep_fp32": list(keep), "checks": checks, "quantized_fraction": fraction,
-                "passes": all(c["passes"] for c in checks)}
+                "passes": all(c["passes"] for c in checks), "tried": len(found["tried"])}
 
 
 def describe_fix(found: dict) -> str:
     """``fix re-gated: keep_fp32 [...]: 2 of 2 failing checks now pass; 91.2% of MACs stay quantized``."""
     if "error" in found:
         return f"fix re-gated: none ({found['error']})"
-    passed = sum(c["passes"] for c in found["checks"])
-    return (f"fix re-gated: keep_fp32 {found['keep_fp32']}: {passed} of {len(found['checks'])} failing checks now pass"
-            f"{'' if found['passes'] else ', the others still fail'}; {found['quantized_fraction']:.1%} of MACs stay "
-            "quantized")
+    passed, total = sum(c["passes"] for c in found["checks"]), len(found["checks"])
+    why = "" if found["passes"] else (f"; {total - passed} still fail with the best of the {found['tried']} worst layers' "
+                                      "blocks in FP32: the loss is not in a few layers (look at the recipe)")
+    return (f"fix re-gated: keep_fp32 {found['keep_fp32']}: {passed} of {total} failing checks now pass{why}; "
+            f"{found['quantized_fraction']:.1%} of MACs stay quantized")

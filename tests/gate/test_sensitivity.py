@@ -96,3 +96,13 @@ def test_try_fix_is_bounded_in_time():
     diagnoses.fix_seconds = TRY_FIX_SECONDS
     found = diagnoses.try_fix(object(), [("kl_mean", 0.1, 0.2)], lambda tolerances, result: [])
     assert describe_fix(found) == "fix re-gated: none (this run's 600 s for fixes are spent (--qrobust-try-fix is bounded))"
+
+
+def test_a_fix_that_does_not_pass_says_so_and_why():
+    from qrobust.gate.diagnosis import describe_fix
+
+    found = {"keep_fp32": ["a"], "checks": [{"passes": False}, {"passes": True}], "passes": False, "tried": 3,
+             "quantized_fraction": 0.991}
+    assert describe_fix(found) == ("fix re-gated: keep_fp32 ['a']: 1 of 2 failing checks now pass; 1 still fail with the "
+                                   "best of the 3 worst layers' blocks in FP32: the loss is not in a few layers (look "
+                                   "at the recipe); 99.1% of MACs stay quantized")
